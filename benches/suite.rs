@@ -1,0 +1,78 @@
+//! The criterion entry: iterates the registered cases of the profile on the best backend
+//! present, validates and measures each, lets criterion time the valid ones with device
+//! events, and writes the report.
+//!
+//! `cargo bench` runs everything; `cargo bench -- attention` only the cases whose id contains
+//! `attention`. Settings: HEADROOM_PROFILE, HEADROOM_BUDGET, HEADROOM_BACKEND, HEADROOM_SEED.
+
+use std::time::Duration;
+
+use criterion::{Criterion, SamplingMode};
+
+use headroom::backend;
+use headroom::harness::{matches_filters, summary_line, Session, Settings};
+use headroom::report;
+use headroom::techniques::{registry, Profile};
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("headroom: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> headroom::Result<()> {
+    let settings = Settings::from_env()?;
+    let be = backend::select(settings.budget)?;
+    // Criterion's own arguments (`--bench`, options) start with '-'; the rest are filters.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let (warm_up, measure) = match settings.profile {
+        Profile::Quick => (Duration::from_millis(200), Duration::from_secs(1)),
+        Profile::Full => (Duration::from_secs(1), Duration::from_secs(3)),
+    };
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(warm_up)
+        .measurement_time(measure)
+        .configure_from_args();
+    println!(
+        "headroom: {} profile on the {} backend ({}){}; seed {}",
+        settings.profile.name(),
+        be.kind().name(),
+        be.facts().name,
+        be.facts()
+            .fallback_reason
+            .as_ref()
+            .map(|r| format!(", because {r}"))
+            .unwrap_or_default(),
+        settings.seed
+    );
+    let dir = report::report_dir();
+    let mut session = Session::new(be.clone(), &settings, settings.profile.name());
+    session.write_to(dir.clone());
+    let mut group = c.benchmark_group("headroom");
+    group.sampling_mode(SamplingMode::Flat);
+    for case in registry(settings.profile, be.kind()) {
+        let id = case.info().id.clone();
+        if !matches_filters(&id, &filters) {
+            continue;
+        }
+        let prepared = session.prepare(case.as_ref());
+        let timer = prepared.instance.map(|inst| {
+            let mut timer = session.timer(inst);
+            group.bench_function(&id, |b| {
+                b.iter_custom(|iters| Duration::from_secs_f64(timer.run(iters)))
+            });
+            timer
+        });
+        let record = session.push(prepared.record, timer)?;
+        println!("{}", summary_line(record));
+    }
+    group.finish();
+    let json = report::write_all(&session.report, &dir)?;
+    println!("headroom: report written to {}", json.display());
+    Ok(())
+}

@@ -1,0 +1,45 @@
+// common.cuh - device helpers shared by every kernel family.
+//
+// Kept small on purpose: element conversion, the tanh-GELU every family must agree on
+// bit-for-bit with the CPU backend's formula, and the launch-check every launcher ends with.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "headroom.h"
+
+namespace hr {
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Element access in fp32 whatever the storage type.
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+// Round to nearest even, as the CPU backend's half::bf16::from_f32 does.
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+// GELU, tanh approximation (Hendrycks & Gimpel 2016, eq. in sec. 2), the GPT-2 form.
+// The CPU backend evaluates the same expression in f32.
+__device__ __forceinline__ float gelu_tanh(float x) {
+    const float k0 = 0.7978845608028654f; // sqrt(2/pi)
+    const float k1 = 0.044715f;
+    return 0.5f * x * (1.0f + tanhf(k0 * (x + k1 * x * x * x)));
+}
+
+} // namespace hr
+
+// Every launcher ends with this: the launch's own error (bad configuration, too much
+// shared memory, no kernel image for the device) is returned to Rust, never dropped.
+#define HR_RETURN_LAUNCH_STATUS() return static_cast<int>(cudaGetLastError())
+// For host calls inside a launcher (attribute setting etc.).
+#define HR_TRY(call)                                                                   \
+    do {                                                                               \
+        cudaError_t hr_err_ = (call);                                                  \
+        if (hr_err_ != cudaSuccess) return static_cast<int>(hr_err_);                  \
+    } while (0)

@@ -1,0 +1,482 @@
+//! The CPU backend: the same operations on host memory, in f32 arithmetic with the storage
+//! rounding of each dtype emulated (bf16 through `half`), through the same accounting.
+//!
+//! It exists so that every schedule runs, and every memory model is pinned, on a machine with
+//! no GPU; its timings measure the host, not a card.
+
+use std::time::Instant;
+
+use crate::backend::{
+    AttentionGrads, AttentionShape, Backend, BackendKind, Epilogue, Matmul, MatmulKernel, Storage,
+    Tensor,
+};
+use crate::device::DeviceFacts;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::memory::MemoryTracker;
+
+pub struct CpuBackend {
+    facts: DeviceFacts,
+    tracker: MemoryTracker,
+}
+
+impl CpuBackend {
+    pub fn new(budget: Option<u64>, reason: Option<String>) -> Self {
+        CpuBackend {
+            facts: DeviceFacts::cpu(reason),
+            tracker: MemoryTracker::new(budget),
+        }
+    }
+}
+
+/// GELU, tanh form: the same f32 expression as `kernels/common.cuh`.
+pub fn gelu_tanh(x: f32) -> f32 {
+    const K0: f32 = 0.797_884_6; // sqrt(2/pi)
+    const K1: f32 = 0.044715;
+    0.5 * x * (1.0 + (K0 * (x + K1 * x * x * x)).tanh())
+}
+
+/// Element (r, c) of op(X) where X is stored `[rows, cols]` or, transposed, `[cols, rows]`.
+#[inline]
+fn at(x: &[f32], trans: bool, r: usize, c: usize, rows: usize, cols: usize) -> f32 {
+    if trans {
+        x[c * rows + r]
+    } else {
+        x[r * cols + c]
+    }
+}
+
+fn check_same_dtype(what: &str, dtype: DType, ts: &[&Tensor]) -> Result<()> {
+    for t in ts {
+        if t.dtype() != dtype {
+            return Err(Error::Invalid(format!(
+                "{what}: {} is {} but the operation is {dtype}",
+                t.tag(),
+                t.dtype()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f(row_begin, row_end, out_chunk)` over row blocks on the available cores.
+fn parallel_rows<F>(out: &mut [f32], row_len: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    let rows = out.len() / row_len.max(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(rows.max(1));
+    if threads <= 1 || out.len() < 1 << 14 {
+        f(0, out);
+        return;
+    }
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|s| {
+        for (i, chunk) in out.chunks_mut(per * row_len).enumerate() {
+            let f = &f;
+            s.spawn(move || f(i * per, chunk));
+        }
+    });
+}
+
+impl Backend for CpuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cpu
+    }
+    fn facts(&self) -> &DeviceFacts {
+        &self.facts
+    }
+    fn memory(&self) -> &MemoryTracker {
+        &self.tracker
+    }
+
+    fn alloc(&self, dtype: DType, len: usize, tag: &str) -> Result<Tensor> {
+        let bytes = (len * dtype.size()) as u64;
+        self.tracker.admit(bytes, tag)?;
+        let words = (bytes as usize).div_ceil(8);
+        let mut storage = Vec::new();
+        if storage.try_reserve_exact(words).is_err() {
+            let oom = self
+                .tracker
+                .device_oom(bytes, tag, "host allocation failed");
+            self.tracker.release(bytes, tag);
+            return Err(oom.into());
+        }
+        storage.resize(words, 0u64);
+        Ok(Tensor::new(
+            dtype,
+            len,
+            tag,
+            Storage::Host(storage),
+            self.tracker.clone(),
+        ))
+    }
+
+    fn write(&self, t: &mut Tensor, values: &[f32]) -> Result<()> {
+        if values.len() != t.len() {
+            return Err(Error::Invalid(format!(
+                "writing {} values into {} ({} elements)",
+                values.len(),
+                t.tag(),
+                t.len()
+            )));
+        }
+        t.set_host_values(values);
+        Ok(())
+    }
+
+    fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
+        Ok(t.host_values())
+    }
+
+    fn poison(&self, t: &mut Tensor) -> Result<()> {
+        t.poison_host();
+        Ok(())
+    }
+
+    fn copy(&self, dst: &mut Tensor, src: &Tensor) -> Result<()> {
+        if dst.bytes() != src.bytes() || dst.dtype() != src.dtype() {
+            return Err(Error::Invalid(format!(
+                "copy from {} to {}: sizes or dtypes differ",
+                src.tag(),
+                dst.tag()
+            )));
+        }
+        let v = src.host_values();
+        dst.set_host_values(&v);
+        Ok(())
+    }
+
+    fn matmul_available(
+        &self,
+        kernel: MatmulKernel,
+        _dtype: DType,
+    ) -> std::result::Result<(), String> {
+        match kernel {
+            MatmulKernel::Cublas => Err("cuBLAS needs a GPU".into()),
+            MatmulKernel::Wgmma => Err("wgmma is a Hopper instruction; the CPU backend stands in for the simt and mma kernels only".into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn matmul(
+        &self,
+        kernel: MatmulKernel,
+        mm: &Matmul,
+        a: &Tensor,
+        b: &Tensor,
+        bias: Option<&Tensor>,
+        c: &mut Tensor,
+    ) -> Result<()> {
+        self.matmul_available(kernel, a.dtype())
+            .map_err(Error::Unsupported)?;
+        let in_dtype = match kernel {
+            MatmulKernel::Simt => DType::F32,
+            MatmulKernel::Mma | MatmulKernel::Wgmma => DType::Bf16,
+            MatmulKernel::Cublas => a.dtype(),
+        };
+        check_same_dtype("matmul", in_dtype, &[a, b])?;
+        if kernel == MatmulKernel::Simt && c.dtype() != DType::F32 {
+            return Err(Error::Invalid(
+                "the fp32 SIMT matmul writes f32 only".into(),
+            ));
+        }
+        mm.check(a, b, c, bias)?;
+        let (m, n, k) = (mm.m, mm.n, mm.k);
+        let av = a.host_values();
+        let bv = b.host_values();
+        let bias_v = bias.map(|t| t.host_f32().to_vec());
+        let mut cv = c.host_values();
+        let c_dtype = c.dtype();
+        for batch in 0..mm.batch {
+            let a0 = &av[batch * mm.stride_a..];
+            let b0 = &bv[batch * mm.stride_b..];
+            // op(B) laid out [k, n] contiguously so the inner loop streams it.
+            let mut bt = vec![0f32; k * n];
+            for kk in 0..k {
+                for j in 0..n {
+                    bt[kk * n + j] = at(b0, mm.trans_b, kk, j, k, n);
+                }
+            }
+            let c0 = &mut cv[batch * mm.stride_c..batch * mm.stride_c + m * n];
+            parallel_rows(c0, n, |row0, rows| {
+                let mut acc = vec![0f32; n];
+                for (r, out) in rows.chunks_mut(n).enumerate() {
+                    let i = row0 + r;
+                    acc.iter_mut().for_each(|x| *x = 0.0);
+                    for kk in 0..k {
+                        let aik = at(a0, mm.trans_a, i, kk, m, k);
+                        let brow = &bt[kk * n..(kk + 1) * n];
+                        for (x, bj) in acc.iter_mut().zip(brow) {
+                            *x += aik * bj;
+                        }
+                    }
+                    for j in 0..n {
+                        let mut x = mm.alpha * acc[j];
+                        if let Some(bias) = &bias_v {
+                            x += bias[j];
+                        }
+                        if mm.epilogue == Epilogue::BiasGelu {
+                            x = gelu_tanh(x);
+                        }
+                        if mm.accumulate {
+                            x += out[j];
+                        }
+                        out[j] = c_dtype.round(x);
+                    }
+                }
+            });
+        }
+        c.set_host_values(&cv);
+        Ok(())
+    }
+
+    fn flash_attention_forward(
+        &self,
+        s: &AttentionShape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &mut Tensor,
+        lse: &mut Tensor,
+    ) -> Result<()> {
+        let dt = q.dtype();
+        check_same_dtype("flash attention forward", dt, &[k, v, o])?;
+        check_attention(s, &[q, k, v, o], &[lse])?;
+        let (qv, kv, vv) = (q.host_values(), k.host_values(), v.host_values());
+        let (n, d) = (s.seq, s.head_dim);
+        let mut ov = vec![0f32; s.qkv_len()];
+        let lse_v = lse.host_f32_mut();
+        let mut p = vec![0f32; n];
+        for bh in 0..s.rows() {
+            let base = bh * n * d;
+            for i in 0..n {
+                let visible = if s.causal { i + 1 } else { n };
+                let qi = &qv[base + i * d..base + (i + 1) * d];
+                let mut max = f32::NEG_INFINITY;
+                for (j, pj) in p.iter_mut().enumerate().take(visible) {
+                    let kj = &kv[base + j * d..base + (j + 1) * d];
+                    *pj = s.scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>();
+                    max = max.max(*pj);
+                }
+                let mut sum = 0f32;
+                for pj in p.iter_mut().take(visible) {
+                    *pj = (*pj - max).exp();
+                    sum += *pj;
+                }
+                let oi = &mut ov[base + i * d..base + (i + 1) * d];
+                for (j, pj) in p.iter().enumerate().take(visible) {
+                    // The GPU kernels feed P to the second product in the storage dtype.
+                    let w = dt.round(*pj);
+                    let vj = &vv[base + j * d..base + (j + 1) * d];
+                    for (x, y) in oi.iter_mut().zip(vj) {
+                        *x += w * y;
+                    }
+                }
+                oi.iter_mut().for_each(|x| *x = dt.round(*x / sum));
+                lse_v[bh * n + i] = max + sum.ln();
+            }
+        }
+        o.set_host_values(&ov);
+        Ok(())
+    }
+
+    fn flash_attention_backward(
+        &self,
+        s: &AttentionShape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+        lse: &Tensor,
+        g: AttentionGrads<'_>,
+    ) -> Result<()> {
+        let dt = q.dtype();
+        check_same_dtype(
+            "flash attention backward",
+            dt,
+            &[k, v, o, d_o, g.dq, g.dk, g.dv],
+        )?;
+        check_attention(s, &[q, k, v, o, d_o, g.dq, g.dk, g.dv], &[lse, g.delta])?;
+        self.attention_delta(s, o, d_o, g.delta)?;
+        let (n, d) = (s.seq, s.head_dim);
+        let (qv, kv, vv, dov) = (
+            q.host_values(),
+            k.host_values(),
+            v.host_values(),
+            d_o.host_values(),
+        );
+        let lse_v = lse.host_f32();
+        let delta = g.delta.host_f32();
+        let mut dq = vec![0f32; s.qkv_len()];
+        let mut dk = vec![0f32; s.qkv_len()];
+        let mut dv = vec![0f32; s.qkv_len()];
+        for bh in 0..s.rows() {
+            let base = bh * n * d;
+            let row =
+                |x: &[f32], i: usize| -> Vec<f32> { x[base + i * d..base + (i + 1) * d].to_vec() };
+            for i in 0..n {
+                let visible = if s.causal { i + 1 } else { n };
+                let qi = row(&qv, i);
+                let doi = row(&dov, i);
+                for j in 0..visible {
+                    let kj = &kv[base + j * d..base + (j + 1) * d];
+                    let vj = &vv[base + j * d..base + (j + 1) * d];
+                    let sij = s.scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>();
+                    let pij = (sij - lse_v[bh * n + i]).exp();
+                    let dpij: f32 = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
+                    let dsij = pij * (dpij - delta[bh * n + i]);
+                    for c in 0..d {
+                        dv[base + j * d + c] += pij * doi[c];
+                        dq[base + i * d + c] += s.scale * dsij * kj[c];
+                        dk[base + j * d + c] += s.scale * dsij * qi[c];
+                    }
+                }
+            }
+        }
+        g.dq.set_host_values(&dq);
+        g.dk.set_host_values(&dk);
+        g.dv.set_host_values(&dv);
+        Ok(())
+    }
+
+    fn softmax_forward(&self, s: &AttentionShape, scores: &mut Tensor) -> Result<()> {
+        check_scores(s, &[scores])?;
+        let n = s.seq;
+        let dt = scores.dtype();
+        let mut x = scores.host_values();
+        for (r, row) in x.chunks_mut(n).enumerate() {
+            let i = r % n;
+            let visible = if s.causal { i + 1 } else { n };
+            let max = row[..visible]
+                .iter()
+                .cloned()
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for v in row[..visible].iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            for v in row[..visible].iter_mut() {
+                *v = dt.round(*v / sum);
+            }
+            row[visible..].iter_mut().for_each(|v| *v = 0.0);
+        }
+        scores.set_host_values(&x);
+        Ok(())
+    }
+
+    fn softmax_backward(
+        &self,
+        s: &AttentionShape,
+        p: &Tensor,
+        dp: &mut Tensor,
+        delta: &Tensor,
+    ) -> Result<()> {
+        check_scores(s, &[p, dp])?;
+        let n = s.seq;
+        let dt = dp.dtype();
+        let pv = p.host_values();
+        let mut x = dp.host_values();
+        let delta = delta.host_f32();
+        for (r, row) in x.chunks_mut(n).enumerate() {
+            let i = r % n;
+            let visible = if s.causal { i + 1 } else { n };
+            for j in 0..n {
+                row[j] = if j < visible {
+                    dt.round(pv[r * n + j] * (row[j] - delta[r]))
+                } else {
+                    0.0
+                };
+            }
+        }
+        dp.set_host_values(&x);
+        Ok(())
+    }
+
+    fn attention_delta(
+        &self,
+        s: &AttentionShape,
+        o: &Tensor,
+        d_o: &Tensor,
+        delta: &mut Tensor,
+    ) -> Result<()> {
+        check_attention(s, &[o, d_o], &[delta])?;
+        let (ov, dov) = (o.host_values(), d_o.host_values());
+        let d = s.head_dim;
+        for (r, out) in delta.host_f32_mut().iter_mut().enumerate() {
+            *out = ov[r * d..(r + 1) * d]
+                .iter()
+                .zip(&dov[r * d..(r + 1) * d])
+                .map(|(a, b)| a * b)
+                .sum();
+        }
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn time(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        let t = Instant::now();
+        f()?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    fn flush_cache(&self, _scratch: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Checks the attention tensors hold what the shape says.
+pub(crate) fn check_attention(
+    s: &AttentionShape,
+    full: &[&Tensor],
+    stats: &[&Tensor],
+) -> Result<()> {
+    if s.batch == 0 || s.heads == 0 || s.seq == 0 || !(s.head_dim == 64 || s.head_dim == 128) {
+        return Err(Error::Invalid(format!(
+            "attention needs positive batch, heads and sequence length and head_dim 64 or 128 (got b={}, h={}, n={}, d={})",
+            s.batch, s.heads, s.seq, s.head_dim
+        )));
+    }
+    for t in full {
+        if t.len() != s.qkv_len() {
+            return Err(Error::Invalid(format!(
+                "{} holds {} elements, the attention shape needs {}",
+                t.tag(),
+                t.len(),
+                s.qkv_len()
+            )));
+        }
+    }
+    for t in stats {
+        if t.len() != s.stats_len() || t.dtype() != DType::F32 {
+            return Err(Error::Invalid(format!(
+                "{} must be f32 with {} elements",
+                t.tag(),
+                s.stats_len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn check_scores(s: &AttentionShape, ts: &[&Tensor]) -> Result<()> {
+    for t in ts {
+        if t.len() != s.scores_len() {
+            return Err(Error::Invalid(format!(
+                "{} holds {} elements, the score matrices need {}",
+                t.tag(),
+                t.len(),
+                s.scores_len()
+            )));
+        }
+    }
+    Ok(())
+}

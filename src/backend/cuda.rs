@@ -1,0 +1,609 @@
+//! The CUDA backend: device buffers from the stream-ordered pool, the hand-written kernels
+//! through the launchers of `kernels/headroom.h`, cuBLAS as the matmul baseline, and device
+//! events for timing. Every launch and driver call is checked.
+
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{result as drv, sys};
+
+use crate::backend::cpu::{check_attention, check_scores};
+use crate::backend::{
+    AttentionGrads, AttentionShape, Backend, BackendKind, Epilogue, Matmul, MatmulKernel, Storage,
+    Tensor,
+};
+use crate::device::{check_launch, CudaDevice, DeviceFacts, DriverMemoryView};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::kernels::bindings as k;
+use crate::memory::MemoryTracker;
+
+pub struct CudaBackend {
+    dev: CudaDevice,
+    tracker: MemoryTracker,
+    blas: OnceLock<std::result::Result<CudaBlas, String>>,
+}
+
+impl CudaBackend {
+    pub fn new(dev: CudaDevice, budget: Option<u64>) -> Self {
+        CudaBackend {
+            dev,
+            tracker: MemoryTracker::new(budget),
+            blas: OnceLock::new(),
+        }
+    }
+
+    fn stream(&self) -> k::hr_stream_t {
+        self.dev.stream.cu_stream() as k::hr_stream_t
+    }
+
+    fn bind(&self) -> Result<()> {
+        Ok(self.dev.ctx.bind_to_thread()?)
+    }
+
+    fn blas(&self) -> Result<&CudaBlas> {
+        self.blas
+            .get_or_init(|| {
+                // SAFETY: only tries to dlopen libcublas (cudarc panics if it is missing).
+                if !unsafe { blas_sys::is_culib_present() } {
+                    return Err("libcublas could not be loaded (add the CUDA toolkit's lib64 or PyTorch's nvidia/cublas/lib to LD_LIBRARY_PATH)".into());
+                }
+                CudaBlas::new(self.dev.stream.clone()).map_err(|e| format!("cuBLAS did not start: {e}"))
+            })
+            .as_ref()
+            .map_err(|e| Error::Unsupported(e.clone()))
+    }
+
+    fn sm_major(&self) -> u32 {
+        self.dev
+            .facts
+            .compute_capability
+            .as_deref()
+            .and_then(|c| c.split('.').next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn ptr(t: &Tensor) -> *const c_void {
+    t.device_ptr() as *const c_void
+}
+fn ptr_mut(t: &mut Tensor) -> *mut c_void {
+    t.device_ptr() as *mut c_void
+}
+
+fn same_dtype(what: &str, dtype: DType, ts: &[&Tensor]) -> Result<()> {
+    match ts.iter().find(|t| t.dtype() != dtype) {
+        Some(t) => Err(Error::Invalid(format!(
+            "{what}: {} is {} but the operation is {dtype}",
+            t.tag(),
+            t.dtype()
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn dtype_code(d: DType) -> i32 {
+    match d {
+        DType::F32 => k::hr_dtype::HR_F32 as i32,
+        DType::Bf16 => k::hr_dtype::HR_BF16 as i32,
+    }
+}
+
+impl Backend for CudaBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+    fn facts(&self) -> &DeviceFacts {
+        &self.dev.facts
+    }
+    fn memory(&self) -> &MemoryTracker {
+        &self.tracker
+    }
+
+    fn alloc(&self, dtype: DType, len: usize, tag: &str) -> Result<Tensor> {
+        let bytes = (len * dtype.size()) as u64;
+        self.tracker.admit(bytes, tag)?;
+        let ptr = if bytes == 0 {
+            0
+        } else {
+            self.bind()?;
+            // SAFETY: a plain allocation on our stream; freed by Tensor::drop.
+            let r = unsafe {
+                if self.dev.pool.is_null() {
+                    drv::malloc_sync(bytes as usize)
+                } else {
+                    drv::malloc_async(self.dev.stream.cu_stream(), bytes as usize)
+                }
+            };
+            match r {
+                Ok(p) => p,
+                Err(e) => {
+                    self.tracker.release(bytes, tag);
+                    if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+                        return Err(self
+                            .tracker
+                            .device_oom(bytes, tag, &format!("the GPU refused: {e}"))
+                            .into());
+                    }
+                    return Err(e.into());
+                }
+            }
+        };
+        let storage = Storage::Device {
+            ptr,
+            stream: self.dev.stream.clone(),
+        };
+        Ok(Tensor::new(dtype, len, tag, storage, self.tracker.clone()))
+    }
+
+    fn write(&self, t: &mut Tensor, values: &[f32]) -> Result<()> {
+        if values.len() != t.len() {
+            return Err(Error::Invalid(format!(
+                "writing {} values into {} ({} elements)",
+                values.len(),
+                t.tag(),
+                t.len()
+            )));
+        }
+        self.bind()?;
+        let dst = t.device_ptr();
+        // SAFETY: dst holds t.bytes() bytes; the copy is synchronous with respect to the host.
+        unsafe {
+            match t.dtype() {
+                DType::F32 => drv::memcpy_htod_async(dst, values, self.dev.stream.cu_stream())?,
+                DType::Bf16 => {
+                    let v: Vec<half::bf16> =
+                        values.iter().map(|x| half::bf16::from_f32(*x)).collect();
+                    drv::memcpy_htod_async(dst, &v, self.dev.stream.cu_stream())?;
+                    self.dev.stream.synchronize()?;
+                }
+            }
+        }
+        self.dev.stream.synchronize()?;
+        Ok(())
+    }
+
+    fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
+        self.bind()?;
+        let src = t.device_ptr();
+        let s = self.dev.stream.cu_stream();
+        // SAFETY: src holds t.bytes() bytes; we synchronize before reading the host buffer.
+        unsafe {
+            match t.dtype() {
+                DType::F32 => {
+                    let mut v = vec![0f32; t.len()];
+                    drv::memcpy_dtoh_async(&mut v, src, s)?;
+                    self.dev.stream.synchronize()?;
+                    Ok(v)
+                }
+                DType::Bf16 => {
+                    let mut v = vec![half::bf16::ZERO; t.len()];
+                    drv::memcpy_dtoh_async(&mut v, src, s)?;
+                    self.dev.stream.synchronize()?;
+                    Ok(v.iter().map(|x| x.to_f32()).collect())
+                }
+            }
+        }
+    }
+
+    fn poison(&self, t: &mut Tensor) -> Result<()> {
+        self.bind()?;
+        // SAFETY: writes exactly the tensor's bytes.
+        unsafe {
+            drv::memset_d8_async(
+                t.device_ptr(),
+                0xFF,
+                t.bytes() as usize,
+                self.dev.stream.cu_stream(),
+            )?
+        };
+        Ok(())
+    }
+
+    fn copy(&self, dst: &mut Tensor, src: &Tensor) -> Result<()> {
+        if dst.bytes() != src.bytes() {
+            return Err(Error::Invalid(format!(
+                "copy from {} to {}: sizes differ",
+                src.tag(),
+                dst.tag()
+            )));
+        }
+        self.bind()?;
+        let p = k::hr_copy_params {
+            src: ptr(src),
+            dst: ptr_mut(dst),
+            bytes: src.bytes(),
+        };
+        // SAFETY: both buffers hold `bytes` bytes on this device.
+        check_launch("copy", unsafe { k::hr_copy(&p, self.stream()) })
+    }
+
+    fn matmul_available(
+        &self,
+        kernel: MatmulKernel,
+        dtype: DType,
+    ) -> std::result::Result<(), String> {
+        match kernel {
+            MatmulKernel::Wgmma => {
+                // SAFETY: a query with no arguments.
+                if unsafe { k::hr_matmul_wgmma_compiled() } == 0 {
+                    Err("this build has no sm_90a code (add 90a to HEADROOM_CUDA_ARCHS)".into())
+                } else if self.sm_major() != 9 {
+                    Err("wgmma needs a Hopper GPU (compute capability 9.0)".into())
+                } else {
+                    Ok(())
+                }
+            }
+            MatmulKernel::Cublas => self.blas().map(|_| ()).map_err(|e| e.to_string()),
+            MatmulKernel::Mma if self.sm_major() < 8 => {
+                Err("mma.sync bf16 needs sm_80 or newer".into())
+            }
+            MatmulKernel::Simt if dtype != DType::F32 => Err("the SIMT kernel is fp32 only".into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn matmul(
+        &self,
+        kernel: MatmulKernel,
+        mm: &Matmul,
+        a: &Tensor,
+        b: &Tensor,
+        bias: Option<&Tensor>,
+        c: &mut Tensor,
+    ) -> Result<()> {
+        mm.check(a, b, c, bias)?;
+        self.bind()?;
+        let in_dtype = match kernel {
+            MatmulKernel::Simt => DType::F32,
+            MatmulKernel::Mma | MatmulKernel::Wgmma => DType::Bf16,
+            MatmulKernel::Cublas => a.dtype(),
+        };
+        same_dtype("matmul", in_dtype, &[a, b])?;
+        if kernel == MatmulKernel::Cublas {
+            return self.cublas_matmul(mm, a, b, bias, c);
+        }
+        let p = k::hr_matmul_params {
+            a: ptr(a),
+            b: ptr(b),
+            c: ptr_mut(c),
+            bias: bias.map_or(std::ptr::null(), |t| ptr(t) as *const f32),
+            residual: std::ptr::null(),
+            m: mm.m as i32,
+            n: mm.n as i32,
+            k: mm.k as i32,
+            batch: mm.batch as i32,
+            stride_a: mm.stride_a as i64,
+            stride_b: mm.stride_b as i64,
+            stride_c: mm.stride_c as i64,
+            trans_a: mm.trans_a as i32,
+            trans_b: mm.trans_b as i32,
+            epilogue: match mm.epilogue {
+                Epilogue::None => k::hr_epilogue::HR_EPI_NONE as i32,
+                Epilogue::Bias => k::hr_epilogue::HR_EPI_BIAS as i32,
+                Epilogue::BiasGelu => k::hr_epilogue::HR_EPI_BIAS_GELU as i32,
+            },
+            c_dtype: dtype_code(c.dtype()),
+            accumulate: mm.accumulate as i32,
+            alpha: mm.alpha,
+        };
+        let s = self.stream();
+        // SAFETY: Matmul::check verified every buffer holds what the shape reads and writes.
+        let code = unsafe {
+            match kernel {
+                MatmulKernel::Simt => k::hr_matmul_f32_simt(&p, s),
+                MatmulKernel::Mma => k::hr_matmul_bf16_mma(&p, s),
+                MatmulKernel::Wgmma => k::hr_matmul_bf16_wgmma(&p, s),
+                MatmulKernel::Cublas => unreachable!("handled above"),
+            }
+        };
+        if kernel == MatmulKernel::Wgmma && code == 801 {
+            return Err(Error::Unsupported(format!(
+                "the wgmma kernel does not take this shape or layout (m={}, n={}, k={}, trans {}/{})",
+                mm.m, mm.n, mm.k, mm.trans_a, mm.trans_b
+            )));
+        }
+        check_launch(&format!("matmul ({})", kernel.name()), code)
+    }
+
+    fn flash_attention_forward(
+        &self,
+        s: &AttentionShape,
+        q: &Tensor,
+        kk: &Tensor,
+        v: &Tensor,
+        o: &mut Tensor,
+        lse: &mut Tensor,
+    ) -> Result<()> {
+        let dt = q.dtype();
+        same_dtype("flash attention forward", dt, &[kk, v, o])?;
+        check_attention(s, &[q, kk, v, o], &[lse])?;
+        self.bind()?;
+        let mut p = attention_params(s);
+        p.q = ptr(q);
+        p.k = ptr(kk);
+        p.v = ptr(v);
+        p.o = ptr_mut(o);
+        p.lse = ptr_mut(lse) as *mut f32;
+        // SAFETY: shapes checked above.
+        let code = unsafe {
+            match dt {
+                DType::F32 => k::hr_flash_attention_forward_f32(&p, self.stream()),
+                DType::Bf16 => k::hr_flash_attention_forward_bf16(&p, self.stream()),
+            }
+        };
+        check_launch("flash attention forward", code)
+    }
+
+    fn flash_attention_backward(
+        &self,
+        s: &AttentionShape,
+        q: &Tensor,
+        kk: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+        lse: &Tensor,
+        g: AttentionGrads<'_>,
+    ) -> Result<()> {
+        let dt = q.dtype();
+        same_dtype(
+            "flash attention backward",
+            dt,
+            &[kk, v, o, d_o, g.dq, g.dk, g.dv],
+        )?;
+        check_attention(s, &[q, kk, v, o, d_o, g.dq, g.dk, g.dv], &[lse, g.delta])?;
+        self.bind()?;
+        let mut p = attention_params(s);
+        p.q = ptr(q);
+        p.k = ptr(kk);
+        p.v = ptr(v);
+        p.o = ptr(o) as *mut c_void;
+        p.lse = ptr(lse) as *mut f32;
+        p.d_o = ptr(d_o);
+        p.delta = ptr_mut(g.delta) as *mut f32;
+        p.dq = ptr_mut(g.dq);
+        p.dk = ptr_mut(g.dk);
+        p.dv = ptr_mut(g.dv);
+        // SAFETY: shapes checked above; o and lse are only read by the backward kernels.
+        let code = unsafe {
+            match dt {
+                DType::F32 => k::hr_flash_attention_backward_f32(&p, self.stream()),
+                DType::Bf16 => k::hr_flash_attention_backward_bf16(&p, self.stream()),
+            }
+        };
+        check_launch("flash attention backward", code)
+    }
+
+    fn softmax_forward(&self, s: &AttentionShape, scores: &mut Tensor) -> Result<()> {
+        check_scores(s, &[scores])?;
+        self.bind()?;
+        let mut p = softmax_params(s);
+        p.scores = ptr_mut(scores);
+        // SAFETY: shapes checked above.
+        let code = unsafe {
+            match scores.dtype() {
+                DType::F32 => k::hr_softmax_forward_f32(&p, self.stream()),
+                DType::Bf16 => k::hr_softmax_forward_bf16(&p, self.stream()),
+            }
+        };
+        check_launch("softmax forward", code)
+    }
+
+    fn softmax_backward(
+        &self,
+        s: &AttentionShape,
+        pr: &Tensor,
+        dp: &mut Tensor,
+        delta: &Tensor,
+    ) -> Result<()> {
+        check_scores(s, &[pr, dp])?;
+        same_dtype("softmax backward", pr.dtype(), &[dp])?;
+        self.bind()?;
+        let mut p = softmax_params(s);
+        p.scores = ptr(pr) as *mut c_void;
+        p.dp = ptr(dp);
+        p.ds = ptr_mut(dp);
+        p.delta = ptr(delta) as *const f32;
+        // SAFETY: shapes checked above; ds aliases dp, which the contract allows.
+        let code = unsafe {
+            match pr.dtype() {
+                DType::F32 => k::hr_softmax_backward_f32(&p, self.stream()),
+                DType::Bf16 => k::hr_softmax_backward_bf16(&p, self.stream()),
+            }
+        };
+        check_launch("softmax backward", code)
+    }
+
+    fn attention_delta(
+        &self,
+        s: &AttentionShape,
+        o: &Tensor,
+        d_o: &Tensor,
+        delta: &mut Tensor,
+    ) -> Result<()> {
+        check_attention(s, &[o, d_o], &[delta])?;
+        same_dtype("attention delta", o.dtype(), &[d_o])?;
+        self.bind()?;
+        let mut p = attention_params(s);
+        p.o = ptr(o) as *mut c_void;
+        p.d_o = ptr(d_o);
+        p.delta = ptr_mut(delta) as *mut f32;
+        // SAFETY: shapes checked above.
+        let code = unsafe {
+            match o.dtype() {
+                DType::F32 => k::hr_attention_delta_f32(&p, self.stream()),
+                DType::Bf16 => k::hr_attention_delta_bf16(&p, self.stream()),
+            }
+        };
+        check_launch("attention delta", code)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(self.dev.stream.synchronize()?)
+    }
+
+    fn time(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        let (start, end) = self.dev.timer()?;
+        start.record(&self.dev.stream)?;
+        f()?;
+        end.record(&self.dev.stream)?;
+        Ok(start.elapsed_ms(&end)? as f64 / 1e3)
+    }
+
+    fn flush_cache(&self, scratch: &mut Tensor) -> Result<()> {
+        self.bind()?;
+        // SAFETY: writes exactly the scratch tensor's bytes.
+        unsafe {
+            drv::memset_d8_async(
+                scratch.device_ptr(),
+                0x5A,
+                scratch.bytes() as usize,
+                self.dev.stream.cu_stream(),
+            )?
+        };
+        Ok(())
+    }
+
+    fn driver_view_begin(&self) -> Result<u64> {
+        self.synchronize()?;
+        self.dev.reset_driver_view()
+    }
+
+    fn driver_view_end(&self, free_before: u64) -> Result<Option<DriverMemoryView>> {
+        Ok(Some(self.dev.driver_view(free_before)?))
+    }
+
+    fn cache_bytes(&self) -> u64 {
+        self.dev.facts.l2_bytes.unwrap_or(0)
+    }
+}
+
+impl CudaBackend {
+    /// cuBLAS on row-major data: C = op(A).op(B) is, column-major, C^T = op(B)^T.op(A)^T,
+    /// so B is passed first and the roles of m and n swap.
+    fn cublas_matmul(
+        &self,
+        mm: &Matmul,
+        a: &Tensor,
+        b: &Tensor,
+        bias: Option<&Tensor>,
+        c: &mut Tensor,
+    ) -> Result<()> {
+        if mm.epilogue != Epilogue::None || bias.is_some() {
+            return Err(Error::Unsupported(
+                "the cuBLAS baseline runs without a fused epilogue".into(),
+            ));
+        }
+        let blas = self.blas()?;
+        let h = *blas.handle();
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (m, n, kk) = (mm.m as i32, mm.n as i32, mm.k as i32);
+        let lda_b = if mm.trans_b { kk } else { n };
+        let ldb_a = if mm.trans_a { m } else { kk };
+        let alpha = mm.alpha;
+        let beta: f32 = if mm.accumulate { 1.0 } else { 0.0 };
+        // SAFETY: Matmul::check verified the buffers; alpha/beta are host scalars.
+        let r = unsafe {
+            match (a.dtype(), c.dtype()) {
+                (DType::F32, DType::F32) => blas::sgemm_strided_batched(
+                    h,
+                    op(mm.trans_b),
+                    op(mm.trans_a),
+                    n,
+                    m,
+                    kk,
+                    &alpha,
+                    ptr(b) as *const f32,
+                    lda_b,
+                    mm.stride_b as i64,
+                    ptr(a) as *const f32,
+                    ldb_a,
+                    mm.stride_a as i64,
+                    &beta,
+                    ptr_mut(c) as *mut f32,
+                    n,
+                    mm.stride_c as i64,
+                    mm.batch as i32,
+                ),
+                (DType::Bf16, cd) => blas::gemm_strided_batched_ex(
+                    h,
+                    op(mm.trans_b),
+                    op(mm.trans_a),
+                    n,
+                    m,
+                    kk,
+                    &alpha as *const f32 as *const c_void,
+                    ptr(b),
+                    blas_sys::cudaDataType::CUDA_R_16BF,
+                    lda_b,
+                    mm.stride_b as i64,
+                    ptr(a),
+                    blas_sys::cudaDataType::CUDA_R_16BF,
+                    ldb_a,
+                    mm.stride_a as i64,
+                    &beta as *const f32 as *const c_void,
+                    ptr_mut(c),
+                    if cd == DType::F32 {
+                        blas_sys::cudaDataType::CUDA_R_32F
+                    } else {
+                        blas_sys::cudaDataType::CUDA_R_16BF
+                    },
+                    n,
+                    mm.stride_c as i64,
+                    mm.batch as i32,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                ),
+                (ad, cd) => {
+                    return Err(Error::Invalid(format!(
+                        "cuBLAS matmul of {ad} into {cd} is not offered"
+                    )))
+                }
+            }
+        };
+        r.map_err(|e| Error::Cuda(format!("cuBLAS gemm failed: {e:?}")))
+    }
+}
+
+fn attention_params(s: &AttentionShape) -> k::hr_attention_params {
+    k::hr_attention_params {
+        q: std::ptr::null(),
+        k: std::ptr::null(),
+        v: std::ptr::null(),
+        o: std::ptr::null_mut(),
+        lse: std::ptr::null_mut(),
+        d_o: std::ptr::null(),
+        delta: std::ptr::null_mut(),
+        dq: std::ptr::null_mut(),
+        dk: std::ptr::null_mut(),
+        dv: std::ptr::null_mut(),
+        batch: s.batch as i32,
+        heads: s.heads as i32,
+        seq: s.seq as i32,
+        head_dim: s.head_dim as i32,
+        causal: s.causal as i32,
+        scale: s.scale,
+    }
+}
+
+fn softmax_params(s: &AttentionShape) -> k::hr_softmax_params {
+    k::hr_softmax_params {
+        scores: std::ptr::null_mut(),
+        lse: std::ptr::null_mut(),
+        dp: std::ptr::null(),
+        ds: std::ptr::null_mut(),
+        delta: std::ptr::null(),
+        rows: s.rows() as i32,
+        seq: s.seq as i32,
+        causal: s.causal as i32,
+    }
+}

@@ -1,0 +1,463 @@
+//! The operations the suite needs, once for CUDA and once for the CPU, behind one interface.
+//!
+//! Schedules (the techniques' code) allocate every buffer through [`Backend::alloc`], which
+//! registers it with the backend's [`MemoryTracker`]; the operations themselves never
+//! allocate. So a schedule's peak allocated bytes are the same on every backend.
+
+use std::sync::Arc;
+
+use half::bf16;
+
+use crate::device::{DeviceFacts, DriverMemoryView};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::memory::MemoryTracker;
+
+pub mod cpu;
+#[cfg(headroom_cuda)]
+pub mod cuda;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Cuda,
+    Cpu,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cuda => "cuda",
+            BackendKind::Cpu => "cpu",
+        }
+    }
+}
+
+/// Where a tensor's bytes live.
+pub(crate) enum Storage {
+    /// Host memory; `u64` words keep every element type aligned.
+    Host(Vec<u64>),
+    /// A device allocation, freed on `stream` when dropped.
+    #[cfg(headroom_cuda)]
+    Device {
+        ptr: cudarc::driver::sys::CUdeviceptr,
+        stream: Arc<cudarc::driver::CudaStream>,
+    },
+}
+
+/// A dense buffer of `len` elements of `dtype`, registered with a tracker for its lifetime.
+pub struct Tensor {
+    dtype: DType,
+    len: usize,
+    tag: String,
+    pub(crate) storage: Storage,
+    tracker: MemoryTracker,
+}
+
+impl Tensor {
+    pub(crate) fn new(
+        dtype: DType,
+        len: usize,
+        tag: &str,
+        storage: Storage,
+        tracker: MemoryTracker,
+    ) -> Self {
+        Tensor {
+            dtype,
+            len,
+            tag: tag.to_string(),
+            storage,
+            tracker,
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn bytes(&self) -> u64 {
+        (self.len * self.dtype.size()) as u64
+    }
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    fn host_bytes(&self) -> &[u8] {
+        match &self.storage {
+            Storage::Host(words) => &bytemuck::cast_slice(words)[..self.len * self.dtype.size()],
+            #[cfg(headroom_cuda)]
+            Storage::Device { .. } => panic!("bug: host view of a device tensor ({})", self.tag),
+        }
+    }
+
+    fn host_bytes_mut(&mut self) -> &mut [u8] {
+        let n = self.len * self.dtype.size();
+        match &mut self.storage {
+            Storage::Host(words) => &mut bytemuck::cast_slice_mut(words)[..n],
+            #[cfg(headroom_cuda)]
+            Storage::Device { .. } => panic!("bug: host view of a device tensor ({})", self.tag),
+        }
+    }
+
+    /// The elements of a host f32 tensor.
+    pub(crate) fn host_f32(&self) -> &[f32] {
+        debug_assert_eq!(self.dtype, DType::F32);
+        bytemuck::cast_slice(self.host_bytes())
+    }
+    pub(crate) fn host_f32_mut(&mut self) -> &mut [f32] {
+        debug_assert_eq!(self.dtype, DType::F32);
+        bytemuck::cast_slice_mut(self.host_bytes_mut())
+    }
+    pub(crate) fn host_bf16(&self) -> &[bf16] {
+        debug_assert_eq!(self.dtype, DType::Bf16);
+        bytemuck::cast_slice(self.host_bytes())
+    }
+    pub(crate) fn host_bf16_mut(&mut self) -> &mut [bf16] {
+        debug_assert_eq!(self.dtype, DType::Bf16);
+        bytemuck::cast_slice_mut(self.host_bytes_mut())
+    }
+
+    /// A host tensor's elements widened to f32.
+    pub(crate) fn host_values(&self) -> Vec<f32> {
+        match self.dtype {
+            DType::F32 => self.host_f32().to_vec(),
+            DType::Bf16 => self.host_bf16().iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    /// Store f32 values into a host tensor, rounding to its dtype.
+    pub(crate) fn set_host_values(&mut self, values: &[f32]) {
+        match self.dtype {
+            DType::F32 => self.host_f32_mut().copy_from_slice(values),
+            DType::Bf16 => {
+                for (d, s) in self.host_bf16_mut().iter_mut().zip(values) {
+                    *d = bf16::from_f32(*s);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn poison_host(&mut self) {
+        self.host_bytes_mut().fill(0xFF);
+    }
+
+    #[cfg(headroom_cuda)]
+    pub(crate) fn device_ptr(&self) -> u64 {
+        match &self.storage {
+            Storage::Device { ptr, .. } => *ptr,
+            Storage::Host(_) => panic!("bug: device pointer of a host tensor ({})", self.tag),
+        }
+    }
+}
+
+impl Drop for Tensor {
+    fn drop(&mut self) {
+        #[cfg(headroom_cuda)]
+        if let Storage::Device { ptr, stream } = &self.storage {
+            if *ptr != 0 {
+                // SAFETY: ptr came from cuMemAllocAsync/cuMemAlloc on this stream's context and
+                // is freed once; work queued on the stream that uses it completes first.
+                let r = unsafe {
+                    stream.context().bind_to_thread().ok();
+                    cudarc::driver::result::free_async(*ptr, stream.cu_stream())
+                };
+                if let Err(e) = r {
+                    eprintln!("warning: freeing {} failed: {e}", self.tag);
+                }
+            }
+        }
+        self.tracker.release(self.bytes(), &self.tag);
+    }
+}
+
+/// Epilogue fused into a matmul (see `kernels/headroom.h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    None,
+    Bias,
+    BiasGelu,
+}
+
+/// Which matmul implementation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MatmulKernel {
+    /// FP32 FFMA on the SIMT cores.
+    Simt,
+    /// BF16 tensor cores through mma.sync (sm_80+).
+    Mma,
+    /// BF16 wgmma + TMA (sm_90a).
+    Wgmma,
+    /// The library baseline (fp32 sgemm with TF32 off, or bf16 GemmEx).
+    Cublas,
+}
+
+impl MatmulKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulKernel::Simt => "simt",
+            MatmulKernel::Mma => "mma",
+            MatmulKernel::Wgmma => "wgmma",
+            MatmulKernel::Cublas => "cublas",
+        }
+    }
+}
+
+/// One (batched) matmul: `C = epilogue(alpha * op(A) . op(B)) (+ residual) (+ C)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Matmul {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+    /// Elements between consecutive batch entries; 0 broadcasts one matrix.
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub epilogue: Epilogue,
+    pub accumulate: bool,
+    pub alpha: f32,
+}
+
+impl Matmul {
+    /// A single `[m,k] x [k,n]` product with no epilogue.
+    pub fn new(m: usize, n: usize, k: usize) -> Self {
+        Matmul {
+            m,
+            n,
+            k,
+            batch: 1,
+            stride_a: m * k,
+            stride_b: k * n,
+            stride_c: m * n,
+            trans_a: false,
+            trans_b: false,
+            epilogue: Epilogue::None,
+            accumulate: false,
+            alpha: 1.0,
+        }
+    }
+
+    pub fn transposed(mut self, trans_a: bool, trans_b: bool) -> Self {
+        self.trans_a = trans_a;
+        self.trans_b = trans_b;
+        self
+    }
+
+    pub fn batched(mut self, batch: usize) -> Self {
+        self.batch = batch;
+        self
+    }
+
+    /// Checks the buffers hold what the shape says, so no kernel reads out of bounds.
+    pub fn check(&self, a: &Tensor, b: &Tensor, c: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+        let need = |stride: usize, one: usize| (self.batch - 1) * stride + one;
+        let (m, n, k) = (self.m, self.n, self.k);
+        if m == 0 || n == 0 || k == 0 || self.batch == 0 {
+            return Err(Error::Invalid(format!(
+                "matmul sizes must be positive (m={m}, n={n}, k={k}, batch={})",
+                self.batch
+            )));
+        }
+        for (name, t, want) in [
+            ("A", a, need(self.stride_a, m * k)),
+            ("B", b, need(self.stride_b, k * n)),
+            ("C", c, need(self.stride_c, m * n)),
+        ] {
+            if t.len() < want {
+                return Err(Error::Invalid(format!(
+                    "matmul {name} holds {} elements but m={m}, n={n}, k={k}, batch={} needs {want}",
+                    t.len(),
+                    self.batch
+                )));
+            }
+        }
+        if self.epilogue != Epilogue::None {
+            match bias {
+                Some(t) if t.len() >= n && t.dtype() == DType::F32 => {}
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "matmul epilogue needs an f32 bias of {n} elements"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The shape of an attention problem: Q, K, V are `[batch, heads, seq, head_dim]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub seq: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    pub scale: f32,
+}
+
+impl AttentionShape {
+    pub fn new(batch: usize, heads: usize, seq: usize, head_dim: usize, causal: bool) -> Self {
+        AttentionShape {
+            batch,
+            heads,
+            seq,
+            head_dim,
+            causal,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+    /// Elements of Q (and K, V, O).
+    pub fn qkv_len(&self) -> usize {
+        self.batch * self.heads * self.seq * self.head_dim
+    }
+    /// Rows of the score matrices (B * H).
+    pub fn rows(&self) -> usize {
+        self.batch * self.heads
+    }
+    /// Elements of the logsumexp / delta vectors.
+    pub fn stats_len(&self) -> usize {
+        self.rows() * self.seq
+    }
+    /// Elements of one materialized score matrix stack (B * H * N * N).
+    pub fn scores_len(&self) -> usize {
+        self.rows() * self.seq * self.seq
+    }
+}
+
+/// The tensors of a flash-attention backward pass.
+pub struct AttentionGrads<'a> {
+    pub delta: &'a mut Tensor,
+    pub dq: &'a mut Tensor,
+    pub dk: &'a mut Tensor,
+    pub dv: &'a mut Tensor,
+}
+
+/// The operations, once per backend. Outputs are `&mut`, inputs `&`.
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+    fn facts(&self) -> &DeviceFacts;
+    fn memory(&self) -> &MemoryTracker;
+
+    /// A tracked buffer of `len` elements (contents unspecified).
+    fn alloc(&self, dtype: DType, len: usize, tag: &str) -> Result<Tensor>;
+    /// Store values, rounded to the tensor's dtype.
+    fn write(&self, t: &mut Tensor, values: &[f32]) -> Result<()>;
+    /// The tensor's elements, widened to f32.
+    fn read(&self, t: &Tensor) -> Result<Vec<f32>>;
+    /// Every byte 0xFF: NaN in both f32 and bf16, so an element a kernel forgets stays NaN.
+    fn poison(&self, t: &mut Tensor) -> Result<()>;
+    fn copy(&self, dst: &mut Tensor, src: &Tensor) -> Result<()>;
+
+    fn matmul(
+        &self,
+        kernel: MatmulKernel,
+        mm: &Matmul,
+        a: &Tensor,
+        b: &Tensor,
+        bias: Option<&Tensor>,
+        c: &mut Tensor,
+    ) -> Result<()>;
+    /// Whether `kernel` can run here, or why not.
+    fn matmul_available(
+        &self,
+        kernel: MatmulKernel,
+        dtype: DType,
+    ) -> std::result::Result<(), String>;
+
+    fn flash_attention_forward(
+        &self,
+        shape: &AttentionShape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &mut Tensor,
+        lse: &mut Tensor,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn flash_attention_backward(
+        &self,
+        shape: &AttentionShape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+        lse: &Tensor,
+        grads: AttentionGrads<'_>,
+    ) -> Result<()>;
+    /// In place over `[rows, seq, seq]`: scaled scores -> probabilities; causal entries 0.
+    fn softmax_forward(&self, shape: &AttentionShape, scores: &mut Tensor) -> Result<()>;
+    /// In place: dP -> dS = P * (dP - delta).
+    fn softmax_backward(
+        &self,
+        shape: &AttentionShape,
+        p: &Tensor,
+        dp: &mut Tensor,
+        delta: &Tensor,
+    ) -> Result<()>;
+    /// delta = rowsum(dO * O), f32 `[B, H, N]`.
+    fn attention_delta(
+        &self,
+        shape: &AttentionShape,
+        o: &Tensor,
+        d_o: &Tensor,
+        delta: &mut Tensor,
+    ) -> Result<()>;
+
+    fn synchronize(&self) -> Result<()>;
+    /// Seconds `f` takes: device events around it on the GPU, the wall clock on the CPU.
+    fn time(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64>;
+    /// Evict the L2 cache by writing `scratch` (at least twice the L2's size).
+    fn flush_cache(&self, scratch: &mut Tensor) -> Result<()>;
+    /// Start the driver's view of a measured region (returns free bytes).
+    fn driver_view_begin(&self) -> Result<u64> {
+        Ok(0)
+    }
+    /// The driver's view of the region since `driver_view_begin`, where there is one.
+    fn driver_view_end(&self, _free_before: u64) -> Result<Option<DriverMemoryView>> {
+        Ok(None)
+    }
+    /// Bytes of cache to flush between cold samples (0: no flush needed).
+    fn cache_bytes(&self) -> u64 {
+        0
+    }
+}
+
+/// The backend `HEADROOM_BACKEND` asks for, or the best one present, with the reason when
+/// it is not the GPU.
+pub fn select(budget: Option<u64>) -> Result<Arc<dyn Backend>> {
+    let wanted = std::env::var("HEADROOM_BACKEND").unwrap_or_default();
+    match wanted.trim() {
+        "" | "auto" => Ok(match open_cuda(budget) {
+            Ok(b) => b,
+            Err(reason) => Arc::new(cpu::CpuBackend::new(budget, Some(reason))),
+        }),
+        "cpu" => Ok(Arc::new(cpu::CpuBackend::new(
+            budget,
+            Some("HEADROOM_BACKEND=cpu".into()),
+        ))),
+        "cuda" => open_cuda(budget)
+            .map_err(|reason| Error::Unsupported(format!("HEADROOM_BACKEND=cuda, but {reason}"))),
+        other => Err(Error::Invalid(format!(
+            "HEADROOM_BACKEND='{other}' is not a backend; use cuda, cpu or leave it unset"
+        ))),
+    }
+}
+
+#[cfg(headroom_cuda)]
+fn open_cuda(budget: Option<u64>) -> std::result::Result<Arc<dyn Backend>, String> {
+    let dev = crate::device::open()?;
+    Ok(Arc::new(cuda::CudaBackend::new(dev, budget)))
+}
+
+#[cfg(not(headroom_cuda))]
+fn open_cuda(_budget: Option<u64>) -> std::result::Result<Arc<dyn Backend>, String> {
+    crate::device::open().map(|_| unreachable!("no kernels in this build"))
+}

@@ -1,0 +1,263 @@
+//! The headroom command line: info, check, cases, report, compare.
+//!
+//! Every failure is one sentence on stderr and a non-zero exit; no backtraces.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use headroom::backend;
+use headroom::harness::{matches_filters, summary_line, Session, Settings};
+use headroom::kernels;
+use headroom::memory::format_bytes;
+use headroom::report::{self, compare, Report, Status};
+use headroom::techniques::{check_cases, registry};
+use headroom::Error;
+
+#[derive(Parser)]
+#[command(
+    name = "headroom",
+    version,
+    about = "What each memory-saving technique against CUDA out-of-memory errors costs in time and buys in peak device memory."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The backend, the device's facts, the toolkit and driver, and the kernels built.
+    Info,
+    /// Validate every kernel and technique against the f64 references on fresh random inputs.
+    Check {
+        /// Only cases whose id contains one of these.
+        filters: Vec<String>,
+    },
+    /// The cases of the current profile and backend (HEADROOM_PROFILE, HEADROOM_BACKEND).
+    Cases {
+        #[arg(long, value_enum, default_value_t = ListFormat::Text)]
+        format: ListFormat,
+    },
+    /// Rebuild the Markdown summary and plots of the last `cargo bench` run (or of FILE).
+    Report { file: Option<PathBuf> },
+    /// The same cases side by side across reports (cards, versions, backends).
+    Compare {
+        #[arg(required = true, num_args = 2..)]
+        reports: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value_t = compare::Format::Table)]
+        format: compare::Format,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ListFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info => info(),
+        Command::Check { filters } => check(&filters),
+        Command::Cases { format } => cases(format),
+        Command::Report { file } => rebuild_report(file),
+        Command::Compare { reports, format } => compare_reports(&reports, format),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("headroom: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Outcome = Result<ExitCode, Error>;
+
+fn info() -> Outcome {
+    let be = backend::select(None)?;
+    let f = be.facts();
+    println!("backend: {}", be.kind().name());
+    if let Some(reason) = &f.fallback_reason {
+        println!("  not on a GPU: {reason}");
+    }
+    println!("device: {}", f.name);
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    if be.kind() == backend::BackendKind::Cuda {
+        println!(
+            "  compute capability: {}",
+            opt(f.compute_capability.clone())
+        );
+        println!("  SMs: {}", opt(f.sm_count.map(|x| x.to_string())));
+        println!("  memory: {}", opt(f.memory_bytes.map(format_bytes)));
+        println!("  L2: {}", opt(f.l2_bytes.map(format_bytes)));
+        println!(
+            "  clocks: SM {} MHz, memory {} MHz, bus {} bits",
+            opt(f.sm_clock_mhz.map(|x| x.to_string())),
+            opt(f.memory_clock_mhz.map(|x| x.to_string())),
+            opt(f.memory_bus_bits.map(|x| x.to_string()))
+        );
+        println!(
+            "  driver supports CUDA {}",
+            opt(f.driver_cuda_version.clone())
+        );
+    }
+    if kernels::built() {
+        println!(
+            "kernels: built by nvcc {} for {} (+ PTX compute_{})",
+            kernels::NVCC_VERSION,
+            kernels::CUDA_ARCHS
+                .iter()
+                .map(|a| format!("sm_{a}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            kernels::PTX_ARCH
+        );
+        println!(
+            "  {:<14} {:<60} {:>7} {:>5} {:>8} {:>6} {:>7}",
+            "arch", "kernel", "file", "regs", "smem", "stack", "spills"
+        );
+        for k in kernels::KERNEL_RESOURCES {
+            let mut name = k.kernel.to_string();
+            if name.len() > 60 {
+                name.truncate(57);
+                name.push_str("...");
+            }
+            println!(
+                "  {:<14} {:<60} {:>7} {:>5} {:>8} {:>6} {:>7}",
+                k.arch,
+                name,
+                k.file.trim_end_matches(".cu"),
+                k.registers,
+                k.shared_bytes,
+                k.stack_bytes,
+                k.spill_stores + k.spill_loads
+            );
+        }
+    } else {
+        println!("kernels: none (built without nvcc: CPU backend only)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(filters: &[String]) -> Outcome {
+    let settings = Settings::from_env()?;
+    let be = backend::select(settings.budget)?;
+    println!(
+        "checking on the {} backend ({}), seed {} (HEADROOM_SEED replays it)",
+        be.kind().name(),
+        be.facts().name,
+        settings.seed
+    );
+    let mut session = Session::new(be.clone(), &settings, "check");
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    for case in check_cases(be.kind()) {
+        if !matches_filters(&case.info().id, filters) {
+            continue;
+        }
+        let prepared = session.prepare(case.as_ref());
+        let record = session.push(prepared.record, None)?;
+        match record.status {
+            Status::Ok => passed += 1,
+            Status::Skipped(_) => skipped += 1,
+            _ => failed += 1,
+        }
+        let verdict = match record.status {
+            Status::Ok => "PASS",
+            Status::Skipped(_) => "SKIP",
+            _ => "FAIL",
+        };
+        let memory_ok = record
+            .memory
+            .as_ref()
+            .is_none_or(|m| m.peak_allocated == m.predicted || record.status != Status::Ok);
+        println!("{verdict} {}", summary_line(record));
+        if !memory_ok {
+            let m = record.memory.as_ref().expect("checked");
+            println!(
+                "FAIL {}: peak {} bytes differs from the model's {} bytes",
+                record.id, m.peak_allocated, m.predicted
+            );
+            failed += 1;
+        }
+    }
+    println!("check: {passed} passed, {failed} failed, {skipped} skipped");
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn cases(format: ListFormat) -> Outcome {
+    let settings = Settings::from_env()?;
+    let kind = match std::env::var("HEADROOM_BACKEND").as_deref() {
+        Ok("cpu") => backend::BackendKind::Cpu,
+        Ok("cuda") => backend::BackendKind::Cuda,
+        _ => backend::select(None)?.kind(),
+    };
+    let infos: Vec<_> = registry(settings.profile, kind)
+        .iter()
+        .map(|c| c.info().clone())
+        .collect();
+    match format {
+        ListFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&infos).expect("serializable")
+        ),
+        ListFormat::Text => {
+            for i in &infos {
+                println!("{}  model {}", i.id, format_bytes(i.predicted_peak_bytes));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rebuild_report(file: Option<PathBuf>) -> Outcome {
+    let path = match file {
+        Some(p) => p,
+        None => latest_report(&report::report_dir())?,
+    };
+    let mut r = Report::read(&path)?;
+    r.finalize();
+    let dir = path
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let json = report::write_all(&r, &dir)?;
+    println!("report: {}", json.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn latest_report(dir: &std::path::Path) -> Result<PathBuf, Error> {
+    let entries = std::fs::read_dir(dir).map_err(|_| {
+        Error::Invalid(format!(
+            "no report in {}: run `cargo bench` first, or name a report file",
+            dir.display()
+        ))
+    })?;
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "no report in {}: run `cargo bench` first, or name a report file",
+                dir.display()
+            ))
+        })
+}
+
+fn compare_reports(paths: &[PathBuf], format: compare::Format) -> Outcome {
+    let reports = paths
+        .iter()
+        .map(|p| Report::read(p).map(|r| (p.display().to_string(), r)))
+        .collect::<Result<Vec<_>, _>>()?;
+    print!("{}", compare::render(&reports, format));
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,314 @@
+//! Matmul: FP32 on the SIMT cores and BF16 on the tensor cores (mma.sync; wgmma on Hopper),
+//! side by side with cuBLAS on the same inputs. Precision is the first memory-saving
+//! technique users reach for: bf16 halves every operand's bytes.
+//!
+//! FLOPs = 2·M·N·K per matrix. Memory model: A + B + C (+ the f32 bias when an epilogue is
+//! fused); cuBLAS' own workspace is the library's and is not in the tracked figure (the
+//! driver's view in the report shows it).
+
+use crate::backend::{Backend, BackendKind, Epilogue, Matmul, MatmulKernel, Tensor};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::reference;
+use crate::rng::Rng;
+use crate::techniques::{
+    random_tensor, sample_indices, Case, CaseInfo, Comparison, Instance, Profile, Validation,
+};
+
+/// Output elements compared with the f64 reference in a large case.
+const SAMPLES: usize = 4096;
+
+pub struct MatmulCase {
+    info: CaseInfo,
+    kernel: MatmulKernel,
+    mm: Matmul,
+    in_dtype: DType,
+    out_dtype: DType,
+}
+
+/// The shape part of a matmul case id: `m4096-n4096-k4096`, plus the form and extras.
+fn shape_name(mm: &Matmul, out_dtype: DType, in_dtype: DType) -> String {
+    let mut s = format!("m{}-n{}-k{}", mm.m, mm.n, mm.k);
+    match (mm.trans_a, mm.trans_b) {
+        (false, false) => {}
+        (false, true) => s.push_str("-nt"),
+        (true, false) => s.push_str("-tn"),
+        (true, true) => s.push_str("-tt"),
+    }
+    if mm.batch > 1 {
+        s.push_str(&format!("-batch{}", mm.batch));
+        if mm.stride_b == 0 {
+            s.push_str("-bcast");
+        }
+    }
+    match mm.epilogue {
+        Epilogue::None => {}
+        Epilogue::Bias => s.push_str("-bias"),
+        Epilogue::BiasGelu => s.push_str("-bias-gelu"),
+    }
+    if mm.alpha != 1.0 {
+        s.push_str(&format!("-alpha{}", mm.alpha));
+    }
+    if mm.accumulate {
+        s.push_str("-acc");
+    }
+    if out_dtype != in_dtype {
+        s.push_str(&format!("-out{}", out_dtype.name()));
+    }
+    s
+}
+
+impl MatmulCase {
+    pub fn new(kernel: MatmulKernel, in_dtype: DType, out_dtype: DType, mm: Matmul) -> Self {
+        let mut info = CaseInfo::new(
+            "matmul",
+            kernel.name(),
+            in_dtype,
+            shape_name(&mm, out_dtype, in_dtype),
+        );
+        let (m, n, k, b) = (mm.m as u64, mm.n as u64, mm.k as u64, mm.batch as u64);
+        info.flops = 2.0 * (b * m * n * k) as f64;
+        let (a_len, b_len, c_len) = lens(&mm);
+        let s_in = in_dtype.size() as u64;
+        let s_out = out_dtype.size() as u64;
+        let bias = if mm.epilogue == Epilogue::None {
+            0
+        } else {
+            4 * n
+        };
+        info.predicted_peak_bytes = (a_len + b_len) as u64 * s_in + c_len as u64 * s_out + bias;
+        let c_traffic = if mm.accumulate { 2 } else { 1 };
+        info.bytes_moved =
+            ((a_len + b_len) as u64 * s_in + c_traffic * c_len as u64 * s_out + bias) as f64;
+        // bf16 operands are exact in the reference (it reads the stored values); only the
+        // output rounding and fp32 accumulation separate kernel and reference.
+        info.tolerance = crate::techniques::tolerance(if out_dtype == DType::Bf16 {
+            DType::Bf16
+        } else {
+            in_dtype
+        });
+        MatmulCase {
+            info,
+            kernel,
+            mm,
+            in_dtype,
+            out_dtype,
+        }
+    }
+}
+
+/// Elements of A, B and C, with the batch strides (a stride of 0 broadcasts one matrix).
+fn lens(mm: &Matmul) -> (usize, usize, usize) {
+    let span = |stride: usize, one: usize| (mm.batch - 1) * stride + one;
+    (
+        span(mm.stride_a, mm.m * mm.k),
+        span(mm.stride_b, mm.k * mm.n),
+        span(mm.stride_c, mm.m * mm.n),
+    )
+}
+
+struct MatmulInstance {
+    kernel: MatmulKernel,
+    mm: Matmul,
+    a: Tensor,
+    b: Tensor,
+    bias: Option<Tensor>,
+    c: Tensor,
+    a_v: Vec<f32>,
+    b_v: Vec<f32>,
+    bias_v: Option<Vec<f32>>,
+    out_dtype: DType,
+    tolerance: f64,
+}
+
+impl Case for MatmulCase {
+    fn info(&self) -> &CaseInfo {
+        &self.info
+    }
+
+    fn skip_reason(&self, be: &dyn Backend) -> Option<String> {
+        be.matmul_available(self.kernel, self.in_dtype).err()
+    }
+
+    fn setup(&self, be: &dyn Backend, rng: &mut Rng) -> Result<Box<dyn Instance>> {
+        let (a_len, b_len, c_len) = lens(&self.mm);
+        let (a, a_v) = random_tensor(be, rng, self.in_dtype, a_len, 1.0, "A")?;
+        let (b, b_v) = random_tensor(be, rng, self.in_dtype, b_len, 1.0, "B")?;
+        let (bias, bias_v) = if self.mm.epilogue == Epilogue::None {
+            (None, None)
+        } else {
+            let (t, v) = random_tensor(be, rng, DType::F32, self.mm.n, 1.0, "bias")?;
+            (Some(t), Some(v))
+        };
+        let c = be.alloc(self.out_dtype, c_len, "C")?;
+        Ok(Box::new(MatmulInstance {
+            kernel: self.kernel,
+            mm: self.mm,
+            a,
+            b,
+            bias,
+            c,
+            a_v,
+            b_v,
+            bias_v,
+            out_dtype: self.out_dtype,
+            tolerance: self.info.tolerance,
+        }))
+    }
+}
+
+impl Instance for MatmulInstance {
+    fn run(&mut self, be: &dyn Backend) -> Result<()> {
+        be.matmul(
+            self.kernel,
+            &self.mm,
+            &self.a,
+            &self.b,
+            self.bias.as_ref(),
+            &mut self.c,
+        )
+    }
+
+    fn validate(&mut self, be: &dyn Backend, rng: &mut Rng) -> Result<Validation> {
+        // With accumulate, C must hold known values first; otherwise it is poisoned.
+        let c_old = if self.mm.accumulate {
+            let v: Vec<f32> = rng
+                .fill(self.c.len(), 1.0)
+                .into_iter()
+                .map(|x| self.out_dtype.round(x))
+                .collect();
+            be.write(&mut self.c, &v)?;
+            Some(v)
+        } else {
+            be.poison(&mut self.c)?;
+            None
+        };
+        self.run(be)?;
+        let out = be.read(&self.c)?;
+        let mut cmp = Comparison::new();
+        let mm = &self.mm;
+        for batch in 0..mm.batch {
+            let c0 = batch * mm.stride_c;
+            cmp.all_finite("C", &out[c0..c0 + mm.m * mm.n]);
+            let per = SAMPLES / mm.batch.max(1);
+            for idx in sample_indices(rng, mm.m * mm.n, per.max(64)) {
+                let (i, j) = (idx / mm.n, idx % mm.n);
+                let r = reference::matmul_element(
+                    mm,
+                    &self.a_v,
+                    &self.b_v,
+                    self.bias_v.as_deref(),
+                    c_old.as_deref(),
+                    batch,
+                    i,
+                    j,
+                );
+                cmp.add(&|| format!("C[{batch}][{i},{j}]"), out[c0 + idx], r);
+            }
+        }
+        Ok(cmp.finish(self.tolerance))
+    }
+}
+
+fn kernels_for(dtype: DType) -> &'static [MatmulKernel] {
+    match dtype {
+        DType::F32 => &[MatmulKernel::Simt, MatmulKernel::Cublas],
+        DType::Bf16 => &[MatmulKernel::Mma, MatmulKernel::Wgmma, MatmulKernel::Cublas],
+    }
+}
+
+/// Square sizes and transformer shapes (tokens x 4·hidden x hidden, the MLP's first product).
+pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
+    let shapes: Vec<(usize, usize, usize)> = match (kind, profile) {
+        (BackendKind::Cpu, Profile::Quick) => vec![(256, 256, 256), (512, 1024, 256)],
+        (BackendKind::Cpu, Profile::Full) => {
+            vec![(256, 256, 256), (512, 512, 512), (512, 1024, 256)]
+        }
+        (BackendKind::Cuda, Profile::Quick) => {
+            vec![(4096, 4096, 4096), (8192, 8192, 8192), (8192, 16384, 4096)]
+        }
+        (BackendKind::Cuda, Profile::Full) => vec![
+            (1024, 1024, 1024),
+            (2048, 2048, 2048),
+            (4096, 4096, 4096),
+            (8192, 8192, 8192),
+            (8192, 4096, 1024),
+            (8192, 16384, 4096),
+        ],
+    };
+    let mut out: Vec<Box<dyn Case>> = Vec::new();
+    for (m, n, k) in shapes {
+        for dtype in [DType::F32, DType::Bf16] {
+            for &kernel in kernels_for(dtype) {
+                out.push(Box::new(MatmulCase::new(
+                    kernel,
+                    dtype,
+                    dtype,
+                    Matmul::new(m, n, k),
+                )));
+            }
+        }
+    }
+    out
+}
+
+/// Odd sizes (no multiple of any tile), every transpose form, the epilogues, accumulation,
+/// batching with broadcast, and bf16 into f32.
+pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
+    let mut out: Vec<Box<dyn Case>> = Vec::new();
+    let sizes: &[(usize, usize, usize)] = match kind {
+        BackendKind::Cpu => &[(127, 257, 131), (1, 1, 1), (64, 72, 520)],
+        BackendKind::Cuda => &[
+            (127, 257, 131),
+            (1, 1, 1),
+            (1000, 1064, 520),
+            (4099, 33, 1029),
+        ],
+    };
+    for dtype in [DType::F32, DType::Bf16] {
+        for &kernel in kernels_for(dtype) {
+            for &(m, n, k) in sizes {
+                for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                    let mm = Matmul::new(m, n, k).transposed(ta, tb);
+                    out.push(Box::new(MatmulCase::new(kernel, dtype, dtype, mm)));
+                }
+            }
+            // Extras on one odd size: fused epilogues, alpha, accumulation, batching.
+            let base = Matmul::new(129, 200, 72);
+            let extras = [
+                Matmul {
+                    epilogue: Epilogue::Bias,
+                    ..base
+                },
+                Matmul {
+                    epilogue: Epilogue::BiasGelu,
+                    ..base
+                },
+                Matmul {
+                    alpha: 0.125,
+                    accumulate: true,
+                    ..base
+                },
+                Matmul {
+                    stride_b: 0,
+                    ..base.batched(3)
+                },
+            ];
+            for mm in extras {
+                if kernel == MatmulKernel::Cublas && mm.epilogue != Epilogue::None {
+                    continue; // the baseline has no fused epilogue
+                }
+                out.push(Box::new(MatmulCase::new(kernel, dtype, dtype, mm)));
+            }
+            if dtype == DType::Bf16 {
+                out.push(Box::new(MatmulCase::new(
+                    kernel,
+                    dtype,
+                    DType::F32,
+                    base.transposed(true, false),
+                )));
+            }
+        }
+    }
+    out
+}
