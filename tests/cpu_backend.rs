@@ -1,0 +1,162 @@
+//! The CPU backend runs every case and pins each case's measured peak to its analytic model,
+//! to the byte.
+
+use std::sync::Arc;
+
+use headroom::backend::cpu::CpuBackend;
+use headroom::backend::{AttentionShape, Backend, BackendKind};
+use headroom::dtype::DType;
+use headroom::harness::{Session, Settings};
+use headroom::report::Status;
+use headroom::techniques::attention::{model_peak_bytes, AttentionCase, Pass, Variant};
+use headroom::techniques::{check_cases, registry, Case, Profile};
+
+fn session(budget: Option<u64>) -> Session {
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new(budget, None));
+    let settings = Settings {
+        profile: Profile::Quick,
+        budget,
+        seed: 7,
+    };
+    Session::new(be, &settings, "test")
+}
+
+#[test]
+fn every_check_case_passes_and_peak_equals_model() {
+    let mut s = session(None);
+    let mut ran = 0;
+    for case in check_cases(BackendKind::Cpu) {
+        let p = s.prepare(case.as_ref());
+        let r = &p.record;
+        match &r.status {
+            Status::Skipped(why) => {
+                // Only the GPU-only kernels may be skipped on the CPU, and they say why.
+                assert!(
+                    r.technique == "cublas" || r.technique == "wgmma",
+                    "{} skipped: {why}",
+                    r.id
+                );
+                continue;
+            }
+            Status::Ok => {}
+            other => panic!("{}: {other:?}", r.id),
+        }
+        let m = r.memory.as_ref().expect("memory measured");
+        assert_eq!(m.peak_allocated, m.predicted, "{}: measured peak vs model", r.id);
+        assert_eq!(m.peak_reserved, m.predicted, "{}: direct allocation reserves what it allocates", r.id);
+        ran += 1;
+    }
+    assert!(ran > 50, "only {ran} cases ran");
+}
+
+#[test]
+fn every_benchmark_case_peak_equals_model() {
+    let mut s = session(None);
+    for profile in [Profile::Quick, Profile::Full] {
+        for case in registry(profile, BackendKind::Cpu) {
+            let p = s.prepare(case.as_ref());
+            let r = &p.record;
+            if let Status::Skipped(_) = r.status {
+                continue;
+            }
+            assert_eq!(r.status, Status::Ok, "{}", r.id);
+            let m = r.memory.as_ref().unwrap();
+            assert_eq!(m.peak_allocated, m.predicted, "{}", r.id);
+        }
+    }
+}
+
+#[test]
+fn budget_turns_naive_attention_into_oom_exactly_at_its_model() {
+    let shape = AttentionShape::new(1, 2, 96, 64, false);
+    let naive = AttentionCase::new(Variant::Naive, Pass::ForwardBackward, DType::Bf16, shape);
+    let flash = AttentionCase::new(Variant::Flash, Pass::ForwardBackward, DType::Bf16, shape);
+    let need = model_peak_bytes(Variant::Naive, Pass::ForwardBackward, &shape, DType::Bf16);
+
+    // Exactly the model fits...
+    let r = session(Some(need)).prepare(&naive).record;
+    assert_eq!(r.status, Status::Ok, "{:?}", r.status);
+    // ...one byte less does not, while flash goes on.
+    let mut tight = session(Some(need - 1));
+    let r = tight.prepare(&naive).record;
+    match &r.status {
+        Status::Oom(msg) => {
+            assert!(msg.starts_with("out of memory: tried to allocate "), "{msg}");
+            assert!(msg.contains("allocated;") && msg.contains("reserved; budget "), "{msg}");
+        }
+        other => panic!("expected oom, got {other:?}"),
+    }
+    let r = tight.prepare(&flash).record;
+    assert_eq!(r.status, Status::Ok, "{:?}", r.status);
+    // Nothing leaked from the failed case: the tracker is back at zero.
+    assert_eq!(tight.backend.memory().stats().allocated, 0);
+}
+
+/// Measured after setup (every buffer of the call is allocated there), at lengths where the
+/// N² term dominates: naive grows ~4x per doubling of N, flash 2x.
+#[test]
+fn naive_peak_grows_quadratically_and_flash_linearly() {
+    let be = CpuBackend::new(None, None);
+    let measure = |variant, n| {
+        let shape = AttentionShape::new(1, 1, n, 64, false);
+        let case = AttentionCase::new(variant, Pass::ForwardBackward, DType::Bf16, shape);
+        be.memory().reset_peak();
+        let mut rng = headroom::rng::Rng::new(3);
+        let inst = case.setup(&be, &mut rng).expect("fits");
+        let peak = be.memory().stats().peak_allocated;
+        assert_eq!(peak, case.info().predicted_peak_bytes);
+        drop(inst);
+        peak as f64
+    };
+    let naive = measure(Variant::Naive, 4096) / measure(Variant::Naive, 2048);
+    let flash = measure(Variant::Flash, 4096) / measure(Variant::Flash, 2048);
+    assert!((3.5..4.0).contains(&naive), "naive grew {naive}x");
+    assert!((flash - 2.0).abs() < 1e-9, "flash grew {flash}x");
+}
+
+#[test]
+fn case_ids_are_stable_and_unique() {
+    for kind in [BackendKind::Cpu, BackendKind::Cuda] {
+        for profile in [Profile::Quick, Profile::Full] {
+            let ids: Vec<String> = registry(profile, kind).iter().map(|c| c.info().id.clone()).collect();
+            let mut sorted = ids.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(sorted.len(), ids.len(), "duplicate ids in {profile:?}/{kind:?}");
+        }
+        let ids: Vec<String> = check_cases(kind).iter().map(|c| c.info().id.clone()).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ids.len(), "duplicate check ids on {kind:?}");
+    }
+    // Ids other reports are compared by: changing one of these breaks comparisons across
+    // versions, so it must be deliberate.
+    let gpu: Vec<String> = registry(Profile::Full, BackendKind::Cuda).iter().map(|c| c.info().id.clone()).collect();
+    for id in [
+        "copy/vec16/f32/n268435456",
+        "matmul/mma/bf16/m4096-n4096-k4096",
+        "matmul/cublas/f32/m8192-n8192-k8192",
+        "matmul/wgmma/bf16/m8192-n16384-k4096",
+        "attention/flash/bf16/fwd/b2-h16-n8192-d128",
+        "attention/flash/bf16/fwd+bwd/b2-h16-n8192-d128-causal",
+        "attention/naive/bf16/fwd+bwd/b1-h16-n32768-d128",
+    ] {
+        assert!(gpu.iter().any(|g| g == id), "{id} is no longer registered");
+    }
+}
+
+#[test]
+fn validation_catches_a_wrong_result() {
+    // A poisoned output that the run never overwrites must fail, not pass.
+    use headroom::techniques::Comparison;
+    let mut c = Comparison::new();
+    c.all_finite("out", &[1.0, f32::NAN]);
+    c.add(&|| "out[0]".into(), 1.0, 1.0);
+    let v = c.finish(1e-3);
+    assert!(!v.passed());
+    assert!(v.error.is_infinite());
+    let mut c = Comparison::new();
+    c.add(&|| "out[0]".into(), 1.01, 1.0);
+    assert!(!c.finish(1e-3).passed());
+}
