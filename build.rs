@@ -309,10 +309,16 @@ fn parse_ptxas(stderr: &str, file: &str) -> Vec<Resource> {
     out
 }
 
+/// `flash_fwd_bf16_kernel<128>`: the demangled name without return type, parameters or
+/// anonymous namespace, short enough for a table.
 fn demangle(name: &str) -> String {
+    let options = cpp_demangle::DemangleOptions::new()
+        .no_params()
+        .no_return_type();
     cpp_demangle::Symbol::new(name)
         .ok()
-        .and_then(|s| s.demangle().ok())
+        .and_then(|s| s.demangle_with_options(&options).ok())
+        .map(|s| s.replace("(anonymous namespace)::", ""))
         .unwrap_or_else(|| name.to_string())
 }
 

@@ -117,19 +117,14 @@ fn info() -> Outcome {
             kernels::PTX_ARCH
         );
         println!(
-            "  {:<14} {:<60} {:>7} {:>5} {:>8} {:>6} {:>7}",
-            "arch", "kernel", "file", "regs", "smem", "stack", "spills"
+            "  {:<8} {:<48} {:>10} {:>5} {:>12} {:>6} {:>7}",
+            "arch", "kernel", "file", "regs", "static smem", "stack", "spills"
         );
         for k in kernels::KERNEL_RESOURCES {
-            let mut name = k.kernel.to_string();
-            if name.len() > 60 {
-                name.truncate(57);
-                name.push_str("...");
-            }
             println!(
-                "  {:<14} {:<60} {:>7} {:>5} {:>8} {:>6} {:>7}",
+                "  {:<8} {:<48} {:>10} {:>5} {:>12} {:>6} {:>7}",
                 k.arch,
-                name,
+                k.kernel,
                 k.file.trim_end_matches(".cu"),
                 k.registers,
                 k.shared_bytes,

@@ -12,17 +12,24 @@ pub fn gelu_tanh(x: f64) -> f64 {
     0.5 * x * (1.0 + (k0 * (x + 0.044715 * x * x * x)).tanh())
 }
 
+/// The stored values a matmul reads.
+pub struct MatmulOperands<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    /// C before the call, when the call accumulates into it.
+    pub c_old: Option<&'a [f32]>,
+}
+
 /// Element (batch, i, j) of `epilogue(alpha * op(A) . op(B)) (+ c_old)`.
 pub fn matmul_element(
     mm: &Matmul,
-    a: &[f32],
-    b: &[f32],
-    bias: Option<&[f32]>,
-    c_old: Option<&[f32]>,
+    x: &MatmulOperands<'_>,
     batch: usize,
     i: usize,
     j: usize,
 ) -> f64 {
+    let (a, b, bias, c_old) = (x.a, x.b, x.bias, x.c_old);
     let a0 = batch * mm.stride_a;
     let b0 = batch * mm.stride_b;
     let mut acc = 0f64;

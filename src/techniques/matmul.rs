@@ -187,22 +187,19 @@ impl Instance for MatmulInstance {
         let out = be.read(&self.c)?;
         let mut cmp = Comparison::new();
         let mm = &self.mm;
+        let operands = reference::MatmulOperands {
+            a: &self.a_v,
+            b: &self.b_v,
+            bias: self.bias_v.as_deref(),
+            c_old: c_old.as_deref(),
+        };
         for batch in 0..mm.batch {
             let c0 = batch * mm.stride_c;
             cmp.all_finite("C", &out[c0..c0 + mm.m * mm.n]);
             let per = SAMPLES / mm.batch.max(1);
             for idx in sample_indices(rng, mm.m * mm.n, per.max(64)) {
                 let (i, j) = (idx / mm.n, idx % mm.n);
-                let r = reference::matmul_element(
-                    mm,
-                    &self.a_v,
-                    &self.b_v,
-                    self.bias_v.as_deref(),
-                    c_old.as_deref(),
-                    batch,
-                    i,
-                    j,
-                );
+                let r = reference::matmul_element(mm, &operands, batch, i, j);
                 cmp.add(&|| format!("C[{batch}][{i},{j}]"), out[c0 + idx], r);
             }
         }
