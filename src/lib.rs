@@ -18,6 +18,7 @@ pub mod error;
 pub mod harness;
 pub mod kernels;
 pub mod memory;
+pub mod model;
 pub mod reference;
 pub mod report;
 pub mod rng;

@@ -1,5 +1,418 @@
-//! The Markdown summary beside the JSON.
-use crate::report::Report;
+//! The Markdown summary beside the JSON: what a person reads first. One header with the
+//! machine and the run, then one table per family with every case's time, rate, memory,
+//! validation, and what it saves or costs against the family's baseline.
+
+use std::fmt::Write as _;
+
+use crate::memory::format_bytes;
+use crate::report::{CaseRecord, Report, Status};
+
 pub fn render(report: &Report) -> String {
-    format!("# headroom report: {}\n", report.device.name)
+    let mut out = String::new();
+    let d = &report.device;
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let _ = writeln!(out, "# headroom report: {}\n", d.name);
+    let _ = writeln!(out, "| | |\n| --- | --- |");
+    let mut fact = |k: &str, v: String| {
+        let _ = writeln!(out, "| {k} | {} |", cell(&v));
+    };
+    fact("device", format!("{} ({} backend)", d.name, d.backend));
+    if let Some(reason) = &d.fallback_reason {
+        fact("not on a GPU", reason.clone());
+    }
+    fact("compute capability", opt(d.compute_capability.clone()));
+    fact("SMs", opt(d.sm_count.map(|x| x.to_string())));
+    fact("memory", opt(d.memory_bytes.map(format_bytes)));
+    fact("L2", opt(d.l2_bytes.map(format_bytes)));
+    if d.sm_clock_mhz.is_some() || d.memory_clock_mhz.is_some() || d.memory_bus_bits.is_some() {
+        fact(
+            "clocks",
+            format!(
+                "SM {} MHz, memory {} MHz, bus {} bits",
+                opt(d.sm_clock_mhz.map(|x| x.to_string())),
+                opt(d.memory_clock_mhz.map(|x| x.to_string())),
+                opt(d.memory_bus_bits.map(|x| x.to_string()))
+            ),
+        );
+    }
+    fact("driver CUDA", opt(d.driver_cuda_version.clone()));
+    fact("nvcc", opt(d.nvcc_version.clone()));
+    fact(
+        "suite",
+        format!("headroom {} at {}", report.suite_version, report.commit),
+    );
+    fact("schema", report.schema.clone());
+    fact(
+        "created",
+        format!(
+            "{} (Unix {})",
+            utc_date(report.created_unix),
+            report.created_unix
+        ),
+    );
+    fact("profile", report.profile.clone());
+    fact(
+        "budget",
+        report
+            .budget_bytes
+            .map(format_bytes)
+            .unwrap_or_else(|| "none (the device's memory)".into()),
+    );
+    fact(
+        "seed",
+        format!("{} (HEADROOM_SEED replays it)", report.seed),
+    );
+
+    let c = &report.ceilings;
+    let not_measured = || "not measured".to_string();
+    let _ = writeln!(out, "\n## Measured ceilings\n");
+    let _ = writeln!(
+        out,
+        "- copy bandwidth: {}",
+        c.copy_bytes_per_s
+            .map(|r| format!("{:.1} GB/s", r / 1e9))
+            .unwrap_or_else(not_measured)
+    );
+    let _ = writeln!(
+        out,
+        "- cuBLAS fp32 matmul: {}",
+        c.cublas_f32_flops_per_s
+            .map(|r| format!("{:.2} TFLOP/s", r / 1e12))
+            .unwrap_or_else(not_measured)
+    );
+    let _ = writeln!(
+        out,
+        "- cuBLAS bf16 matmul: {}",
+        c.cublas_bf16_flops_per_s
+            .map(|r| format!("{:.2} TFLOP/s", r / 1e12))
+            .unwrap_or_else(not_measured)
+    );
+
+    for family in families(&report.cases) {
+        let cases: Vec<&CaseRecord> = report.cases.iter().filter(|c| c.family == family).collect();
+        let _ = writeln!(out, "\n## {family}\n");
+        if let Some(base) = baseline_technique(&family) {
+            let _ = writeln!(
+                out,
+                "Baseline: `{base}` on the same dtype and shape; \"less memory\" is its peak \
+                 allocated over the case's, \"speed\" its median time over the case's \
+                 (above 1: faster than the baseline).\n"
+            );
+        }
+        let header = [
+            "case",
+            "status",
+            "median ms (p10–p90)",
+            "rate",
+            "of ceiling",
+            "peak allocated",
+            "predicted",
+            "peak reserved",
+            "error / tolerance",
+            "vs baseline",
+        ];
+        let rows: Vec<Vec<String>> = cases.iter().map(|c| case_row(c, &report.cases)).collect();
+        out.push_str(&table(&header, &rows));
+    }
+    out
+}
+
+/// The families in the order their first case appears (the registry's order).
+pub(crate) fn families(cases: &[CaseRecord]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in cases {
+        if !out.contains(&c.family) {
+            out.push(c.family.clone());
+        }
+    }
+    out
+}
+
+/// The technique each family is measured against. cuBLAS is the speed a hand-written
+/// matmul aims at; naive attention is what flash attention exists to save memory over.
+pub(crate) fn baseline_technique(family: &str) -> Option<&'static str> {
+    match family {
+        "matmul" => Some("cublas"),
+        "attention" => Some("naive"),
+        _ => None,
+    }
+}
+
+/// The baseline record of a case: the family's baseline technique on the same dtype and
+/// shape (an attention shape names its pass, so forward is held to forward).
+pub(crate) fn baseline_for<'a>(
+    case: &CaseRecord,
+    cases: &'a [CaseRecord],
+) -> Option<&'a CaseRecord> {
+    let technique = baseline_technique(&case.family)?;
+    if case.technique == technique {
+        return None;
+    }
+    cases.iter().find(|b| {
+        b.family == case.family
+            && b.technique == technique
+            && b.dtype == case.dtype
+            && b.shape == case.shape
+    })
+}
+
+/// What a case saves or costs against its baseline, in one cell.
+fn versus_baseline(case: &CaseRecord, cases: &[CaseRecord]) -> String {
+    if baseline_technique(&case.family) == Some(case.technique.as_str()) {
+        return "baseline".into();
+    }
+    let Some(base) = baseline_for(case, cases) else {
+        return "-".into();
+    };
+    if case.status != Status::Ok {
+        return "-".into();
+    }
+    if base.status != Status::Ok {
+        return format!("{} {}", base.technique, base.status.name());
+    }
+    let mut parts = Vec::new();
+    if let (Some(m), Some(bm)) = (&case.memory, &base.memory) {
+        if m.peak_allocated > 0 {
+            let ratio = bm.peak_allocated as f64 / m.peak_allocated as f64;
+            parts.push(if (ratio - 1.0).abs() < 0.005 {
+                "same memory".to_string()
+            } else if ratio > 1.0 {
+                format!("{ratio:.2}x less memory")
+            } else {
+                format!("{:.2}x more memory", 1.0 / ratio)
+            });
+        }
+    }
+    if let (Some(t), Some(bt)) = (&case.time, &base.time) {
+        parts.push(format!("{:.2}x speed", bt.median_s / t.median_s));
+    }
+    if parts.is_empty() {
+        return "-".into();
+    }
+    format!("{} vs {}", parts.join(", "), base.technique)
+}
+
+fn case_row(c: &CaseRecord, all: &[CaseRecord]) -> Vec<String> {
+    let name =
+        c.id.strip_prefix(&format!("{}/", c.family))
+            .unwrap_or(&c.id)
+            .to_string();
+    let status = match c.status.message() {
+        Some(m) => format!("{}: {m}", c.status.name()),
+        None => c.status.name().to_string(),
+    };
+    let time = c
+        .time
+        .as_ref()
+        .map(|t| {
+            format!(
+                "{} ({}–{})",
+                format_ms(t.median_s),
+                format_ms(t.p10_s),
+                format_ms(t.p90_s)
+            )
+        })
+        .unwrap_or_else(|| "-".into());
+    let rate = match (c.flops_per_s, c.bytes_per_s) {
+        (Some(f), _) if f >= 1e12 => format!("{:.2} TFLOP/s", f / 1e12),
+        (Some(f), _) => format!("{:.2} GFLOP/s", f / 1e9),
+        (None, Some(b)) => format!("{:.1} GB/s", b / 1e9),
+        _ => "-".into(),
+    };
+    let fraction = c
+        .fraction_of_ceiling
+        .map(|f| format!("{:.1}%", f * 100.0))
+        .unwrap_or_else(|| "-".into());
+    // An out-of-memory case's figures stop at the failed allocation: what it held then, not
+    // what it needs.
+    let at_failure = if matches!(c.status, Status::Oom(_)) {
+        " at the failure"
+    } else {
+        ""
+    };
+    let measured = |f: fn(&crate::report::MemoryRecord) -> u64| {
+        c.memory
+            .as_ref()
+            .map(|m| format!("{}{at_failure}", format_bytes(f(m))))
+            .unwrap_or_else(|| "-".into())
+    };
+    let predicted = c
+        .memory
+        .as_ref()
+        .map(|m| format_bytes(m.predicted))
+        .unwrap_or_else(|| "-".into());
+    let validation = c
+        .validation
+        .as_ref()
+        .map(|v| format!("{:.2e} / {:.1e}", v.error, v.tolerance))
+        .unwrap_or_else(|| "-".into());
+    vec![
+        name,
+        status,
+        time,
+        rate,
+        fraction,
+        measured(|m| m.peak_allocated),
+        predicted,
+        measured(|m| m.peak_reserved),
+        validation,
+        versus_baseline(c, all),
+    ]
+}
+
+/// Milliseconds to about four significant digits: CPU runs take microseconds, GPU runs of
+/// the full profile seconds.
+pub(crate) fn format_ms(seconds: f64) -> String {
+    let ms = seconds * 1e3;
+    if ms >= 100.0 {
+        format!("{ms:.1}")
+    } else if ms >= 1.0 {
+        format!("{ms:.3}")
+    } else {
+        format!("{ms:.4}")
+    }
+}
+
+/// A cell's text with the characters that would break a Markdown table row made harmless.
+pub(crate) fn cell(text: &str) -> String {
+    text.replace('|', "\\|").replace(['\n', '\r'], " ")
+}
+
+/// A Markdown table; every cell is escaped.
+pub(crate) fn table(header: &[impl AsRef<str>], rows: &[Vec<String>]) -> String {
+    let mut out = String::new();
+    let line = |cells: &mut dyn Iterator<Item = String>| {
+        let v: Vec<String> = cells.collect();
+        format!("| {} |\n", v.join(" | "))
+    };
+    out.push_str(&line(&mut header.iter().map(|h| cell(h.as_ref()))));
+    out.push_str(&line(&mut header.iter().map(|_| "---".to_string())));
+    for r in rows {
+        out.push_str(&line(&mut r.iter().map(|c| cell(c))));
+    }
+    out
+}
+
+/// `YYYY-MM-DD HH:MM UTC` from Unix seconds (Hinnant's civil-from-days), so the summary
+/// needs no date crate.
+fn utc_date(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        secs / 3600,
+        (secs % 3600) / 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::report::{MemoryRecord, TimeStats};
+    use crate::techniques::CaseInfo;
+
+    fn case(
+        family: &str,
+        technique: &str,
+        dtype: DType,
+        shape: &str,
+        peak: u64,
+        ms: f64,
+    ) -> CaseRecord {
+        let mut r = CaseRecord::new(
+            &CaseInfo::new(family, technique, dtype, shape.into()),
+            Status::Ok,
+        );
+        r.memory = Some(MemoryRecord {
+            peak_allocated: peak,
+            peak_reserved: peak,
+            predicted: peak,
+            driver: None,
+        });
+        r.time = TimeStats::from_samples(&[ms / 1e3]);
+        r
+    }
+
+    #[test]
+    fn flash_is_held_to_naive_on_the_same_dtype_and_pass() {
+        let cases = vec![
+            case(
+                "attention",
+                "naive",
+                DType::Bf16,
+                "fwd/b1-h2-n64-d64",
+                400,
+                2.0,
+            ),
+            case(
+                "attention",
+                "naive",
+                DType::Bf16,
+                "fwd+bwd/b1-h2-n64-d64",
+                1000,
+                4.0,
+            ),
+            case(
+                "attention",
+                "naive",
+                DType::F32,
+                "fwd+bwd/b1-h2-n64-d64",
+                2000,
+                8.0,
+            ),
+            case(
+                "attention",
+                "flash",
+                DType::Bf16,
+                "fwd+bwd/b1-h2-n64-d64",
+                250,
+                5.0,
+            ),
+        ];
+        let base = baseline_for(&cases[3], &cases).expect("a naive baseline");
+        assert_eq!(base.id, cases[1].id);
+        assert_eq!(
+            versus_baseline(&cases[3], &cases),
+            "4.00x less memory, 0.80x speed vs naive"
+        );
+        assert_eq!(versus_baseline(&cases[1], &cases), "baseline");
+    }
+
+    #[test]
+    fn a_baseline_that_did_not_fit_is_named_with_its_status() {
+        let mut naive = case("attention", "naive", DType::F32, "fwd/s", 10, 1.0);
+        naive.status = Status::Oom("tried to allocate 1.00 GiB".into());
+        let flash = case("attention", "flash", DType::F32, "fwd/s", 5, 1.0);
+        let cases = vec![naive, flash];
+        assert_eq!(versus_baseline(&cases[1], &cases), "naive oom");
+    }
+
+    #[test]
+    fn families_without_a_baseline_say_so() {
+        let cases = vec![case("copy", "vec16", DType::F32, "n4", 32, 1.0)];
+        assert_eq!(versus_baseline(&cases[0], &cases), "-");
+    }
+
+    #[test]
+    fn dates_are_civil_utc() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00 UTC");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00 UTC");
+        assert_eq!(utc_date(1_700_000_000), "2023-11-14 22:13 UTC");
+    }
+
+    #[test]
+    fn pipes_in_messages_do_not_split_cells() {
+        let t = table(&["a"], &[vec!["x | y\nz".into()]]);
+        assert_eq!(t, "| a |\n| --- |\n| x \\| y z |\n");
+    }
 }

@@ -1,6 +1,335 @@
-//! SVG plots.
-use crate::error::Result;
-use crate::report::Report;
-pub fn write_plots(_report: &Report, _dir: &std::path::Path, _slug: &str) -> Result<()> {
+//! SVG plots: per family, median time against peak allocated bytes, one point per measured
+//! case, so the trade each technique makes is one glance: down is faster, left is smaller.
+//!
+//! plotters' SVG backend writes text as `<text>` elements and leaves the font to the
+//! viewer, so no font files or font features are needed.
+
+use std::path::{Path, PathBuf};
+
+use plotters::coord::ranged1d::{Ranged, ValueFormatter};
+use plotters::coord::types::RangedCoordf64;
+use plotters::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::memory::format_bytes;
+use crate::report::markdown::families;
+use crate::report::{write_atomic, CaseRecord, Report, Status};
+
+const SIZE: (u32, u32) = (960, 640);
+
+/// One plotted case: peak allocated bytes (x), median time in ms (y), its series.
+#[derive(Debug, Clone)]
+struct Point {
+    bytes: f64,
+    ms: f64,
+    series: String,
+}
+
+/// Writes `<slug>-<family>.svg` for each family with a timed case; removes the plot of a
+/// family that has none, so a stale picture never sits beside a new report.
+pub fn write_plots(report: &Report, dir: &Path, slug: &str) -> Result<()> {
+    let mut plotted: Vec<String> = Vec::new();
+    for family in families(&report.cases) {
+        let path = dir.join(format!("{slug}-{family}.svg"));
+        let points = points(report.cases.iter().filter(|c| c.family == family));
+        if points.is_empty() {
+            remove_stale(&path)?;
+            continue;
+        }
+        let svg = render(&family, slug, &points, report.budget_bytes)
+            .map_err(|e| Error::Io(format!("could not draw {}: {e}", path.display())))?;
+        write_atomic(&path, svg.as_bytes())?;
+        plotted.push(family);
+    }
+    // A run filtered to some families (`cargo bench -- attention`) rewrites the report
+    // without the others; their old plots would describe a run the report no longer holds.
+    for path in family_plots(dir, slug)? {
+        let family = family_of(&path, slug).unwrap_or_default();
+        if !plotted.contains(&family) {
+            remove_stale(&path)?;
+        }
+    }
     Ok(())
+}
+
+fn points<'a>(cases: impl Iterator<Item = &'a CaseRecord>) -> Vec<Point> {
+    cases
+        .filter(|c| c.status == Status::Ok)
+        .filter_map(|c| {
+            let t = c.time.as_ref()?;
+            let m = c.memory.as_ref()?;
+            // Log axes cannot show zero; a case that allocates nothing is not a memory trade.
+            (m.peak_allocated > 0 && t.median_s > 0.0).then(|| Point {
+                bytes: m.peak_allocated as f64,
+                ms: t.median_s * 1e3,
+                series: format!("{} {}", c.technique, c.dtype.name()),
+            })
+        })
+        .collect()
+}
+
+/// The Pareto front: indices of the points no other point beats in both time and memory
+/// (at least as good in both, better in one), in order of memory.
+fn pareto_front(points: &[(f64, f64)]) -> Vec<usize> {
+    let mut front: Vec<usize> = (0..points.len())
+        .filter(|&i| {
+            let (x, y) = points[i];
+            !points
+                .iter()
+                .any(|&(qx, qy)| qx <= x && qy <= y && (qx < x || qy < y))
+        })
+        .collect();
+    front.sort_by(|&a, &b| {
+        points[a]
+            .0
+            .total_cmp(&points[b].0)
+            .then(points[a].1.total_cmp(&points[b].1))
+    });
+    front
+}
+
+/// A base-2 log axis padded on each side, and how many labels to ask for. plotters puts
+/// evenly spaced "light" labels between the powers when asked for more labels than there
+/// are powers in the range, and those crowd into each other at the top of every octave;
+/// asking for at most one per power keeps to the powers (bytes read best in powers of two).
+fn log_axis(lo: f64, hi: f64) -> (LogCoord<f64>, usize) {
+    let (lo, hi) = (lo / 1.6, hi * 1.6);
+    let powers = (hi / lo).log2().floor().max(1.0) as usize;
+    (
+        LogCoord::from((lo..hi).log_scale().base(2.0)),
+        powers.min(12),
+    )
+}
+
+fn render(
+    family: &str,
+    slug: &str,
+    points: &[Point],
+    budget: Option<u64>,
+) -> std::result::Result<String, String> {
+    let min = |f: fn(&Point) -> f64| points.iter().map(f).fold(f64::INFINITY, f64::min);
+    let max = |f: fn(&Point) -> f64| points.iter().map(f).fold(0.0, f64::max);
+    let (mut x_lo, mut x_hi) = (min(|p| p.bytes), max(|p| p.bytes));
+    if let Some(b) = budget.filter(|&b| b > 0) {
+        x_lo = x_lo.min(b as f64);
+        x_hi = x_hi.max(b as f64);
+    }
+    let x = log_axis(x_lo, x_hi);
+    let (y_lo, y_hi) = (min(|p| p.ms), max(|p| p.ms));
+    // Past a tenfold spread a linear axis squeezes the fast cases onto the floor.
+    if y_hi / y_lo > 10.0 {
+        let (y, labels) = log_axis(y_lo, y_hi);
+        draw(family, slug, points, budget, x, (y, labels), true)
+    } else {
+        let pad = ((y_hi - y_lo) * 0.1).max(y_hi * 0.05);
+        let y = RangedCoordf64::from((y_lo - pad).max(0.0)..y_hi + pad);
+        draw(family, slug, points, budget, x, (y, 10), false)
+    }
+}
+
+/// A tick label with three significant digits and no trailing zeros.
+fn tick(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let digits = (2 - v.abs().log10().floor() as i32).clamp(0, 9) as usize;
+    let s = format!("{v:.digits$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+fn draw<Y>(
+    family: &str,
+    slug: &str,
+    points: &[Point],
+    budget: Option<u64>,
+    (x, x_labels): (LogCoord<f64>, usize),
+    (y, y_labels): (Y, usize),
+    log_y: bool,
+) -> std::result::Result<String, String>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let y_range = y.range();
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("{family} on {slug}: median time vs peak allocated"),
+                ("sans-serif", 20),
+            )
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(72)
+            .build_cartesian_2d(x, y)
+            .map_err(|e| err(&e))?;
+        let y_desc = if log_y {
+            "median time (ms, log scale)"
+        } else {
+            "median time (ms)"
+        };
+        chart
+            .configure_mesh()
+            .x_desc("peak allocated (log scale)")
+            .y_desc(y_desc)
+            .x_labels(x_labels)
+            .y_labels(y_labels)
+            .x_label_formatter(&|v| format_bytes(v.round() as u64))
+            .y_label_formatter(&|v| tick(*v))
+            .draw()
+            .map_err(|e| err(&e))?;
+
+        let mut series: Vec<&str> = Vec::new();
+        for p in points {
+            if !series.contains(&p.series.as_str()) {
+                series.push(&p.series);
+            }
+        }
+        for (i, name) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let mine = points.iter().filter(|p| p.series == *name);
+            chart
+                .draw_series(mine.map(|p| Circle::new((p.bytes, p.ms), 5, color.filled())))
+                .map_err(|e| err(&e))?
+                .label(*name)
+                .legend(move |(x, y)| Circle::new((x, y), 5, color.filled()));
+        }
+
+        let xy: Vec<(f64, f64)> = points.iter().map(|p| (p.bytes, p.ms)).collect();
+        let front: Vec<(f64, f64)> = pareto_front(&xy).into_iter().map(|i| xy[i]).collect();
+        chart
+            .draw_series(LineSeries::new(front.clone(), BLACK.stroke_width(1)))
+            .map_err(|e| err(&e))?
+            .label("Pareto front")
+            .legend(|(x, y)| PathElement::new(vec![(x - 8, y), (x + 8, y)], BLACK));
+        chart
+            .draw_series(
+                front
+                    .iter()
+                    .map(|&(x, y)| Circle::new((x, y), 8, BLACK.stroke_width(1))),
+            )
+            .map_err(|e| err(&e))?;
+
+        if let Some(b) = budget.filter(|&b| b > 0) {
+            let red = RGBColor(200, 30, 30);
+            chart
+                .draw_series(DashedLineSeries::new(
+                    vec![(b as f64, y_range.start), (b as f64, y_range.end)],
+                    6,
+                    4,
+                    red.stroke_width(2),
+                ))
+                .map_err(|e| err(&e))?
+                .label(format!("budget {}", format_bytes(b)))
+                .legend(move |(x, y)| PathElement::new(vec![(x - 8, y), (x + 8, y)], red));
+        }
+
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    Ok(svg)
+}
+
+/// The files in `dir` named like this slug's family plots: `<slug>-<family>.svg` with a
+/// one-word family, so another card's plots (`<slug>-80gb-…`) are never taken for ours.
+fn family_plots(dir: &Path, slug: &str) -> Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(Error::Io(format!(
+                "could not list {} for stale plots: {e}",
+                dir.display()
+            )))
+        }
+    };
+    Ok(entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| family_of(p, slug).is_some())
+        .collect())
+}
+
+fn family_of(path: &Path, slug: &str) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let family = name
+        .strip_prefix(slug)?
+        .strip_prefix('-')?
+        .strip_suffix(".svg")?;
+    let word = !family.is_empty()
+        && family
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    word.then(|| family.to_string())
+}
+
+fn remove_stale(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::Io(format!(
+            "could not remove the stale plot {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_front_keeps_only_cases_nothing_beats_in_both() {
+        // (bytes, ms): 1 is beaten by 0 in both; 3 ties 2 in memory but is slower.
+        let pts = [
+            (100.0, 1.0),
+            (200.0, 2.0),
+            (50.0, 3.0),
+            (50.0, 4.0),
+            (400.0, 0.5),
+        ];
+        assert_eq!(pareto_front(&pts), vec![2, 0, 4]);
+    }
+
+    #[test]
+    fn equal_points_are_both_on_the_front() {
+        let pts = [(10.0, 1.0), (10.0, 1.0)];
+        assert_eq!(pareto_front(&pts), vec![0, 1]);
+    }
+
+    #[test]
+    fn ticks_keep_three_significant_digits() {
+        assert_eq!(tick(0.125), "0.125");
+        assert_eq!(tick(2.0), "2");
+        assert_eq!(tick(1.9702), "1.97");
+        assert_eq!(tick(1536.0), "1536");
+        assert_eq!(tick(0.0), "0");
+    }
+
+    #[test]
+    fn only_one_word_families_of_this_slug_are_ours() {
+        let p = |s: &str| PathBuf::from(format!("/x/{s}"));
+        assert_eq!(
+            family_of(&p("nvidia-h100-matmul.svg"), "nvidia-h100"),
+            Some("matmul".into())
+        );
+        assert_eq!(
+            family_of(&p("nvidia-h100-80gb-hbm3-matmul.svg"), "nvidia-h100"),
+            None
+        );
+        assert_eq!(family_of(&p("nvidia-h100.json"), "nvidia-h100"), None);
+        assert_eq!(family_of(&p("cpu-.svg"), "cpu"), None);
+    }
 }

@@ -15,6 +15,7 @@ use crate::rng::Rng;
 pub mod attention;
 pub mod copy;
 pub mod matmul;
+pub mod train;
 
 /// What a case is, before anything runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -235,6 +236,7 @@ pub fn registry(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
     cases.extend(copy::cases(profile, kind));
     cases.extend(matmul::cases(profile, kind));
     cases.extend(attention::cases(profile, kind));
+    cases.extend(train::cases(profile, kind));
     cases
 }
 
@@ -244,5 +246,6 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
     cases.extend(copy::check_cases());
     cases.extend(matmul::check_cases(kind));
     cases.extend(attention::check_cases(kind));
+    cases.extend(train::check_cases());
     cases
 }
