@@ -141,6 +141,106 @@ int hr_softmax_backward_bf16(const hr_softmax_params *p, hr_stream_t stream);
 int hr_attention_delta_f32(const hr_attention_params *p, hr_stream_t stream);
 int hr_attention_delta_bf16(const hr_attention_params *p, hr_stream_t stream);
 
+/* ----------------------------------------------------------------------------------
+ * Transformer-block layer ops (layers.cu). Activations are [T, C] row-major in the
+ * function's dtype (T = tokens = B * N); per-row statistics and every parameter gradient
+ * are fp32. Every reduction runs in a fixed order (no floating-point atomics), so the
+ * same inputs give bitwise the same outputs run after run.
+ * -------------------------------------------------------------------------------- */
+
+typedef struct hr_layernorm_params {
+    const void *x;      /* [T, C] input */
+    const float *weight;/* [C] */
+    const float *bias;  /* [C] */
+    void *out;          /* forward: [T, C] */
+    float *mean;        /* [T]: forward writes, backward reads */
+    float *rstd;        /* [T]: 1 / sqrt(var + eps), forward writes, backward reads */
+    const void *d_out;  /* backward: dL/d(out) [T, C] */
+    void *dx;           /* backward: dL/dx [T, C] */
+    float *d_weight;    /* backward params: [C], accumulated (+=) */
+    float *d_bias;      /* backward params: [C], accumulated (+=) */
+    int32_t tokens, channels;
+    int32_t accumulate; /* backward: 1 = dx += result (the residual stream's gradient) */
+    float eps;
+} hr_layernorm_params;
+
+/* out = (x - mean) * rstd * weight + bias, biased variance, fp32 statistics. */
+int hr_layernorm_forward_f32(const hr_layernorm_params *p, hr_stream_t stream);
+int hr_layernorm_forward_bf16(const hr_layernorm_params *p, hr_stream_t stream);
+/* dx (+)= rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = d_out * weight. */
+int hr_layernorm_backward_f32(const hr_layernorm_params *p, hr_stream_t stream);
+int hr_layernorm_backward_bf16(const hr_layernorm_params *p, hr_stream_t stream);
+/* d_weight += sum_t d_out * xhat; d_bias += sum_t d_out (column sums, fixed order). */
+int hr_layernorm_backward_params_f32(const hr_layernorm_params *p, hr_stream_t stream);
+int hr_layernorm_backward_params_bf16(const hr_layernorm_params *p, hr_stream_t stream);
+
+typedef struct hr_elementwise_params {
+    const void *x;      /* input (gelu: pre-activation; cast: fp32 source) */
+    const void *d_out;  /* backward: upstream gradient, same shape */
+    void *out;          /* output (gelu forward: activation; backward: dL/dx) */
+    int64_t n;          /* elements */
+} hr_elementwise_params;
+
+/* GELU, tanh form (common.cuh's hr::gelu_tanh) and its exact derivative. */
+int hr_gelu_forward_f32(const hr_elementwise_params *p, hr_stream_t stream);
+int hr_gelu_forward_bf16(const hr_elementwise_params *p, hr_stream_t stream);
+int hr_gelu_backward_f32(const hr_elementwise_params *p, hr_stream_t stream);
+int hr_gelu_backward_bf16(const hr_elementwise_params *p, hr_stream_t stream);
+/* out (bf16) = round-to-nearest-even(x (f32)). */
+int hr_cast_f32_to_bf16(const hr_elementwise_params *p, hr_stream_t stream);
+
+typedef struct hr_heads_params {
+    const void *src;
+    void *dst;
+    int32_t batch, heads, seq, head_dim;
+    int32_t parts;      /* 1 or 3 (q, k, v) */
+} hr_heads_params;
+
+/* src [B, N, parts, H, d] (= [T, parts * C]) -> dst [parts, B, H, N, d]. */
+int hr_tokens_to_heads_f32(const hr_heads_params *p, hr_stream_t stream);
+int hr_tokens_to_heads_bf16(const hr_heads_params *p, hr_stream_t stream);
+/* src [parts, B, H, N, d] -> dst [B, N, parts, H, d]: the inverse. */
+int hr_heads_to_tokens_f32(const hr_heads_params *p, hr_stream_t stream);
+int hr_heads_to_tokens_bf16(const hr_heads_params *p, hr_stream_t stream);
+
+typedef struct hr_column_sum_params {
+    const void *x;      /* [rows, cols] */
+    float *out;         /* [cols] fp32 */
+    int32_t rows, cols;
+    int32_t accumulate; /* 1: out += sums */
+} hr_column_sum_params;
+
+/* out[c] (+)= sum_r x[r, c], summed in a fixed order (the bias gradient). */
+int hr_column_sum_f32(const hr_column_sum_params *p, hr_stream_t stream);
+int hr_column_sum_bf16(const hr_column_sum_params *p, hr_stream_t stream);
+
+typedef struct hr_loss_params {
+    const void *y;      /* [n] the last block's output */
+    void *dy;           /* [n] dL/dy = scale * y */
+    float *loss;        /* [1] L = 0.5 * scale * sum(y^2), reduced in a fixed order */
+    int64_t n;          /* elements */
+    float scale;        /* 1 / (elements of the whole global batch): micro-batches then sum
+                           to the full batch's loss and gradients */
+} hr_loss_params;
+
+int hr_mse_loss_f32(const hr_loss_params *p, hr_stream_t stream);
+int hr_mse_loss_bf16(const hr_loss_params *p, hr_stream_t stream);
+
+typedef struct hr_adamw_params {
+    float *param;       /* [n] fp32 master weights, updated in place */
+    const float *grad;  /* [n] fp32 */
+    float *m, *v;       /* [n] fp32 moments, updated in place */
+    void *param_bf16;   /* [n] bf16 copy of the updated weights, or NULL */
+    int64_t n;
+    float lr, beta1, beta2, eps, weight_decay;
+    int32_t step;       /* 1-based, for the bias corrections */
+} hr_adamw_params;
+
+/* AdamW (Loshchilov & Hutter 2019, alg. 2): decoupled weight decay, bias-corrected moments:
+ * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; mhat = m / (1-b1^t); vhat = v / (1-b2^t);
+ * p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p). */
+int hr_adamw(const hr_adamw_params *p, hr_stream_t stream);
+
 /* The message for a CUDA error code returned by a launcher. */
 const char *hr_error_string(int code);
 

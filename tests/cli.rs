@@ -5,7 +5,10 @@ use std::process::Command;
 
 fn headroom(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_headroom"));
-    cmd.args(args).env_remove("HEADROOM_BACKEND").env_remove("HEADROOM_BUDGET").env_remove("HEADROOM_PROFILE");
+    cmd.args(args)
+        .env_remove("HEADROOM_BACKEND")
+        .env_remove("HEADROOM_BUDGET")
+        .env_remove("HEADROOM_PROFILE");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -13,7 +16,10 @@ fn headroom(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    assert!(!stderr.contains("RUST_BACKTRACE"), "backtrace hint: {stderr}");
+    assert!(
+        !stderr.contains("RUST_BACKTRACE"),
+        "backtrace hint: {stderr}"
+    );
     (out.status.success(), stdout, stderr)
 }
 
@@ -34,7 +40,10 @@ fn info_says_which_backend_and_why() {
 fn forced_cpu_backend_is_named() {
     let (ok, out, _) = headroom(&["info"], &[("HEADROOM_BACKEND", "cpu")]);
     assert!(ok);
-    assert!(out.contains("backend: cpu") && out.contains("HEADROOM_BACKEND=cpu"), "{out}");
+    assert!(
+        out.contains("backend: cpu") && out.contains("HEADROOM_BACKEND=cpu"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -42,7 +51,10 @@ fn bad_budget_is_one_sentence() {
     let (ok, _, err) = headroom(&["check"], &[("HEADROOM_BUDGET", "12 parsecs")]);
     assert!(!ok);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("HEADROOM_BUDGET") && err.contains("is not a memory size"), "{err}");
+    assert!(
+        err.contains("HEADROOM_BUDGET") && err.contains("is not a memory size"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -59,14 +71,20 @@ fn cuda_demanded_without_a_gpu_fails_cleanly() {
     if ok {
         assert!(out.contains("backend: cuda"));
     } else {
-        assert!(err.starts_with("headroom: HEADROOM_BACKEND=cuda, but "), "{err}");
+        assert!(
+            err.starts_with("headroom: HEADROOM_BACKEND=cuda, but "),
+            "{err}"
+        );
         assert_eq!(err.trim().lines().count(), 1);
     }
 }
 
 #[test]
 fn compare_of_missing_files_is_one_sentence() {
-    let (ok, _, err) = headroom(&["compare", "/nonexistent/a.json", "/nonexistent/b.json"], &[]);
+    let (ok, _, err) = headroom(
+        &["compare", "/nonexistent/a.json", "/nonexistent/b.json"],
+        &[],
+    );
     assert!(!ok);
     assert!(err.contains("could not read /nonexistent/a.json"), "{err}");
 }
@@ -75,15 +93,33 @@ fn compare_of_missing_files_is_one_sentence() {
 fn check_filters_and_reports_counts() {
     let (ok, out, _) = headroom(&["check", "copy/"], &[("HEADROOM_BACKEND", "cpu")]);
     assert!(ok, "{out}");
-    assert!(out.contains("PASS ok       copy/vec16/f32/n1000003"), "{out}");
-    assert!(out.trim_end().ends_with("check: 2 passed, 0 failed, 0 skipped"), "{out}");
+    assert!(
+        out.contains("PASS ok       copy/vec16/f32/n1000003"),
+        "{out}"
+    );
+    assert!(
+        out.trim_end()
+            .ends_with("check: 2 passed, 0 failed, 0 skipped"),
+        "{out}"
+    );
 }
 
 #[test]
 fn cases_lists_json_for_peers() {
-    let (ok, out, _) = headroom(&["cases", "--format", "json"], &[("HEADROOM_BACKEND", "cuda"), ("HEADROOM_PROFILE", "quick")]);
+    let (ok, out, _) = headroom(
+        &["cases", "--format", "json"],
+        &[("HEADROOM_BACKEND", "cuda"), ("HEADROOM_PROFILE", "quick")],
+    );
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-    let ids: Vec<&str> = v.as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
-    assert!(ids.contains(&"matmul/cublas/bf16/m4096-n4096-k4096"), "{ids:?}");
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&"matmul/cublas/bf16/m4096-n4096-k4096"),
+        "{ids:?}"
+    );
 }

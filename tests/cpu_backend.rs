@@ -42,8 +42,16 @@ fn every_check_case_passes_and_peak_equals_model() {
             other => panic!("{}: {other:?}", r.id),
         }
         let m = r.memory.as_ref().expect("memory measured");
-        assert_eq!(m.peak_allocated, m.predicted, "{}: measured peak vs model", r.id);
-        assert_eq!(m.peak_reserved, m.predicted, "{}: direct allocation reserves what it allocates", r.id);
+        assert_eq!(
+            m.peak_allocated, m.predicted,
+            "{}: measured peak vs model",
+            r.id
+        );
+        assert_eq!(
+            m.peak_reserved, m.predicted,
+            "{}: direct allocation reserves what it allocates",
+            r.id
+        );
         ran += 1;
     }
     assert!(ran > 50, "only {ran} cases ran");
@@ -81,8 +89,14 @@ fn budget_turns_naive_attention_into_oom_exactly_at_its_model() {
     let r = tight.prepare(&naive).record;
     match &r.status {
         Status::Oom(msg) => {
-            assert!(msg.starts_with("out of memory: tried to allocate "), "{msg}");
-            assert!(msg.contains("allocated;") && msg.contains("reserved; budget "), "{msg}");
+            assert!(
+                msg.starts_with("out of memory: tried to allocate "),
+                "{msg}"
+            );
+            assert!(
+                msg.contains("allocated;") && msg.contains("reserved; budget "),
+                "{msg}"
+            );
         }
         other => panic!("expected oom, got {other:?}"),
     }
@@ -118,13 +132,23 @@ fn naive_peak_grows_quadratically_and_flash_linearly() {
 fn case_ids_are_stable_and_unique() {
     for kind in [BackendKind::Cpu, BackendKind::Cuda] {
         for profile in [Profile::Quick, Profile::Full] {
-            let ids: Vec<String> = registry(profile, kind).iter().map(|c| c.info().id.clone()).collect();
+            let ids: Vec<String> = registry(profile, kind)
+                .iter()
+                .map(|c| c.info().id.clone())
+                .collect();
             let mut sorted = ids.clone();
             sorted.sort();
             sorted.dedup();
-            assert_eq!(sorted.len(), ids.len(), "duplicate ids in {profile:?}/{kind:?}");
+            assert_eq!(
+                sorted.len(),
+                ids.len(),
+                "duplicate ids in {profile:?}/{kind:?}"
+            );
         }
-        let ids: Vec<String> = check_cases(kind).iter().map(|c| c.info().id.clone()).collect();
+        let ids: Vec<String> = check_cases(kind)
+            .iter()
+            .map(|c| c.info().id.clone())
+            .collect();
         let mut sorted = ids.clone();
         sorted.sort();
         sorted.dedup();
@@ -132,7 +156,10 @@ fn case_ids_are_stable_and_unique() {
     }
     // Ids other reports are compared by: changing one of these breaks comparisons across
     // versions, so it must be deliberate.
-    let gpu: Vec<String> = registry(Profile::Full, BackendKind::Cuda).iter().map(|c| c.info().id.clone()).collect();
+    let gpu: Vec<String> = registry(Profile::Full, BackendKind::Cuda)
+        .iter()
+        .map(|c| c.info().id.clone())
+        .collect();
     for id in [
         "copy/vec16/f32/n268435456",
         "matmul/mma/bf16/m4096-n4096-k4096",

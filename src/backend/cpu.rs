@@ -7,8 +7,8 @@
 use std::time::Instant;
 
 use crate::backend::{
-    AttentionGrads, AttentionShape, Backend, BackendKind, Epilogue, Matmul, MatmulKernel, Storage,
-    Tensor,
+    AdamW, AttentionGrads, AttentionShape, Backend, BackendKind, Epi, Epilogue, LayerNorm, Matmul,
+    MatmulKernel, RowStats, Storage, Tensor,
 };
 use crate::device::DeviceFacts;
 use crate::dtype::DType;
@@ -168,7 +168,7 @@ impl Backend for CpuBackend {
         mm: &Matmul,
         a: &Tensor,
         b: &Tensor,
-        bias: Option<&Tensor>,
+        epi: Epi<'_>,
         c: &mut Tensor,
     ) -> Result<()> {
         self.matmul_available(kernel, a.dtype())
@@ -184,11 +184,15 @@ impl Backend for CpuBackend {
                 "the fp32 SIMT matmul writes f32 only".into(),
             ));
         }
-        mm.check(a, b, c, bias)?;
+        mm.check(a, b, c, epi)?;
         let (m, n, k) = (mm.m, mm.n, mm.k);
         let av = a.host_values();
         let bv = b.host_values();
-        let bias_v = bias.map(|t| t.host_f32().to_vec());
+        let bias_v = epi
+            .bias
+            .filter(|_| mm.epilogue != Epilogue::None)
+            .map(|t| t.host_f32().to_vec());
+        let res_v = epi.residual.map(|t| t.host_values());
         let mut cv = c.host_values();
         let c_dtype = c.dtype();
         for batch in 0..mm.batch {
@@ -202,6 +206,9 @@ impl Backend for CpuBackend {
                 }
             }
             let c0 = &mut cv[batch * mm.stride_c..batch * mm.stride_c + m * n];
+            let r0 = res_v
+                .as_ref()
+                .map(|r| &r[batch * mm.stride_c..batch * mm.stride_c + m * n]);
             parallel_rows(c0, n, |row0, rows| {
                 let mut acc = vec![0f32; n];
                 for (r, out) in rows.chunks_mut(n).enumerate() {
@@ -221,6 +228,9 @@ impl Backend for CpuBackend {
                         }
                         if mm.epilogue == Epilogue::BiasGelu {
                             x = gelu_tanh(x);
+                        }
+                        if let Some(r) = r0 {
+                            x += r[i * n + j];
                         }
                         if mm.accumulate {
                             x += out[j];
@@ -418,6 +428,242 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn zero(&self, t: &mut Tensor) -> Result<()> {
+        t.zero_host();
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &self,
+        ln: &LayerNorm,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        out: &mut Tensor,
+        stats: &mut RowStats,
+    ) -> Result<()> {
+        check_layernorm(ln, &[x, out], &[w, b], stats)?;
+        let (t, c) = (ln.tokens, ln.channels);
+        let xv = x.host_values();
+        let (wv, bv) = (w.host_f32(), b.host_f32());
+        let mut ov = vec![0f32; t * c];
+        for r in 0..t {
+            let row = &xv[r * c..(r + 1) * c];
+            let mean = row.iter().sum::<f32>() / c as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+            let rstd = 1.0 / (var + ln.eps).sqrt();
+            for j in 0..c {
+                ov[r * c + j] = (row[j] - mean) * rstd * wv[j] + bv[j];
+            }
+            stats.mean.host_f32_mut()[r] = mean;
+            stats.rstd.host_f32_mut()[r] = rstd;
+        }
+        out.set_host_values(&ov);
+        Ok(())
+    }
+
+    fn layernorm_backward(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        stats: &RowStats,
+        dx: &mut Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        check_layernorm(ln, &[d_out, x, dx], &[w], stats)?;
+        let (t, c) = (ln.tokens, ln.channels);
+        let (xv, gv) = (x.host_values(), d_out.host_values());
+        let wv = w.host_f32();
+        let (mean, rstd) = (stats.mean.host_f32(), stats.rstd.host_f32());
+        let mut dxv = if accumulate {
+            dx.host_values()
+        } else {
+            vec![0f32; t * c]
+        };
+        for r in 0..t {
+            let xhat = |j: usize| (xv[r * c + j] - mean[r]) * rstd[r];
+            let g = |j: usize| gv[r * c + j] * wv[j];
+            let mean_g = (0..c).map(g).sum::<f32>() / c as f32;
+            let mean_gx = (0..c).map(|j| g(j) * xhat(j)).sum::<f32>() / c as f32;
+            for j in 0..c {
+                dxv[r * c + j] += rstd[r] * (g(j) - mean_g - xhat(j) * mean_gx);
+            }
+        }
+        dx.set_host_values(&dxv);
+        Ok(())
+    }
+
+    fn layernorm_backward_params(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        stats: &RowStats,
+        d_weight: &mut Tensor,
+        d_bias: &mut Tensor,
+    ) -> Result<()> {
+        check_layernorm(ln, &[d_out, x], &[d_weight, d_bias], stats)?;
+        let (t, c) = (ln.tokens, ln.channels);
+        let (xv, gv) = (x.host_values(), d_out.host_values());
+        let (mean, rstd) = (
+            stats.mean.host_f32().to_vec(),
+            stats.rstd.host_f32().to_vec(),
+        );
+        let dw = d_weight.host_f32_mut();
+        for j in 0..c {
+            dw[j] += (0..t)
+                .map(|r| gv[r * c + j] * (xv[r * c + j] - mean[r]) * rstd[r])
+                .sum::<f32>();
+        }
+        let db = d_bias.host_f32_mut();
+        for j in 0..c {
+            db[j] += (0..t).map(|r| gv[r * c + j]).sum::<f32>();
+        }
+        Ok(())
+    }
+
+    fn gelu_forward(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        check_elementwise("gelu forward", &[x, out])?;
+        let v: Vec<f32> = x.host_values().into_iter().map(gelu_tanh).collect();
+        out.set_host_values(&v);
+        Ok(())
+    }
+
+    fn gelu_backward(&self, x: &Tensor, d_out: &Tensor, dx: &mut Tensor) -> Result<()> {
+        check_elementwise("gelu backward", &[x, d_out, dx])?;
+        let g = d_out.host_values();
+        let v: Vec<f32> = x
+            .host_values()
+            .into_iter()
+            .zip(g)
+            .map(|(x, g)| g * gelu_tanh_grad(x))
+            .collect();
+        dx.set_host_values(&v);
+        Ok(())
+    }
+
+    fn cast_to_bf16(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        if x.dtype() != DType::F32 || out.dtype() != DType::Bf16 || x.len() != out.len() {
+            return Err(Error::Invalid(format!(
+                "cast {} (f32) into {} (bf16) of the same length",
+                x.tag(),
+                out.tag()
+            )));
+        }
+        let v = x.host_values();
+        out.set_host_values(&v);
+        Ok(())
+    }
+
+    fn tokens_to_heads(
+        &self,
+        s: &AttentionShape,
+        parts: usize,
+        src: &Tensor,
+        dst: &mut Tensor,
+    ) -> Result<()> {
+        check_heads(s, parts, src, dst)?;
+        let v = src.host_values();
+        let mut out = vec![0f32; v.len()];
+        for_each_head_index(s, parts, |tok, head| out[head] = v[tok]);
+        dst.set_host_values(&out);
+        Ok(())
+    }
+
+    fn heads_to_tokens(
+        &self,
+        s: &AttentionShape,
+        parts: usize,
+        src: &Tensor,
+        dst: &mut Tensor,
+    ) -> Result<()> {
+        check_heads(s, parts, src, dst)?;
+        let v = src.host_values();
+        let mut out = vec![0f32; v.len()];
+        for_each_head_index(s, parts, |tok, head| out[tok] = v[head]);
+        dst.set_host_values(&out);
+        Ok(())
+    }
+
+    fn column_sum(
+        &self,
+        x: &Tensor,
+        rows: usize,
+        cols: usize,
+        out: &mut Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        if x.len() != rows * cols || out.len() != cols || out.dtype() != DType::F32 {
+            return Err(Error::Invalid(format!(
+                "column sum of {} ({rows} x {cols}) into {} (f32, {cols})",
+                x.tag(),
+                out.tag()
+            )));
+        }
+        let xv = x.host_values();
+        let o = out.host_f32_mut();
+        for j in 0..cols {
+            let sum = (0..rows).map(|r| xv[r * cols + j]).sum::<f32>();
+            o[j] = if accumulate { o[j] + sum } else { sum };
+        }
+        Ok(())
+    }
+
+    fn mse_loss(&self, y: &Tensor, scale: f32, dy: &mut Tensor, loss: &mut Tensor) -> Result<()> {
+        check_elementwise("loss", &[y, dy])?;
+        if loss.len() != 1 || loss.dtype() != DType::F32 {
+            return Err(Error::Invalid("the loss is one f32".into()));
+        }
+        let v = y.host_values();
+        loss.host_f32_mut()[0] = 0.5 * scale * v.iter().map(|x| x * x).sum::<f32>();
+        let g: Vec<f32> = v.iter().map(|x| scale * x).collect();
+        dy.set_host_values(&g);
+        Ok(())
+    }
+
+    fn adamw(
+        &self,
+        h: &AdamW,
+        step: u32,
+        param: &mut Tensor,
+        grad: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        param_bf16: Option<&mut Tensor>,
+    ) -> Result<()> {
+        check_elementwise("adamw", &[param, grad, m, v])?;
+        if [&*param, grad, &*m, &*v]
+            .iter()
+            .any(|t| t.dtype() != DType::F32)
+        {
+            return Err(Error::Invalid(
+                "AdamW keeps f32 weights, gradients and moments".into(),
+            ));
+        }
+        let g = grad.host_f32().to_vec();
+        // Bias corrections in f64, rounded once, as layers.cu computes them on the host.
+        let bc = |beta: f32| (1.0 - (beta as f64).powi(step as i32)) as f32;
+        let (c1, c2) = (bc(h.beta1), bc(h.beta2));
+        let mut mv = m.host_f32().to_vec();
+        let mut vv = v.host_f32().to_vec();
+        let p = param.host_f32_mut();
+        for i in 0..p.len() {
+            mv[i] = h.beta1 * mv[i] + (1.0 - h.beta1) * g[i];
+            vv[i] = h.beta2 * vv[i] + (1.0 - h.beta2) * g[i] * g[i];
+            let (mhat, vhat) = (mv[i] / c1, vv[i] / c2);
+            p[i] -= h.lr * (mhat / (vhat.sqrt() + h.eps) + h.weight_decay * p[i]);
+        }
+        m.host_f32_mut().copy_from_slice(&mv);
+        v.host_f32_mut().copy_from_slice(&vv);
+        if let Some(out) = param_bf16 {
+            let pv = param.host_f32().to_vec();
+            out.set_host_values(&pv);
+        }
+        Ok(())
+    }
+
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
@@ -431,6 +677,89 @@ impl Backend for CpuBackend {
     fn flush_cache(&self, _scratch: &mut Tensor) -> Result<()> {
         Ok(())
     }
+}
+
+/// d/dx of the tanh-form GELU, in f32 (the same expression as layers.cu).
+pub fn gelu_tanh_grad(x: f32) -> f32 {
+    const K0: f32 = 0.797_884_6;
+    const K1: f32 = 0.044715;
+    let t = (K0 * (x + K1 * x * x * x)).tanh();
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * K0 * (1.0 + 3.0 * K1 * x * x)
+}
+
+/// Calls `f(token_index, head_index)` for every element: tokens `[B, N, parts, H, d]`,
+/// heads `[parts, B, H, N, d]`.
+pub(crate) fn for_each_head_index(
+    s: &AttentionShape,
+    parts: usize,
+    mut f: impl FnMut(usize, usize),
+) {
+    let (b, h, n, d) = (s.batch, s.heads, s.seq, s.head_dim);
+    for bi in 0..b {
+        for ni in 0..n {
+            for p in 0..parts {
+                for hi in 0..h {
+                    for di in 0..d {
+                        let tok = (((bi * n + ni) * parts + p) * h + hi) * d + di;
+                        let head = (((p * b + bi) * h + hi) * n + ni) * d + di;
+                        f(tok, head);
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn check_heads(
+    s: &AttentionShape,
+    parts: usize,
+    src: &Tensor,
+    dst: &Tensor,
+) -> Result<()> {
+    let want = parts * s.qkv_len();
+    if src.len() != want || dst.len() != want || src.dtype() != dst.dtype() {
+        return Err(Error::Invalid(format!(
+            "head permutation of {} into {}: both need {want} elements of one dtype",
+            src.tag(),
+            dst.tag()
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_elementwise(what: &str, ts: &[&Tensor]) -> Result<()> {
+    let n = ts[0].len();
+    match ts.iter().find(|t| t.len() != n) {
+        Some(t) => Err(Error::Invalid(format!(
+            "{what}: {} has {} elements, {} has {n}",
+            t.tag(),
+            t.len(),
+            ts[0].tag()
+        ))),
+        None => Ok(()),
+    }
+}
+
+pub(crate) fn check_layernorm(
+    ln: &LayerNorm,
+    acts: &[&Tensor],
+    params: &[&Tensor],
+    stats: &RowStats,
+) -> Result<()> {
+    let bad = acts.iter().any(|t| t.len() != ln.tokens * ln.channels)
+        || params
+            .iter()
+            .any(|t| t.len() != ln.channels || t.dtype() != DType::F32)
+        || [&stats.mean, &stats.rstd]
+            .iter()
+            .any(|t| t.len() != ln.tokens || t.dtype() != DType::F32);
+    if bad || ln.tokens == 0 || ln.channels == 0 {
+        return Err(Error::Invalid(format!(
+            "layernorm over {} x {}: activations, f32 parameters or statistics have the wrong size",
+            ln.tokens, ln.channels
+        )));
+    }
+    Ok(())
 }
 
 /// Checks the attention tensors hold what the shape says.

@@ -8,10 +8,12 @@ use std::sync::OnceLock;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{result as drv, sys};
 
-use crate::backend::cpu::{check_attention, check_scores};
+use crate::backend::cpu::{
+    check_attention, check_elementwise, check_heads, check_layernorm, check_scores,
+};
 use crate::backend::{
-    AttentionGrads, AttentionShape, Backend, BackendKind, Epilogue, Matmul, MatmulKernel, Storage,
-    Tensor,
+    AdamW, AttentionGrads, AttentionShape, Backend, BackendKind, Epi, Epilogue, LayerNorm, Matmul,
+    MatmulKernel, RowStats, Storage, Tensor,
 };
 use crate::device::{check_launch, CudaDevice, DeviceFacts, DriverMemoryView};
 use crate::dtype::DType;
@@ -251,10 +253,10 @@ impl Backend for CudaBackend {
         mm: &Matmul,
         a: &Tensor,
         b: &Tensor,
-        bias: Option<&Tensor>,
+        epi: Epi<'_>,
         c: &mut Tensor,
     ) -> Result<()> {
-        mm.check(a, b, c, bias)?;
+        mm.check(a, b, c, epi)?;
         self.bind()?;
         let in_dtype = match kernel {
             MatmulKernel::Simt => DType::F32,
@@ -263,14 +265,14 @@ impl Backend for CudaBackend {
         };
         same_dtype("matmul", in_dtype, &[a, b])?;
         if kernel == MatmulKernel::Cublas {
-            return self.cublas_matmul(mm, a, b, bias, c);
+            return self.cublas_matmul(mm, a, b, epi, c);
         }
         let p = k::hr_matmul_params {
             a: ptr(a),
             b: ptr(b),
             c: ptr_mut(c),
-            bias: bias.map_or(std::ptr::null(), |t| ptr(t) as *const f32),
-            residual: std::ptr::null(),
+            bias: epi.bias.map_or(std::ptr::null(), |t| ptr(t) as *const f32),
+            residual: epi.residual.map_or(std::ptr::null(), ptr),
             m: mm.m as i32,
             n: mm.n as i32,
             k: mm.k as i32,
@@ -441,6 +443,289 @@ impl Backend for CudaBackend {
         check_launch("attention delta", code)
     }
 
+    fn zero(&self, t: &mut Tensor) -> Result<()> {
+        self.bind()?;
+        // SAFETY: writes exactly the tensor's bytes.
+        unsafe {
+            drv::memset_d8_async(
+                t.device_ptr(),
+                0,
+                t.bytes() as usize,
+                self.dev.stream.cu_stream(),
+            )?
+        };
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &self,
+        ln: &LayerNorm,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        out: &mut Tensor,
+        stats: &mut RowStats,
+    ) -> Result<()> {
+        check_layernorm(ln, &[x, out], &[w, b], stats)?;
+        same_dtype("layernorm", x.dtype(), &[out])?;
+        let mut p = layernorm_params(ln);
+        p.x = ptr(x);
+        p.weight = ptr(w) as *const f32;
+        p.bias = ptr(b) as *const f32;
+        p.out = ptr_mut(out);
+        p.mean = ptr_mut(&mut stats.mean) as *mut f32;
+        p.rstd = ptr_mut(&mut stats.rstd) as *mut f32;
+        self.launch_typed(
+            "layernorm forward",
+            x.dtype(),
+            &p,
+            k::hr_layernorm_forward_f32,
+            k::hr_layernorm_forward_bf16,
+        )
+    }
+
+    fn layernorm_backward(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        stats: &RowStats,
+        dx: &mut Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        check_layernorm(ln, &[d_out, x, dx], &[w], stats)?;
+        same_dtype("layernorm backward", x.dtype(), &[d_out, dx])?;
+        let mut p = layernorm_params(ln);
+        p.x = ptr(x);
+        p.weight = ptr(w) as *const f32;
+        p.mean = ptr(&stats.mean) as *mut f32;
+        p.rstd = ptr(&stats.rstd) as *mut f32;
+        p.d_out = ptr(d_out);
+        p.dx = ptr_mut(dx);
+        p.accumulate = accumulate as i32;
+        self.launch_typed(
+            "layernorm backward",
+            x.dtype(),
+            &p,
+            k::hr_layernorm_backward_f32,
+            k::hr_layernorm_backward_bf16,
+        )
+    }
+
+    fn layernorm_backward_params(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        stats: &RowStats,
+        d_weight: &mut Tensor,
+        d_bias: &mut Tensor,
+    ) -> Result<()> {
+        check_layernorm(ln, &[d_out, x], &[d_weight, d_bias], stats)?;
+        same_dtype("layernorm backward", x.dtype(), &[d_out])?;
+        let mut p = layernorm_params(ln);
+        p.x = ptr(x);
+        p.mean = ptr(&stats.mean) as *mut f32;
+        p.rstd = ptr(&stats.rstd) as *mut f32;
+        p.d_out = ptr(d_out);
+        p.d_weight = ptr_mut(d_weight) as *mut f32;
+        p.d_bias = ptr_mut(d_bias) as *mut f32;
+        self.launch_typed(
+            "layernorm parameter gradients",
+            x.dtype(),
+            &p,
+            k::hr_layernorm_backward_params_f32,
+            k::hr_layernorm_backward_params_bf16,
+        )
+    }
+
+    fn gelu_forward(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        check_elementwise("gelu forward", &[x, out])?;
+        same_dtype("gelu forward", x.dtype(), &[out])?;
+        let p = k::hr_elementwise_params {
+            x: ptr(x),
+            d_out: std::ptr::null(),
+            out: ptr_mut(out),
+            n: x.len() as i64,
+        };
+        self.launch_typed(
+            "gelu forward",
+            x.dtype(),
+            &p,
+            k::hr_gelu_forward_f32,
+            k::hr_gelu_forward_bf16,
+        )
+    }
+
+    fn gelu_backward(&self, x: &Tensor, d_out: &Tensor, dx: &mut Tensor) -> Result<()> {
+        check_elementwise("gelu backward", &[x, d_out, dx])?;
+        same_dtype("gelu backward", x.dtype(), &[d_out, dx])?;
+        let p = k::hr_elementwise_params {
+            x: ptr(x),
+            d_out: ptr(d_out),
+            out: ptr_mut(dx),
+            n: x.len() as i64,
+        };
+        self.launch_typed(
+            "gelu backward",
+            x.dtype(),
+            &p,
+            k::hr_gelu_backward_f32,
+            k::hr_gelu_backward_bf16,
+        )
+    }
+
+    fn cast_to_bf16(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        if x.dtype() != DType::F32 || out.dtype() != DType::Bf16 || x.len() != out.len() {
+            return Err(Error::Invalid(format!(
+                "cast {} (f32) into {} (bf16) of the same length",
+                x.tag(),
+                out.tag()
+            )));
+        }
+        self.bind()?;
+        let p = k::hr_elementwise_params {
+            x: ptr(x),
+            d_out: std::ptr::null(),
+            out: ptr_mut(out),
+            n: x.len() as i64,
+        };
+        // SAFETY: both buffers hold n elements of their types.
+        check_launch("cast to bf16", unsafe {
+            k::hr_cast_f32_to_bf16(&p, self.stream())
+        })
+    }
+
+    fn tokens_to_heads(
+        &self,
+        s: &AttentionShape,
+        parts: usize,
+        src: &Tensor,
+        dst: &mut Tensor,
+    ) -> Result<()> {
+        check_heads(s, parts, src, dst)?;
+        let p = heads_params(s, parts, src, dst);
+        self.launch_typed(
+            "tokens to heads",
+            src.dtype(),
+            &p,
+            k::hr_tokens_to_heads_f32,
+            k::hr_tokens_to_heads_bf16,
+        )
+    }
+
+    fn heads_to_tokens(
+        &self,
+        s: &AttentionShape,
+        parts: usize,
+        src: &Tensor,
+        dst: &mut Tensor,
+    ) -> Result<()> {
+        check_heads(s, parts, src, dst)?;
+        let p = heads_params(s, parts, src, dst);
+        self.launch_typed(
+            "heads to tokens",
+            src.dtype(),
+            &p,
+            k::hr_heads_to_tokens_f32,
+            k::hr_heads_to_tokens_bf16,
+        )
+    }
+
+    fn column_sum(
+        &self,
+        x: &Tensor,
+        rows: usize,
+        cols: usize,
+        out: &mut Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        if x.len() != rows * cols || out.len() != cols || out.dtype() != DType::F32 {
+            return Err(Error::Invalid(format!(
+                "column sum of {} ({rows} x {cols}) into {} (f32, {cols})",
+                x.tag(),
+                out.tag()
+            )));
+        }
+        let p = k::hr_column_sum_params {
+            x: ptr(x),
+            out: ptr_mut(out) as *mut f32,
+            rows: rows as i32,
+            cols: cols as i32,
+            accumulate: accumulate as i32,
+        };
+        self.launch_typed(
+            "column sum",
+            x.dtype(),
+            &p,
+            k::hr_column_sum_f32,
+            k::hr_column_sum_bf16,
+        )
+    }
+
+    fn mse_loss(&self, y: &Tensor, scale: f32, dy: &mut Tensor, loss: &mut Tensor) -> Result<()> {
+        check_elementwise("loss", &[y, dy])?;
+        same_dtype("loss", y.dtype(), &[dy])?;
+        if loss.len() != 1 || loss.dtype() != DType::F32 {
+            return Err(Error::Invalid("the loss is one f32".into()));
+        }
+        let p = k::hr_loss_params {
+            y: ptr(y),
+            dy: ptr_mut(dy),
+            loss: ptr_mut(loss) as *mut f32,
+            n: y.len() as i64,
+            scale,
+        };
+        self.launch_typed(
+            "loss",
+            y.dtype(),
+            &p,
+            k::hr_mse_loss_f32,
+            k::hr_mse_loss_bf16,
+        )
+    }
+
+    fn adamw(
+        &self,
+        h: &AdamW,
+        step: u32,
+        param: &mut Tensor,
+        grad: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        param_bf16: Option<&mut Tensor>,
+    ) -> Result<()> {
+        check_elementwise("adamw", &[param, grad, m, v])?;
+        same_dtype("adamw", DType::F32, &[param, grad, m, v])?;
+        if let Some(c) = &param_bf16 {
+            if c.len() != param.len() || c.dtype() != DType::Bf16 {
+                return Err(Error::Invalid(format!(
+                    "{} must be a bf16 copy of {}",
+                    c.tag(),
+                    param.tag()
+                )));
+            }
+        }
+        self.bind()?;
+        let p = k::hr_adamw_params {
+            param: ptr_mut(param) as *mut f32,
+            grad: ptr(grad) as *const f32,
+            m: ptr_mut(m) as *mut f32,
+            v: ptr_mut(v) as *mut f32,
+            param_bf16: param_bf16.map_or(std::ptr::null_mut(), ptr_mut),
+            n: param.len() as i64,
+            lr: h.lr,
+            beta1: h.beta1,
+            beta2: h.beta2,
+            eps: h.eps,
+            weight_decay: h.weight_decay,
+            step: step as i32,
+        };
+        // SAFETY: every buffer holds n elements, checked above.
+        check_launch("adamw", unsafe { k::hr_adamw(&p, self.stream()) })
+    }
+
     fn synchronize(&self) -> Result<()> {
         Ok(self.dev.stream.synchronize()?)
     }
@@ -481,7 +766,29 @@ impl Backend for CudaBackend {
     }
 }
 
+type Launcher<P> = unsafe extern "C" fn(*const P, k::hr_stream_t) -> i32;
+
 impl CudaBackend {
+    /// Launch the f32 or bf16 instance of an operation. Callers have checked every buffer's
+    /// size against the parameters.
+    fn launch_typed<P>(
+        &self,
+        what: &str,
+        dtype: DType,
+        p: &P,
+        f32_op: Launcher<P>,
+        bf16_op: Launcher<P>,
+    ) -> Result<()> {
+        self.bind()?;
+        let op = match dtype {
+            DType::F32 => f32_op,
+            DType::Bf16 => bf16_op,
+        };
+        // SAFETY: the launcher reads a parameter struct of the type it declares; buffer sizes
+        // were checked by the caller.
+        check_launch(what, unsafe { op(p, self.stream()) })
+    }
+
     /// cuBLAS on row-major data: C = op(A).op(B) is, column-major, C^T = op(B)^T.op(A)^T,
     /// so B is passed first and the roles of m and n swap.
     fn cublas_matmul(
@@ -489,10 +796,10 @@ impl CudaBackend {
         mm: &Matmul,
         a: &Tensor,
         b: &Tensor,
-        bias: Option<&Tensor>,
+        epi: Epi<'_>,
         c: &mut Tensor,
     ) -> Result<()> {
-        if mm.epilogue != Epilogue::None || bias.is_some() {
+        if mm.epilogue != Epilogue::None || epi.bias.is_some() || epi.residual.is_some() {
             return Err(Error::Unsupported(
                 "the cuBLAS baseline runs without a fused epilogue".into(),
             ));
@@ -592,6 +899,42 @@ fn attention_params(s: &AttentionShape) -> k::hr_attention_params {
         head_dim: s.head_dim as i32,
         causal: s.causal as i32,
         scale: s.scale,
+    }
+}
+
+fn layernorm_params(ln: &LayerNorm) -> k::hr_layernorm_params {
+    k::hr_layernorm_params {
+        x: std::ptr::null(),
+        weight: std::ptr::null(),
+        bias: std::ptr::null(),
+        out: std::ptr::null_mut(),
+        mean: std::ptr::null_mut(),
+        rstd: std::ptr::null_mut(),
+        d_out: std::ptr::null(),
+        dx: std::ptr::null_mut(),
+        d_weight: std::ptr::null_mut(),
+        d_bias: std::ptr::null_mut(),
+        tokens: ln.tokens as i32,
+        channels: ln.channels as i32,
+        accumulate: 0,
+        eps: ln.eps,
+    }
+}
+
+fn heads_params(
+    s: &AttentionShape,
+    parts: usize,
+    src: &Tensor,
+    dst: &mut Tensor,
+) -> k::hr_heads_params {
+    k::hr_heads_params {
+        src: ptr(src),
+        dst: ptr_mut(dst),
+        batch: s.batch as i32,
+        heads: s.heads as i32,
+        seq: s.seq as i32,
+        head_dim: s.head_dim as i32,
+        parts: parts as i32,
     }
 }
 

@@ -145,6 +145,10 @@ impl Tensor {
         self.host_bytes_mut().fill(0xFF);
     }
 
+    pub(crate) fn zero_host(&mut self) {
+        self.host_bytes_mut().fill(0);
+    }
+
     #[cfg(headroom_cuda)]
     pub(crate) fn device_ptr(&self) -> u64 {
         match &self.storage {
@@ -180,6 +184,27 @@ pub enum Epilogue {
     None,
     Bias,
     BiasGelu,
+}
+
+/// The extra inputs of a matmul's fused epilogue.
+#[derive(Clone, Copy, Default)]
+pub struct Epi<'a> {
+    /// f32 `[n]`, added to every row (needs `Epilogue::Bias` or `BiasGelu`).
+    pub bias: Option<&'a Tensor>,
+    /// `[m, n]` in C's dtype, added after the activation (the residual stream).
+    pub residual: Option<&'a Tensor>,
+}
+
+impl<'a> Epi<'a> {
+    pub fn none() -> Self {
+        Epi::default()
+    }
+    pub fn bias(bias: &'a Tensor) -> Self {
+        Epi {
+            bias: Some(bias),
+            residual: None,
+        }
+    }
 }
 
 /// Which matmul implementation runs.
@@ -255,7 +280,7 @@ impl Matmul {
     }
 
     /// Checks the buffers hold what the shape says, so no kernel reads out of bounds.
-    pub fn check(&self, a: &Tensor, b: &Tensor, c: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+    pub fn check(&self, a: &Tensor, b: &Tensor, c: &Tensor, epi: Epi<'_>) -> Result<()> {
         let need = |stride: usize, one: usize| (self.batch - 1) * stride + one;
         let (m, n, k) = (self.m, self.n, self.k);
         if m == 0 || n == 0 || k == 0 || self.batch == 0 {
@@ -278,13 +303,21 @@ impl Matmul {
             }
         }
         if self.epilogue != Epilogue::None {
-            match bias {
+            match epi.bias {
                 Some(t) if t.len() >= n && t.dtype() == DType::F32 => {}
                 _ => {
                     return Err(Error::Invalid(format!(
                         "matmul epilogue needs an f32 bias of {n} elements"
                     )))
                 }
+            }
+        }
+        if let Some(r) = epi.residual {
+            if r.dtype() != c.dtype() || r.len() < need(self.stride_c, m * n) {
+                return Err(Error::Invalid(format!(
+                    "matmul residual {} must match C's dtype and shape",
+                    r.tag()
+                )));
             }
         }
         Ok(())
@@ -331,6 +364,42 @@ impl AttentionShape {
     }
 }
 
+/// A layernorm over `tokens` rows of `channels`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerNorm {
+    pub tokens: usize,
+    pub channels: usize,
+    pub eps: f32,
+}
+
+/// Per-row statistics a layernorm keeps for backward: f32 mean and 1/std, `[tokens]` each.
+pub struct RowStats {
+    pub mean: Tensor,
+    pub rstd: Tensor,
+}
+
+/// AdamW's hyper-parameters (Loshchilov & Hutter 2019).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
 /// The tensors of a flash-attention backward pass.
 pub struct AttentionGrads<'a> {
     pub delta: &'a mut Tensor,
@@ -361,7 +430,7 @@ pub trait Backend: Send + Sync {
         mm: &Matmul,
         a: &Tensor,
         b: &Tensor,
-        bias: Option<&Tensor>,
+        epi: Epi<'_>,
         c: &mut Tensor,
     ) -> Result<()>;
     /// Whether `kernel` can run here, or why not.
@@ -409,6 +478,83 @@ pub trait Backend: Send + Sync {
         o: &Tensor,
         d_o: &Tensor,
         delta: &mut Tensor,
+    ) -> Result<()>;
+
+    /// Every byte 0.
+    fn zero(&self, t: &mut Tensor) -> Result<()>;
+
+    // -- transformer-block layer ops (see kernels/headroom.h for the formulas) --
+    fn layernorm_forward(
+        &self,
+        ln: &LayerNorm,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        out: &mut Tensor,
+        stats: &mut RowStats,
+    ) -> Result<()>;
+    /// dx (+)= the layernorm's input gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        stats: &RowStats,
+        dx: &mut Tensor,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// d_weight += sum_t d_out·xhat; d_bias += sum_t d_out.
+    fn layernorm_backward_params(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        stats: &RowStats,
+        d_weight: &mut Tensor,
+        d_bias: &mut Tensor,
+    ) -> Result<()>;
+    fn gelu_forward(&self, x: &Tensor, out: &mut Tensor) -> Result<()>;
+    fn gelu_backward(&self, x: &Tensor, d_out: &Tensor, dx: &mut Tensor) -> Result<()>;
+    fn cast_to_bf16(&self, x: &Tensor, out: &mut Tensor) -> Result<()>;
+    /// `[T, parts·C]` -> `[parts, B, H, N, d]`.
+    fn tokens_to_heads(
+        &self,
+        s: &AttentionShape,
+        parts: usize,
+        src: &Tensor,
+        dst: &mut Tensor,
+    ) -> Result<()>;
+    /// `[parts, B, H, N, d]` -> `[T, parts·C]`.
+    fn heads_to_tokens(
+        &self,
+        s: &AttentionShape,
+        parts: usize,
+        src: &Tensor,
+        dst: &mut Tensor,
+    ) -> Result<()>;
+    /// out[c] (+)= sum_r x[r, c] (f32 out).
+    fn column_sum(
+        &self,
+        x: &Tensor,
+        rows: usize,
+        cols: usize,
+        out: &mut Tensor,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// loss = 0.5·scale·sum(y²); dy = scale·y.
+    fn mse_loss(&self, y: &Tensor, scale: f32, dy: &mut Tensor, loss: &mut Tensor) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        h: &AdamW,
+        step: u32,
+        param: &mut Tensor,
+        grad: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        param_bf16: Option<&mut Tensor>,
     ) -> Result<()>;
 
     fn synchronize(&self) -> Result<()>;

@@ -306,6 +306,361 @@ unsafe extern "C" {
         stream: hr_stream_t,
     ) -> ::std::os::raw::c_int;
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct hr_layernorm_params {
+    pub x: *const ::std::os::raw::c_void,
+    pub weight: *const f32,
+    pub bias: *const f32,
+    pub out: *mut ::std::os::raw::c_void,
+    pub mean: *mut f32,
+    pub rstd: *mut f32,
+    pub d_out: *const ::std::os::raw::c_void,
+    pub dx: *mut ::std::os::raw::c_void,
+    pub d_weight: *mut f32,
+    pub d_bias: *mut f32,
+    pub tokens: i32,
+    pub channels: i32,
+    pub accumulate: i32,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of hr_layernorm_params"][::std::mem::size_of::<hr_layernorm_params>() - 96usize];
+    ["Alignment of hr_layernorm_params"][::std::mem::align_of::<hr_layernorm_params>() - 8usize];
+    ["Offset of field: hr_layernorm_params::x"]
+        [::std::mem::offset_of!(hr_layernorm_params, x) - 0usize];
+    ["Offset of field: hr_layernorm_params::weight"]
+        [::std::mem::offset_of!(hr_layernorm_params, weight) - 8usize];
+    ["Offset of field: hr_layernorm_params::bias"]
+        [::std::mem::offset_of!(hr_layernorm_params, bias) - 16usize];
+    ["Offset of field: hr_layernorm_params::out"]
+        [::std::mem::offset_of!(hr_layernorm_params, out) - 24usize];
+    ["Offset of field: hr_layernorm_params::mean"]
+        [::std::mem::offset_of!(hr_layernorm_params, mean) - 32usize];
+    ["Offset of field: hr_layernorm_params::rstd"]
+        [::std::mem::offset_of!(hr_layernorm_params, rstd) - 40usize];
+    ["Offset of field: hr_layernorm_params::d_out"]
+        [::std::mem::offset_of!(hr_layernorm_params, d_out) - 48usize];
+    ["Offset of field: hr_layernorm_params::dx"]
+        [::std::mem::offset_of!(hr_layernorm_params, dx) - 56usize];
+    ["Offset of field: hr_layernorm_params::d_weight"]
+        [::std::mem::offset_of!(hr_layernorm_params, d_weight) - 64usize];
+    ["Offset of field: hr_layernorm_params::d_bias"]
+        [::std::mem::offset_of!(hr_layernorm_params, d_bias) - 72usize];
+    ["Offset of field: hr_layernorm_params::tokens"]
+        [::std::mem::offset_of!(hr_layernorm_params, tokens) - 80usize];
+    ["Offset of field: hr_layernorm_params::channels"]
+        [::std::mem::offset_of!(hr_layernorm_params, channels) - 84usize];
+    ["Offset of field: hr_layernorm_params::accumulate"]
+        [::std::mem::offset_of!(hr_layernorm_params, accumulate) - 88usize];
+    ["Offset of field: hr_layernorm_params::eps"]
+        [::std::mem::offset_of!(hr_layernorm_params, eps) - 92usize];
+};
+impl Default for hr_layernorm_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn hr_layernorm_forward_f32(
+        p: *const hr_layernorm_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_layernorm_forward_bf16(
+        p: *const hr_layernorm_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_layernorm_backward_f32(
+        p: *const hr_layernorm_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_layernorm_backward_bf16(
+        p: *const hr_layernorm_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_layernorm_backward_params_f32(
+        p: *const hr_layernorm_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_layernorm_backward_params_bf16(
+        p: *const hr_layernorm_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct hr_elementwise_params {
+    pub x: *const ::std::os::raw::c_void,
+    pub d_out: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub n: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of hr_elementwise_params"][::std::mem::size_of::<hr_elementwise_params>() - 32usize];
+    ["Alignment of hr_elementwise_params"]
+        [::std::mem::align_of::<hr_elementwise_params>() - 8usize];
+    ["Offset of field: hr_elementwise_params::x"]
+        [::std::mem::offset_of!(hr_elementwise_params, x) - 0usize];
+    ["Offset of field: hr_elementwise_params::d_out"]
+        [::std::mem::offset_of!(hr_elementwise_params, d_out) - 8usize];
+    ["Offset of field: hr_elementwise_params::out"]
+        [::std::mem::offset_of!(hr_elementwise_params, out) - 16usize];
+    ["Offset of field: hr_elementwise_params::n"]
+        [::std::mem::offset_of!(hr_elementwise_params, n) - 24usize];
+};
+impl Default for hr_elementwise_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn hr_gelu_forward_f32(
+        p: *const hr_elementwise_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_gelu_forward_bf16(
+        p: *const hr_elementwise_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_gelu_backward_f32(
+        p: *const hr_elementwise_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_gelu_backward_bf16(
+        p: *const hr_elementwise_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_cast_f32_to_bf16(
+        p: *const hr_elementwise_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct hr_heads_params {
+    pub src: *const ::std::os::raw::c_void,
+    pub dst: *mut ::std::os::raw::c_void,
+    pub batch: i32,
+    pub heads: i32,
+    pub seq: i32,
+    pub head_dim: i32,
+    pub parts: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of hr_heads_params"][::std::mem::size_of::<hr_heads_params>() - 40usize];
+    ["Alignment of hr_heads_params"][::std::mem::align_of::<hr_heads_params>() - 8usize];
+    ["Offset of field: hr_heads_params::src"]
+        [::std::mem::offset_of!(hr_heads_params, src) - 0usize];
+    ["Offset of field: hr_heads_params::dst"]
+        [::std::mem::offset_of!(hr_heads_params, dst) - 8usize];
+    ["Offset of field: hr_heads_params::batch"]
+        [::std::mem::offset_of!(hr_heads_params, batch) - 16usize];
+    ["Offset of field: hr_heads_params::heads"]
+        [::std::mem::offset_of!(hr_heads_params, heads) - 20usize];
+    ["Offset of field: hr_heads_params::seq"]
+        [::std::mem::offset_of!(hr_heads_params, seq) - 24usize];
+    ["Offset of field: hr_heads_params::head_dim"]
+        [::std::mem::offset_of!(hr_heads_params, head_dim) - 28usize];
+    ["Offset of field: hr_heads_params::parts"]
+        [::std::mem::offset_of!(hr_heads_params, parts) - 32usize];
+};
+impl Default for hr_heads_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn hr_tokens_to_heads_f32(
+        p: *const hr_heads_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_tokens_to_heads_bf16(
+        p: *const hr_heads_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_heads_to_tokens_f32(
+        p: *const hr_heads_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_heads_to_tokens_bf16(
+        p: *const hr_heads_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct hr_column_sum_params {
+    pub x: *const ::std::os::raw::c_void,
+    pub out: *mut f32,
+    pub rows: i32,
+    pub cols: i32,
+    pub accumulate: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of hr_column_sum_params"][::std::mem::size_of::<hr_column_sum_params>() - 32usize];
+    ["Alignment of hr_column_sum_params"][::std::mem::align_of::<hr_column_sum_params>() - 8usize];
+    ["Offset of field: hr_column_sum_params::x"]
+        [::std::mem::offset_of!(hr_column_sum_params, x) - 0usize];
+    ["Offset of field: hr_column_sum_params::out"]
+        [::std::mem::offset_of!(hr_column_sum_params, out) - 8usize];
+    ["Offset of field: hr_column_sum_params::rows"]
+        [::std::mem::offset_of!(hr_column_sum_params, rows) - 16usize];
+    ["Offset of field: hr_column_sum_params::cols"]
+        [::std::mem::offset_of!(hr_column_sum_params, cols) - 20usize];
+    ["Offset of field: hr_column_sum_params::accumulate"]
+        [::std::mem::offset_of!(hr_column_sum_params, accumulate) - 24usize];
+};
+impl Default for hr_column_sum_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn hr_column_sum_f32(
+        p: *const hr_column_sum_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_column_sum_bf16(
+        p: *const hr_column_sum_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct hr_loss_params {
+    pub y: *const ::std::os::raw::c_void,
+    pub dy: *mut ::std::os::raw::c_void,
+    pub loss: *mut f32,
+    pub n: i64,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of hr_loss_params"][::std::mem::size_of::<hr_loss_params>() - 40usize];
+    ["Alignment of hr_loss_params"][::std::mem::align_of::<hr_loss_params>() - 8usize];
+    ["Offset of field: hr_loss_params::y"][::std::mem::offset_of!(hr_loss_params, y) - 0usize];
+    ["Offset of field: hr_loss_params::dy"][::std::mem::offset_of!(hr_loss_params, dy) - 8usize];
+    ["Offset of field: hr_loss_params::loss"]
+        [::std::mem::offset_of!(hr_loss_params, loss) - 16usize];
+    ["Offset of field: hr_loss_params::n"][::std::mem::offset_of!(hr_loss_params, n) - 24usize];
+    ["Offset of field: hr_loss_params::scale"]
+        [::std::mem::offset_of!(hr_loss_params, scale) - 32usize];
+};
+impl Default for hr_loss_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn hr_mse_loss_f32(p: *const hr_loss_params, stream: hr_stream_t) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_mse_loss_bf16(p: *const hr_loss_params, stream: hr_stream_t)
+    -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct hr_adamw_params {
+    pub param: *mut f32,
+    pub grad: *const f32,
+    pub m: *mut f32,
+    pub v: *mut f32,
+    pub param_bf16: *mut ::std::os::raw::c_void,
+    pub n: i64,
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub step: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of hr_adamw_params"][::std::mem::size_of::<hr_adamw_params>() - 72usize];
+    ["Alignment of hr_adamw_params"][::std::mem::align_of::<hr_adamw_params>() - 8usize];
+    ["Offset of field: hr_adamw_params::param"]
+        [::std::mem::offset_of!(hr_adamw_params, param) - 0usize];
+    ["Offset of field: hr_adamw_params::grad"]
+        [::std::mem::offset_of!(hr_adamw_params, grad) - 8usize];
+    ["Offset of field: hr_adamw_params::m"][::std::mem::offset_of!(hr_adamw_params, m) - 16usize];
+    ["Offset of field: hr_adamw_params::v"][::std::mem::offset_of!(hr_adamw_params, v) - 24usize];
+    ["Offset of field: hr_adamw_params::param_bf16"]
+        [::std::mem::offset_of!(hr_adamw_params, param_bf16) - 32usize];
+    ["Offset of field: hr_adamw_params::n"][::std::mem::offset_of!(hr_adamw_params, n) - 40usize];
+    ["Offset of field: hr_adamw_params::lr"][::std::mem::offset_of!(hr_adamw_params, lr) - 48usize];
+    ["Offset of field: hr_adamw_params::beta1"]
+        [::std::mem::offset_of!(hr_adamw_params, beta1) - 52usize];
+    ["Offset of field: hr_adamw_params::beta2"]
+        [::std::mem::offset_of!(hr_adamw_params, beta2) - 56usize];
+    ["Offset of field: hr_adamw_params::eps"]
+        [::std::mem::offset_of!(hr_adamw_params, eps) - 60usize];
+    ["Offset of field: hr_adamw_params::weight_decay"]
+        [::std::mem::offset_of!(hr_adamw_params, weight_decay) - 64usize];
+    ["Offset of field: hr_adamw_params::step"]
+        [::std::mem::offset_of!(hr_adamw_params, step) - 68usize];
+};
+impl Default for hr_adamw_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn hr_adamw(p: *const hr_adamw_params, stream: hr_stream_t) -> ::std::os::raw::c_int;
+}
 unsafe extern "C" {
     pub fn hr_error_string(code: ::std::os::raw::c_int) -> *const ::std::os::raw::c_char;
 }

@@ -6,7 +6,7 @@
 //! halved when causal. Memory models: see [`model_peak_bytes`].
 
 use crate::backend::{
-    AttentionGrads, AttentionShape, Backend, BackendKind, Matmul, MatmulKernel, Tensor,
+    AttentionGrads, AttentionShape, Backend, BackendKind, Epi, Matmul, MatmulKernel, Tensor,
 };
 use crate::dtype::DType;
 use crate::error::Result;
@@ -16,7 +16,7 @@ use crate::techniques::{
     random_tensor, sample_indices, Case, CaseInfo, Comparison, Instance, Profile, Validation,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Variant {
     Naive,
     Flash,
@@ -245,9 +245,9 @@ impl AttentionInstance {
         let mm_o = self.bmm(n, d, n, false, false, 1.0);
         let p = self.p.as_mut().expect("naive has P");
         // S = scale · Q Kᵀ, then P = softmax(S) in place, then O = P V.
-        be.matmul(kern, &mm_s, &self.q, &self.k, None, p)?;
+        be.matmul(kern, &mm_s, &self.q, &self.k, Epi::none(), p)?;
         be.softmax_forward(&self.shape, p)?;
-        be.matmul(kern, &mm_o, p, &self.v, None, &mut self.o)
+        be.matmul(kern, &mm_o, p, &self.v, Epi::none(), &mut self.o)
     }
 
     fn naive_backward(&mut self, be: &dyn Backend) -> Result<()> {
@@ -264,12 +264,12 @@ impl AttentionInstance {
         let dp = g.dp.as_mut().expect("naive has dP");
         // dV = Pᵀ dO; dP = dO Vᵀ; delta = rowsum(dO∘O); dS = P∘(dP − delta);
         // dQ = scale · dS K; dK = scale · dSᵀ Q.
-        be.matmul(kern, &mm_dv, p, &g.d_o, None, &mut g.dv)?;
-        be.matmul(kern, &mm_dp, &g.d_o, &self.v, None, dp)?;
+        be.matmul(kern, &mm_dv, p, &g.d_o, Epi::none(), &mut g.dv)?;
+        be.matmul(kern, &mm_dp, &g.d_o, &self.v, Epi::none(), dp)?;
         be.attention_delta(&shape, &self.o, &g.d_o, &mut g.delta)?;
         be.softmax_backward(&shape, p, dp, &g.delta)?;
-        be.matmul(kern, &mm_dq, dp, &self.k, None, &mut g.dq)?;
-        be.matmul(kern, &mm_dk, dp, &self.q, None, &mut g.dk)
+        be.matmul(kern, &mm_dq, dp, &self.k, Epi::none(), &mut g.dq)?;
+        be.matmul(kern, &mm_dk, dp, &self.q, Epi::none(), &mut g.dk)
     }
 }
 

@@ -6,7 +6,7 @@
 //! fused); cuBLAS' own workspace is the library's and is not in the tracked figure (the
 //! driver's view in the report shows it).
 
-use crate::backend::{Backend, BackendKind, Epilogue, Matmul, MatmulKernel, Tensor};
+use crate::backend::{Backend, BackendKind, Epi, Epilogue, Matmul, MatmulKernel, Tensor};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::reference;
@@ -164,7 +164,10 @@ impl Instance for MatmulInstance {
             &self.mm,
             &self.a,
             &self.b,
-            self.bias.as_ref(),
+            Epi {
+                bias: self.bias.as_ref(),
+                residual: None,
+            },
             &mut self.c,
         )
     }

@@ -1,0 +1,884 @@
+//! A stack of GPT-style pre-norm transformer blocks, trained one step under a memory policy.
+//!
+//! One block: x_mid = x + proj(attention(LN1(x))); x_out = x_mid + fc2(GELU(fc1(LN2(x_mid)))),
+//! a loss L = ½·Σy²/numel on the last output, the full backward, and AdamW with fp32 master
+//! weights and moments. Every allocation goes through the backend's tracked allocator with a
+//! category prefix in its tag (`weights:`, `grads:`, `optimizer:`, `inputs:`, `activations:`,
+//! `workspace:`), so a memory timeline can be drawn by category, and [`memory::model`]
+//! predicts the peak of every policy to the byte.
+//!
+//! Deterministic: the same inputs give bitwise the same gradients, and every checkpointing
+//! policy recomputes with the same kernels in the same order, so its gradients are bitwise
+//! those of `none`.
+
+use crate::backend::{
+    AdamW, AttentionGrads, AttentionShape, Backend, Epi, Epilogue, LayerNorm, Matmul, MatmulKernel,
+    RowStats, Tensor,
+};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use crate::techniques::attention::Variant;
+
+pub mod memory;
+
+/// The model's size. `batch` is the global batch (sequences per optimizer step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub seq: usize,
+    pub batch: usize,
+}
+
+impl ModelShape {
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+    /// Parameters of one block: 12·C² + 13·C.
+    pub fn params_per_layer(&self) -> usize {
+        let c = self.hidden;
+        12 * c * c + 13 * c
+    }
+    pub fn params(&self) -> usize {
+        self.layers * self.params_per_layer()
+    }
+    /// Weights that matmuls read (the four matrices of a block).
+    pub fn matrix_params(&self) -> usize {
+        self.layers * 12 * self.hidden * self.hidden
+    }
+    pub fn name(&self) -> String {
+        format!(
+            "L{}-h{}-heads{}-n{}-b{}",
+            self.layers, self.hidden, self.heads, self.seq, self.batch
+        )
+    }
+    pub fn check(&self) -> Result<()> {
+        let ok = self.layers > 0
+            && self.heads > 0
+            && self.hidden % self.heads == 0
+            && matches!(self.head_dim(), 64 | 128)
+            && self.seq > 0
+            && self.batch > 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!(
+                "model {}: needs layers, seq and batch >= 1 and hidden / heads = 64 or 128",
+                self.name()
+            )))
+        }
+    }
+}
+
+/// What is kept from forward for backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Checkpoint {
+    /// Keep every activation.
+    None,
+    /// Keep only each block's input; recompute the block in backward.
+    Full,
+    /// Keep the input of every k-th block; recompute each k-block segment in backward
+    /// (k = round(√L) is Chen et al. 2016's sublinear-memory choice).
+    EveryK(usize),
+    /// Keep everything but the attention core (its output and softmax statistics or
+    /// probabilities), recomputed in backward (Korthikanti et al. 2022, sec. 4.2).
+    Selective,
+}
+
+impl Checkpoint {
+    pub fn name(&self) -> String {
+        match self {
+            Checkpoint::None => "none".into(),
+            Checkpoint::Full => "full".into(),
+            Checkpoint::EveryK(k) => format!("every{k}"),
+            Checkpoint::Selective => "selective".into(),
+        }
+    }
+    /// The sublinear default for `layers` blocks.
+    pub fn sqrt_default(layers: usize) -> Checkpoint {
+        Checkpoint::EveryK(((layers as f64).sqrt().round() as usize).max(1))
+    }
+    /// Segment length in blocks (1 for `full`, L for `none`/`selective`).
+    pub fn segment(&self, layers: usize) -> usize {
+        match self {
+            Checkpoint::Full => 1,
+            Checkpoint::EveryK(k) => (*k).clamp(1, layers),
+            Checkpoint::None | Checkpoint::Selective => layers,
+        }
+    }
+    pub fn recomputes(&self) -> bool {
+        !matches!(self, Checkpoint::None | Checkpoint::Selective)
+    }
+}
+
+/// A training configuration a user can set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Policy {
+    pub checkpoint: Checkpoint,
+    pub attention: Variant,
+    /// f32, or bf16 activations and matmuls (fp32 master weights and gradients either way).
+    pub dtype: DType,
+    /// The global batch is run as this many micro-batches, gradients accumulated.
+    pub micro_batches: usize,
+}
+
+impl Policy {
+    pub fn name(&self) -> String {
+        format!(
+            "{}-{}-mb{}",
+            self.checkpoint.name(),
+            self.attention.name(),
+            self.micro_batches
+        )
+    }
+}
+
+/// Parameter tensors of one block, in a fixed order. The attention input projection is
+/// three matrices (q, k, v) rather than one fused `[C, 3C]`, so that each output is a whole
+/// tensor the attention kernels take as it is; the arithmetic is the same.
+pub const PARAM_NAMES: [&str; 16] = [
+    "ln1.weight",
+    "ln1.bias",
+    "q.weight",
+    "q.bias",
+    "k.weight",
+    "k.bias",
+    "v.weight",
+    "v.bias",
+    "proj.weight",
+    "proj.bias",
+    "ln2.weight",
+    "ln2.bias",
+    "fc.weight",
+    "fc.bias",
+    "fc2.weight",
+    "fc2.bias",
+];
+
+/// Element counts of the parameters in [`PARAM_NAMES`] order (matrices are `[in, out]`).
+pub fn param_lens(c: usize) -> [usize; 16] {
+    [
+        c,
+        c,
+        c * c,
+        c,
+        c * c,
+        c,
+        c * c,
+        c,
+        c * c,
+        c,
+        c,
+        c,
+        c * 4 * c,
+        4 * c,
+        4 * c * c,
+        c,
+    ]
+}
+
+/// The matrices (what matmuls read, and what gets a bf16 copy under a bf16 policy).
+pub const MATRICES: [usize; 6] = [Q_W, K_W, V_W, PROJ_W, FC_W, FC2_W];
+const LN1_W: usize = 0;
+const LN1_B: usize = 1;
+const Q_W: usize = 2;
+const K_W: usize = 4;
+const V_W: usize = 6;
+const PROJ_W: usize = 8;
+const PROJ_B: usize = 9;
+const LN2_W: usize = 10;
+const LN2_B: usize = 11;
+const FC_W: usize = 12;
+const FC_B: usize = 13;
+const FC2_W: usize = 14;
+const FC2_B: usize = 15;
+
+/// Weights, gradients, optimizer state and inputs: everything that lives across the step.
+pub struct TrainState {
+    pub shape: ModelShape,
+    pub policy: Policy,
+    pub params: Params,
+    /// fp32 gradients, `[layer][param]`.
+    pub grads: Vec<Vec<Tensor>>,
+    /// AdamW moments, `[layer][param]`.
+    pub m: Vec<Vec<Tensor>>,
+    pub v: Vec<Vec<Tensor>>,
+    /// One `[T_micro, C]` input per micro-batch (the embeddings' output).
+    pub inputs: Vec<Tensor>,
+    pub loss: Tensor,
+    pub step: u32,
+    pub adamw: AdamW,
+}
+
+/// fp32 master weights and, under a bf16 policy, bf16 copies of the matrices.
+pub struct Params {
+    /// `[layer][param]`
+    pub master: Vec<Vec<Tensor>>,
+    /// `[layer][slot in MATRICES]`
+    pub bf16: Vec<Vec<Tensor>>,
+}
+
+impl Params {
+    /// The matrix a matmul reads: the bf16 copy when there is one, else the master.
+    fn matrix(&self, layer: usize, param: usize) -> &Tensor {
+        match self.bf16.get(layer) {
+            Some(copies) => &copies[MATRICES.iter().position(|&p| p == param).expect("a matrix")],
+            None => &self.master[layer][param],
+        }
+    }
+}
+
+/// The host values a state was initialized with, so another backend can start identically.
+#[derive(Clone)]
+pub struct InitialValues {
+    /// `[layer][param]`
+    pub weights: Vec<Vec<Vec<f32>>>,
+    /// Inputs of the whole global batch, `[B·N, C]`.
+    pub input: Vec<f32>,
+}
+
+impl InitialValues {
+    /// GPT-2-like scales: matrices ~ U(-a, a) with a = √3·0.02 (std 0.02), biases small,
+    /// layernorm weights near 1; inputs ~ U(-1, 1).
+    pub fn random(shape: &ModelShape, rng: &mut Rng) -> Self {
+        let c = shape.hidden;
+        let weights = (0..shape.layers)
+            .map(|_| {
+                param_lens(c)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| match i {
+                        LN1_W | LN2_W => rng.fill(n, 0.1).into_iter().map(|x| 1.0 + x).collect(),
+                        _ if MATRICES.contains(&i) => rng.fill(n, 0.0346),
+                        _ => rng.fill(n, 0.02),
+                    })
+                    .collect()
+            })
+            .collect();
+        InitialValues {
+            weights,
+            input: rng.fill(shape.batch * shape.seq * c, 1.0),
+        }
+    }
+}
+
+fn tagged(category: &str, layer: usize, name: &str) -> String {
+    format!("{category}: layer {layer} {name}")
+}
+
+impl TrainState {
+    /// Allocates and fills everything that lives across the step.
+    pub fn new(
+        be: &dyn Backend,
+        shape: ModelShape,
+        policy: Policy,
+        init: &InitialValues,
+    ) -> Result<Self> {
+        shape.check()?;
+        if policy.micro_batches == 0 || shape.batch % policy.micro_batches != 0 {
+            return Err(Error::Invalid(format!(
+                "a global batch of {} cannot be split into {} equal micro-batches",
+                shape.batch, policy.micro_batches
+            )));
+        }
+        let c = shape.hidden;
+        let lens = param_lens(c);
+        let per_layer = |category: &str, fill: bool| -> Result<Vec<Vec<Tensor>>> {
+            (0..shape.layers)
+                .map(|l| {
+                    lens.iter()
+                        .enumerate()
+                        .map(|(i, &n)| {
+                            let tag = tagged(category, l, PARAM_NAMES[i]);
+                            let mut t = be.alloc(DType::F32, n, &tag)?;
+                            if fill {
+                                be.write(&mut t, &init.weights[l][i])?;
+                            } else {
+                                be.zero(&mut t)?;
+                            }
+                            Ok(t)
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let master = per_layer("weights", true)?;
+        let mut bf16 = Vec::new();
+        if policy.dtype == DType::Bf16 {
+            for (l, w) in master.iter().enumerate() {
+                let mut layer = Vec::new();
+                for &i in &MATRICES {
+                    let tag = tagged("weights", l, &format!("{} (bf16)", PARAM_NAMES[i]));
+                    let mut t = be.alloc(DType::Bf16, lens[i], &tag)?;
+                    be.cast_to_bf16(&w[i], &mut t)?;
+                    layer.push(t);
+                }
+                bf16.push(layer);
+            }
+        }
+        let grads = per_layer("grads", false)?;
+        let m = per_layer("optimizer", false)?;
+        let v = per_layer("optimizer", false)?;
+        let micro = shape.batch / policy.micro_batches * shape.seq * c;
+        let mut inputs = Vec::new();
+        for j in 0..policy.micro_batches {
+            let mut t = be.alloc(policy.dtype, micro, &format!("inputs: micro-batch {j}"))?;
+            be.write(&mut t, &init.input[j * micro..(j + 1) * micro])?;
+            inputs.push(t);
+        }
+        let mut loss = be.alloc(DType::F32, 1, "workspace: loss")?;
+        be.zero(&mut loss)?;
+        Ok(TrainState {
+            shape,
+            policy,
+            params: Params { master, bf16 },
+            grads,
+            m,
+            v,
+            inputs,
+            loss,
+            step: 0,
+            adamw: AdamW::default(),
+        })
+    }
+
+    /// Forward and backward over every micro-batch, gradients zeroed first and then
+    /// accumulated; returns the loss of the global batch.
+    pub fn forward_backward(&mut self, be: &dyn Backend) -> Result<f32> {
+        for layer in &mut self.grads {
+            for g in layer {
+                be.zero(g)?;
+            }
+        }
+        let mut total = 0f32;
+        for j in 0..self.policy.micro_batches {
+            total += micro_batch(be, self, j)?;
+        }
+        Ok(total)
+    }
+
+    /// One optimizer step: forward, backward, AdamW. Returns the loss before the update.
+    pub fn step(&mut self, be: &dyn Backend) -> Result<f32> {
+        let loss = self.forward_backward(be)?;
+        self.step += 1;
+        let Params { master, bf16 } = &mut self.params;
+        let layers = master
+            .iter_mut()
+            .zip(&self.grads)
+            .zip(self.m.iter_mut().zip(self.v.iter_mut()));
+        for (l, ((w, g), (m, v))) in layers.enumerate() {
+            for (i, (((w, g), m), v)) in w
+                .iter_mut()
+                .zip(g)
+                .zip(m.iter_mut())
+                .zip(v.iter_mut())
+                .enumerate()
+            {
+                let copy = match (MATRICES.iter().position(|&p| p == i), bf16.get_mut(l)) {
+                    (Some(slot), Some(layer)) => Some(&mut layer[slot]),
+                    _ => None,
+                };
+                be.adamw(&self.adamw, self.step, w, g, m, v, copy)?;
+            }
+        }
+        Ok(loss)
+    }
+
+    /// Every gradient, `[layer][param]`, as host f32.
+    pub fn read_grads(&self, be: &dyn Backend) -> Result<Vec<Vec<Vec<f32>>>> {
+        self.grads
+            .iter()
+            .map(|layer| layer.iter().map(|g| be.read(g)).collect())
+            .collect()
+    }
+}
+
+/// Forward and backward of micro-batch `j` under the state's policy.
+fn micro_batch(be: &dyn Backend, st: &mut TrainState, j: usize) -> Result<f32> {
+    let sh = st.shape;
+    let policy = st.policy;
+    let ctx = Ctx::new(be, sh, policy);
+    let seg = policy.checkpoint.segment(sh.layers);
+    let recompute = policy.checkpoint.recomputes();
+    let TrainState {
+        params,
+        grads,
+        inputs,
+        loss,
+        ..
+    } = st;
+    let input = &inputs[j];
+    // kept[l]: block l's input for l > 0 (block 0's is the micro-batch), while needed.
+    let mut kept: Vec<Option<Tensor>> = (0..sh.layers).map(|_| None).collect();
+    let mut acts: Vec<Option<Acts>> = (0..sh.layers).map(|_| None).collect();
+    let mut last: Option<Tensor> = None;
+    for l in 0..sh.layers {
+        let x_in = if l == 0 {
+            input
+        } else {
+            kept[l].as_ref().expect("kept input")
+        };
+        let keep_core = policy.checkpoint != Checkpoint::Selective;
+        let (x_out, rest) = ctx.block_forward(params, l, x_in, keep_core)?;
+        if recompute {
+            // Only segment inputs survive the forward; the rest is recomputed.
+            drop(rest);
+            if l % seg != 0 {
+                kept[l] = None;
+            }
+        } else {
+            acts[l] = Some(rest);
+        }
+        if l + 1 < sh.layers {
+            kept[l + 1] = Some(x_out);
+        } else {
+            last = Some(x_out);
+        }
+    }
+    // L = ½·Σy²/numel over the global batch, so micro-batches add up to the full batch.
+    let last = last.expect("at least one block");
+    let mut d_res = ctx.work(ctx.dt, last.len(), "d residual")?;
+    let scale = 1.0 / (sh.batch * sh.seq * sh.hidden) as f32;
+    be.mse_loss(&last, scale, &mut d_res, loss)?;
+    drop(last);
+    let loss_value = be.read(loss)?[0];
+    // Backward, segment by segment from the last.
+    let mut start = ((sh.layers - 1) / seg) * seg;
+    loop {
+        let end = (start + seg).min(sh.layers);
+        if recompute {
+            for l in start..end {
+                let x_in = if l == 0 {
+                    input
+                } else {
+                    kept[l].as_ref().expect("segment input")
+                };
+                let (x_out, rest) = ctx.block_forward(params, l, x_in, true)?;
+                acts[l] = Some(rest);
+                if l + 1 < end {
+                    kept[l + 1] = Some(x_out);
+                }
+            }
+        }
+        for l in (start..end).rev() {
+            let a = acts[l].take().expect("activations of the block");
+            let x_in = if l == 0 {
+                input
+            } else {
+                kept[l].as_ref().expect("block input")
+            };
+            ctx.block_backward(params, &mut grads[l], l, x_in, a, &mut d_res)?;
+            kept[l] = None;
+        }
+        if start == 0 {
+            break;
+        }
+        start -= seg;
+    }
+    Ok(loss_value)
+}
+
+/// The activations one block keeps for its backward.
+pub struct Acts {
+    ln1: Tensor,
+    st1: RowStats,
+    /// q, k, v, each `[B, H, N, d]`.
+    qkv: [Tensor; 3],
+    /// The attention core; None under selective recomputation.
+    core: Option<Core>,
+    x_mid: Tensor,
+    ln2: Tensor,
+    st2: RowStats,
+    /// fc output before GELU, `[T, 4C]`.
+    h: Tensor,
+    /// GELU output, `[T, 4C]`.
+    g: Tensor,
+}
+
+/// The attention output `[B, H, N, d]` and what its backward needs besides q, k, v:
+/// the logsumexp (flash) or the probabilities (naive).
+struct Core {
+    o: Tensor,
+    stats: Tensor,
+}
+
+/// The per-micro-batch constants of the schedule.
+struct Ctx<'a> {
+    be: &'a dyn Backend,
+    dt: DType,
+    t: usize,
+    c: usize,
+    att: AttentionShape,
+    ln: LayerNorm,
+    variant: Variant,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(be: &'a dyn Backend, sh: ModelShape, p: Policy) -> Self {
+        let b = sh.batch / p.micro_batches;
+        let t = b * sh.seq;
+        Ctx {
+            be,
+            dt: p.dtype,
+            t,
+            c: sh.hidden,
+            att: AttentionShape::new(b, sh.heads, sh.seq, sh.head_dim(), true),
+            ln: LayerNorm {
+                tokens: t,
+                channels: sh.hidden,
+                eps: 1e-5,
+            },
+            variant: p.attention,
+        }
+    }
+
+    fn act(&self, dtype: DType, len: usize, what: &str) -> Result<Tensor> {
+        self.be.alloc(dtype, len, &format!("activations: {what}"))
+    }
+
+    fn work(&self, dtype: DType, len: usize, what: &str) -> Result<Tensor> {
+        self.be.alloc(dtype, len, &format!("workspace: {what}"))
+    }
+
+    fn stats(&self, what: &str) -> Result<RowStats> {
+        Ok(RowStats {
+            mean: self.act(DType::F32, self.t, &format!("{what} mean"))?,
+            rstd: self.act(DType::F32, self.t, &format!("{what} rstd"))?,
+        })
+    }
+
+    /// bf16: wgmma where the card has it (mma.sync for shapes it does not take), else
+    /// mma.sync; fp32: the SIMT kernel.
+    fn matmul(
+        &self,
+        mm: &Matmul,
+        a: &Tensor,
+        b: &Tensor,
+        epi: Epi<'_>,
+        c: &mut Tensor,
+    ) -> Result<()> {
+        match self.dt {
+            DType::F32 => self.be.matmul(MatmulKernel::Simt, mm, a, b, epi, c),
+            DType::Bf16 => {
+                if self
+                    .be
+                    .matmul_available(MatmulKernel::Wgmma, DType::Bf16)
+                    .is_ok()
+                {
+                    match self.be.matmul(MatmulKernel::Wgmma, mm, a, b, epi, c) {
+                        Err(Error::Unsupported(_)) => {}
+                        other => return other,
+                    }
+                }
+                self.be.matmul(MatmulKernel::Mma, mm, a, b, epi, c)
+            }
+        }
+    }
+
+    /// y[T, n] = x[T, k] · W[k, n] + bias (+ residual).
+    fn linear(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        residual: Option<&Tensor>,
+        y: &mut Tensor,
+    ) -> Result<()> {
+        let (k, n) = (x.len() / self.t, bias.len());
+        let mut mm = Matmul::new(self.t, n, k);
+        mm.epilogue = Epilogue::Bias;
+        self.matmul(
+            &mm,
+            x,
+            w,
+            Epi {
+                bias: Some(bias),
+                residual,
+            },
+            y,
+        )
+    }
+
+    /// The backward of `linear`: dx (+)= dy · Wᵀ, dW += xᵀ · dy, db += Σ_t dy.
+    fn linear_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        dx: (&mut Tensor, bool),
+        grads: (&mut Tensor, &mut Tensor),
+    ) -> Result<()> {
+        let (k, n) = (x.len() / self.t, dy.len() / self.t);
+        let (dx, accumulate) = dx;
+        let mut mm = Matmul::new(self.t, k, n).transposed(false, true);
+        mm.accumulate = accumulate;
+        self.matmul(&mm, dy, w, Epi::none(), dx)?;
+        let mut mm = Matmul::new(k, n, self.t).transposed(true, false);
+        mm.accumulate = true;
+        self.matmul(&mm, x, dy, Epi::none(), grads.0)?;
+        self.be.column_sum(dy, self.t, n, grads.1, true)
+    }
+
+    fn attention_forward(&self, qkv: &[Tensor; 3]) -> Result<Core> {
+        let [q, k, v] = qkv;
+        let s = &self.att;
+        let mut o = self.act(self.dt, s.qkv_len(), "attention output")?;
+        match self.variant {
+            Variant::Flash => {
+                let mut lse = self.act(DType::F32, s.stats_len(), "attention logsumexp")?;
+                self.be
+                    .flash_attention_forward(s, q, k, v, &mut o, &mut lse)?;
+                Ok(Core { o, stats: lse })
+            }
+            Variant::Naive => {
+                let (n, d) = (s.seq, s.head_dim);
+                let mut p = self.act(self.dt, s.scores_len(), "attention probabilities")?;
+                let mut mm = Matmul::new(n, n, d)
+                    .transposed(false, true)
+                    .batched(s.rows());
+                mm.alpha = s.scale;
+                self.matmul(&mm, q, k, Epi::none(), &mut p)?;
+                self.be.softmax_forward(s, &mut p)?;
+                self.matmul(
+                    &Matmul::new(n, d, n).batched(s.rows()),
+                    &p,
+                    v,
+                    Epi::none(),
+                    &mut o,
+                )?;
+                Ok(Core { o, stats: p })
+            }
+        }
+    }
+
+    /// dq, dk, dv (heads layout) from dO; the core and q, k, v are consumed.
+    fn attention_backward(
+        &self,
+        qkv: [Tensor; 3],
+        core: Core,
+        d_o: &Tensor,
+    ) -> Result<[Tensor; 3]> {
+        let s = &self.att;
+        let [q, k, v] = &qkv;
+        let mut dq = self.work(self.dt, s.qkv_len(), "dq")?;
+        let mut dk = self.work(self.dt, s.qkv_len(), "dk")?;
+        let mut dv = self.work(self.dt, s.qkv_len(), "dv")?;
+        let mut delta = self.work(DType::F32, s.stats_len(), "attention delta")?;
+        match self.variant {
+            Variant::Flash => {
+                let grads = AttentionGrads {
+                    delta: &mut delta,
+                    dq: &mut dq,
+                    dk: &mut dk,
+                    dv: &mut dv,
+                };
+                self.be
+                    .flash_attention_backward(s, q, k, v, &core.o, d_o, &core.stats, grads)?;
+            }
+            Variant::Naive => {
+                let (n, d, rows) = (s.seq, s.head_dim, s.rows());
+                let p = &core.stats;
+                let mut dp = self.work(self.dt, s.scores_len(), "attention dP")?;
+                self.matmul(
+                    &Matmul::new(n, d, n).transposed(true, false).batched(rows),
+                    p,
+                    d_o,
+                    Epi::none(),
+                    &mut dv,
+                )?;
+                self.matmul(
+                    &Matmul::new(n, n, d).transposed(false, true).batched(rows),
+                    d_o,
+                    v,
+                    Epi::none(),
+                    &mut dp,
+                )?;
+                self.be.attention_delta(s, &core.o, d_o, &mut delta)?;
+                self.be.softmax_backward(s, p, &mut dp, &delta)?;
+                let mut mm = Matmul::new(n, d, n).batched(rows);
+                mm.alpha = s.scale;
+                self.matmul(&mm, &dp, k, Epi::none(), &mut dq)?;
+                let mut mm = Matmul::new(n, d, n).transposed(true, false).batched(rows);
+                mm.alpha = s.scale;
+                self.matmul(&mm, &dp, q, Epi::none(), &mut dk)?;
+            }
+        }
+        Ok([dq, dk, dv])
+    }
+
+    /// One block's forward: returns its output and the activations its backward needs.
+    fn block_forward(
+        &self,
+        params: &Params,
+        l: usize,
+        x_in: &Tensor,
+        keep_core: bool,
+    ) -> Result<(Tensor, Acts)> {
+        let (t, c, be, dt) = (self.t, self.c, self.be, self.dt);
+        let w = &params.master[l];
+        let mut ln1 = self.act(dt, t * c, "ln1")?;
+        let mut st1 = self.stats("ln1")?;
+        be.layernorm_forward(&self.ln, x_in, &w[LN1_W], &w[LN1_B], &mut ln1, &mut st1)?;
+        let mut heads = Vec::with_capacity(3);
+        for (part, name) in [(Q_W, "q"), (K_W, "k"), (V_W, "v")] {
+            let mut tok = self.work(dt, t * c, &format!("{name} (tokens)"))?;
+            self.linear(&ln1, params.matrix(l, part), &w[part + 1], None, &mut tok)?;
+            let mut h = self.act(dt, t * c, name)?;
+            be.tokens_to_heads(&self.att, 1, &tok, &mut h)?;
+            heads.push(h);
+        }
+        let qkv: [Tensor; 3] = heads
+            .try_into()
+            .map_err(|_| Error::Invalid("q, k, v".into()))?;
+        let core = self.attention_forward(&qkv)?;
+        let mut att = self.work(dt, t * c, "attention output (tokens)")?;
+        be.heads_to_tokens(&self.att, 1, &core.o, &mut att)?;
+        let mut x_mid = self.act(dt, t * c, "residual after attention")?;
+        self.linear(
+            &att,
+            params.matrix(l, PROJ_W),
+            &w[PROJ_B],
+            Some(x_in),
+            &mut x_mid,
+        )?;
+        drop(att);
+        let core = keep_core.then_some(core);
+        let mut ln2 = self.act(dt, t * c, "ln2")?;
+        let mut st2 = self.stats("ln2")?;
+        be.layernorm_forward(&self.ln, &x_mid, &w[LN2_W], &w[LN2_B], &mut ln2, &mut st2)?;
+        let mut h = self.act(dt, t * 4 * c, "fc (pre-GELU)")?;
+        self.linear(&ln2, params.matrix(l, FC_W), &w[FC_B], None, &mut h)?;
+        let mut g = self.act(dt, t * 4 * c, "GELU")?;
+        be.gelu_forward(&h, &mut g)?;
+        let mut x_out = self.act(dt, t * c, "block output")?;
+        self.linear(
+            &g,
+            params.matrix(l, FC2_W),
+            &w[FC2_B],
+            Some(&x_mid),
+            &mut x_out,
+        )?;
+        let acts = Acts {
+            ln1,
+            st1,
+            qkv,
+            core,
+            x_mid,
+            ln2,
+            st2,
+            h,
+            g,
+        };
+        Ok((x_out, acts))
+    }
+
+    /// One block's backward: consumes its activations (each freed after its last use) and
+    /// turns `d_res` from dL/d(x_out) into dL/d(x_in). Gradients accumulate into `gr`.
+    fn block_backward(
+        &self,
+        params: &Params,
+        gr: &mut [Tensor],
+        l: usize,
+        x_in: &Tensor,
+        a: Acts,
+        d_res: &mut Tensor,
+    ) -> Result<()> {
+        let (t, c, be, dt) = (self.t, self.c, self.be, self.dt);
+        let w = &params.master[l];
+        let Acts {
+            ln1,
+            st1,
+            qkv,
+            core,
+            x_mid,
+            ln2,
+            st2,
+            h,
+            g,
+        } = a;
+        let (lo, hi) = gr.split_at_mut(FC2_W);
+        let (dfc2, rest_hi) = hi.split_at_mut(1);
+        // MLP out: x_out = x_mid + g·W_fc2 + b.
+        let mut dg = self.work(dt, t * 4 * c, "d GELU")?;
+        self.linear_backward(
+            &g,
+            params.matrix(l, FC2_W),
+            d_res,
+            (&mut dg, false),
+            (&mut dfc2[0], &mut rest_hi[0]),
+        )?;
+        drop(g);
+        let mut dh = self.work(dt, t * 4 * c, "d fc")?;
+        be.gelu_backward(&h, &dg, &mut dh)?;
+        drop(dg);
+        drop(h);
+        let mut dln2 = self.work(dt, t * c, "d ln2")?;
+        {
+            let (dw, db) = lo[FC_W..FC_B + 1].split_at_mut(1);
+            self.linear_backward(
+                &ln2,
+                params.matrix(l, FC_W),
+                &dh,
+                (&mut dln2, false),
+                (&mut dw[0], &mut db[0]),
+            )?;
+        }
+        drop(dh);
+        drop(ln2);
+        {
+            let (dw, db) = lo[LN2_W..LN2_B + 1].split_at_mut(1);
+            be.layernorm_backward_params(&self.ln, &dln2, &x_mid, &st2, &mut dw[0], &mut db[0])?;
+        }
+        be.layernorm_backward(&self.ln, &dln2, &x_mid, &w[LN2_W], &st2, d_res, true)?;
+        drop(dln2);
+        drop(x_mid);
+        drop(st2);
+        // Attention out: x_mid = x_in + att·W_proj + b.
+        let core = match core {
+            Some(core) => core,
+            None => self.attention_forward(&qkv)?,
+        };
+        let mut datt = self.work(dt, t * c, "d attention output (tokens)")?;
+        let mut att = self.work(dt, t * c, "attention output (tokens)")?;
+        be.heads_to_tokens(&self.att, 1, &core.o, &mut att)?;
+        {
+            let (dw, db) = lo[PROJ_W..PROJ_B + 1].split_at_mut(1);
+            self.linear_backward(
+                &att,
+                params.matrix(l, PROJ_W),
+                d_res,
+                (&mut datt, false),
+                (&mut dw[0], &mut db[0]),
+            )?;
+        }
+        drop(att);
+        let mut d_o = self.work(dt, t * c, "d attention output")?;
+        be.tokens_to_heads(&self.att, 1, &datt, &mut d_o)?;
+        drop(datt);
+        let dqkv = self.attention_backward(qkv, core, &d_o)?;
+        drop(d_o);
+        // q, k, v projections: dln1 = Σ dpart · W_partᵀ.
+        let mut dln1 = self.work(dt, t * c, "d ln1")?;
+        for (i, (dpart, part)) in dqkv.into_iter().zip([Q_W, K_W, V_W]).enumerate() {
+            let mut tok = self.work(dt, t * c, "d q/k/v (tokens)")?;
+            be.heads_to_tokens(&self.att, 1, &dpart, &mut tok)?;
+            drop(dpart);
+            let (dw, db) = lo[part..part + 2].split_at_mut(1);
+            self.linear_backward(
+                &ln1,
+                params.matrix(l, part),
+                &tok,
+                (&mut dln1, i > 0),
+                (&mut dw[0], &mut db[0]),
+            )?;
+        }
+        drop(ln1);
+        {
+            let (dw, db) = lo[LN1_W..LN1_B + 1].split_at_mut(1);
+            be.layernorm_backward_params(&self.ln, &dln1, x_in, &st1, &mut dw[0], &mut db[0])?;
+        }
+        be.layernorm_backward(&self.ln, &dln1, x_in, &w[LN1_W], &st1, d_res, true)
+    }
+}
