@@ -14,7 +14,7 @@ use crate::backend::{Backend, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::{budget_from_env, format_bytes};
-use crate::report::{self, CaseRecord, MemoryRecord, Report, Status, TimeStats};
+use crate::report::{self, CaseRecord, MemoryRecord, Report, Status, TimeStats, Timeline};
 use crate::rng::Rng;
 use crate::techniques::{Case, Instance, Profile};
 
@@ -86,6 +86,9 @@ impl Session {
         tracker.reset_peak();
         let base = tracker.stats();
         let free_before = be.driver_view_begin().unwrap_or(0);
+        if case.record_timeline() {
+            tracker.start_timeline();
+        }
         let outcome = case.setup(be, &mut self.rng).and_then(|mut inst| {
             let v = inst.validate(be, &mut self.rng)?;
             be.synchronize()?;
@@ -113,6 +116,9 @@ impl Session {
             Err(e) => (Status::Error(e.to_string()), None, None),
         };
         let mut record = CaseRecord::new(info, status);
+        if case.record_timeline() {
+            record.timeline = Some(Timeline::from_events(&tracker.take_timeline()));
+        }
         record.memory = Some(memory);
         record.validation = validation;
         Prepared { record, instance }

@@ -162,6 +162,64 @@ pub struct CaseRecord {
     /// Median time of the family's baseline for the same shape over this case's (cuBLAS for
     /// matmul): above 1 means faster than the baseline.
     pub speed_vs_baseline: Option<f64>,
+    /// Allocated bytes by category after every allocation and release of the measured
+    /// region (training steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<Timeline>,
+}
+
+/// A memory timeline: `points[i][c]` is the live bytes of `categories[c]` after event i.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Timeline {
+    pub categories: Vec<String>,
+    pub points: Vec<Vec<u64>>,
+}
+
+impl Timeline {
+    /// Groups a tracker's events by the category before the ':' of their tags, counting from
+    /// zero at the region's start.
+    pub fn from_events(events: &[crate::memory::MemoryEvent]) -> Timeline {
+        let mut categories: Vec<String> = Vec::new();
+        let mut live: Vec<i64> = Vec::new();
+        let mut points = Vec::with_capacity(events.len());
+        for e in events {
+            let cat = e
+                .tag
+                .split(':')
+                .next()
+                .unwrap_or("other")
+                .trim()
+                .to_string();
+            let i = match categories.iter().position(|c| *c == cat) {
+                Some(i) => i,
+                None => {
+                    categories.push(cat);
+                    live.push(0);
+                    categories.len() - 1
+                }
+            };
+            live[i] += e.delta;
+            points.push(live.clone());
+        }
+        let width = categories.len();
+        let points = points
+            .into_iter()
+            .map(|mut p: Vec<i64>| {
+                p.resize(width, 0);
+                p.into_iter().map(|x| x.max(0) as u64).collect()
+            })
+            .collect();
+        Timeline { categories, points }
+    }
+
+    /// The largest total over the timeline.
+    pub fn peak(&self) -> u64 {
+        self.points
+            .iter()
+            .map(|p| p.iter().sum::<u64>())
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 impl CaseRecord {
@@ -182,6 +240,7 @@ impl CaseRecord {
             bytes_per_s: None,
             fraction_of_ceiling: None,
             speed_vs_baseline: None,
+            timeline: None,
         }
     }
 }
@@ -379,5 +438,6 @@ pub fn write_all(report: &Report, dir: &Path) -> Result<PathBuf> {
         markdown::render(report).as_bytes(),
     )?;
     svg::write_plots(report, dir, &slug)?;
+    svg::write_timelines(report, dir, &slug)?;
     Ok(json)
 }

@@ -333,3 +333,90 @@ mod tests {
         assert_eq!(family_of(&p("cpu-.svg"), "cpu"), None);
     }
 }
+
+/// One stacked-area SVG per case with a memory timeline: allocated bytes by category over
+/// the events of one step, because people read memory as a picture.
+pub fn write_timelines(report: &Report, dir: &Path, slug: &str) -> Result<()> {
+    for c in &report.cases {
+        let Some(tl) = c.timeline.as_ref().filter(|t| !t.points.is_empty()) else {
+            continue;
+        };
+        let name: String =
+            c.id.chars()
+                .map(|ch| {
+                    if ch.is_ascii_alphanumeric() || ch == '.' {
+                        ch
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+        let path = dir.join(format!("{slug}-timeline-{name}.svg"));
+        let svg = render_timeline(&c.id, tl)
+            .map_err(|e| Error::Io(format!("could not draw {}: {e}", path.display())))?;
+        write_atomic(&path, svg.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn render_timeline(
+    title: &str,
+    tl: &crate::report::Timeline,
+) -> std::result::Result<String, String> {
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, (1000, 520)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let (unit, unit_name) = if tl.peak() >= 1 << 30 {
+            ((1u64 << 30) as f64, "GiB")
+        } else {
+            ((1u64 << 20) as f64, "MiB")
+        };
+        let peak = tl.peak() as f64 / unit;
+        let n = tl.points.len();
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("{title}: allocated memory over one step"),
+                ("sans-serif", 16),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0..n, 0f64..(peak * 1.05).max(1e-9))
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("allocation event")
+            .y_desc(format!("{unit_name} allocated"))
+            .y_label_formatter(&|v| format!("{v:.1}"))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        // Stacked: each category drawn as the area under the running sum up to it, largest
+        // sum first so the lower layers stay visible.
+        let palette = [&BLUE, &GREEN, &MAGENTA, &CYAN, &RED, &BLACK];
+        for k in (0..tl.categories.len()).rev() {
+            let color = palette[k % palette.len()];
+            let series = tl
+                .points
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i, p[..=k].iter().sum::<u64>() as f64 / unit));
+            chart
+                .draw_series(AreaSeries::new(series, 0.0, color.mix(0.35)).border_style(*color))
+                .map_err(|e| e.to_string())?
+                .label(tl.categories[k].clone())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.mix(0.5).filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}

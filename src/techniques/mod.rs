@@ -157,6 +157,10 @@ pub trait Case: Send + Sync {
     fn skip_reason(&self, _be: &dyn Backend) -> Option<String> {
         None
     }
+    /// Whether the harness should record the memory timeline of the measured region.
+    fn record_timeline(&self) -> bool {
+        false
+    }
     /// Allocate the case's buffers (through the tracked allocator) and fill its inputs with
     /// fresh random values.
     fn setup(&self, be: &dyn Backend, rng: &mut Rng) -> Result<Box<dyn Instance>>;

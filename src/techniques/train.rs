@@ -91,6 +91,10 @@ impl Case for TrainCase {
         None
     }
 
+    fn record_timeline(&self) -> bool {
+        true
+    }
+
     fn setup(&self, be: &dyn Backend, rng: &mut Rng) -> Result<Box<dyn Instance>> {
         let init = InitialValues::random(&self.shape, rng);
         let state = TrainState::new(be, self.shape, self.policy, &init)?;
