@@ -9,9 +9,13 @@ use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode};
 
-use headroom::backend;
+use headroom::backend::{self, BackendKind};
+use headroom::dtype::DType;
 use headroom::harness::{matches_filters, summary_line, Session, Settings};
+use headroom::memory::format_bytes;
 use headroom::report;
+use headroom::rng::Rng;
+use headroom::techniques::attention::headline;
 use headroom::techniques::{registry, Profile};
 
 fn main() {
@@ -72,6 +76,31 @@ fn run() -> headroom::Result<()> {
         println!("{}", summary_line(record));
     }
     group.finish();
+    if filters.is_empty()
+        || filters
+            .iter()
+            .any(|f| "attention/headline".contains(f.as_str()) || f.contains("headline"))
+    {
+        // The longest sequence each attention variant trains under the run's budget (or a
+        // default that keeps the flash run to seconds), confirmed at N and N + 1.
+        let (budget, heads, head_dim) = match be.kind() {
+            BackendKind::Cuda => (settings.budget.unwrap_or(8 << 30), 16, 128),
+            BackendKind::Cpu => (settings.budget.unwrap_or(2 << 20), 1, 64),
+        };
+        let mut rng = Rng::new(settings.seed ^ 0x4eed);
+        session.report.headline =
+            headline(be.as_ref(), budget, DType::Bf16, heads, head_dim, &mut rng);
+        for h in &session.report.headline {
+            println!(
+                "headline: under {} the longest {} bf16 forward+backward sequence is {} (run at N: {}; at N + 1: {})",
+                format_bytes(h.budget_bytes),
+                h.variant,
+                h.longest_seq,
+                h.run_at_longest,
+                h.run_one_more
+            );
+        }
+    }
     let json = report::write_all(&session.report, &dir)?;
     println!("headroom: report written to {}", json.display());
     Ok(())

@@ -11,6 +11,7 @@
 //! - [`harness`]: validating, measuring and timing cases;
 //! - [`report`]: the report schema and its writers.
 
+pub mod alloc;
 pub mod backend;
 pub mod device;
 pub mod dtype;

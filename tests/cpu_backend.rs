@@ -187,3 +187,43 @@ fn validation_catches_a_wrong_result() {
     c.add(&|| "out[0]".into(), 1.01, 1.0);
     assert!(!c.finish(1e-3).passed());
 }
+
+#[test]
+fn headline_longest_sequence_fits_and_the_next_does_not() {
+    use headroom::techniques::attention::headline;
+    let be = CpuBackend::new(None, None);
+    let budget = 1 << 20;
+    let rows = headline(
+        &be,
+        budget,
+        DType::Bf16,
+        1,
+        64,
+        &mut headroom::rng::Rng::new(5),
+    );
+    assert_eq!(rows.len(), 2);
+    for h in &rows {
+        assert!(
+            h.model_bytes_at_longest <= budget && h.model_bytes_one_more > budget,
+            "{h:?}"
+        );
+        assert_eq!(h.run_at_longest, "ok", "{h:?}");
+        assert!(
+            h.run_one_more
+                .starts_with("oom (out of memory: tried to allocate"),
+            "{h:?}"
+        );
+    }
+    let (naive, flash) = (&rows[0], &rows[1]);
+    assert_eq!(
+        (naive.variant.as_str(), flash.variant.as_str()),
+        ("naive", "flash")
+    );
+    // Linear against quadratic: flash trains much longer sequences (the gap widens with the budget).
+    assert!(
+        flash.longest_seq > 3 * naive.longest_seq,
+        "{flash:?} vs {naive:?}"
+    );
+    // The run restored the tracker's own (absent) budget.
+    assert_eq!(be.memory().budget(), None);
+}

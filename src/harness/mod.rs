@@ -116,6 +116,10 @@ impl Session {
             Err(e) => (Status::Error(e.to_string()), None, None),
         };
         let mut record = CaseRecord::new(info, status);
+        if info.family == "alloc" {
+            // Only allocator ids: for others `metrics` would build traces to find nothing.
+            record.allocator = crate::techniques::alloc::metrics(&info.id);
+        }
         if case.record_timeline() {
             record.timeline = Some(Timeline::from_events(&tracker.take_timeline()));
         }
@@ -216,7 +220,8 @@ pub fn summary_line(r: &CaseRecord) -> String {
         s.push_str(&format!("  {x:.2}x cuBLAS"));
     }
     if let Some(m) = &r.memory {
-        if r.status == Status::Ok || matches!(r.status, Status::Invalid(_)) {
+        let shown = r.status == Status::Ok || matches!(r.status, Status::Invalid(_));
+        if shown && (m.peak_allocated > 0 || m.predicted > 0) {
             s.push_str(&format!(
                 "  peak {} (model {})",
                 format_bytes(m.peak_allocated),
@@ -226,6 +231,9 @@ pub fn summary_line(r: &CaseRecord) -> String {
     }
     if let Some(v) = &r.validation {
         s.push_str(&format!("  err {:.2e} <= {:.1e}", v.error, v.tolerance));
+    }
+    if let Some(m) = &r.allocator {
+        s.push_str(&format!("  {}", crate::techniques::alloc::summary(m)));
     }
     if let Some(msg) = r.status.message() {
         s.push_str(&format!("  ({msg})"));

@@ -88,6 +88,80 @@ pub fn render(report: &Report) -> String {
             .unwrap_or_else(not_measured)
     );
 
+    if !report.headline.is_empty() {
+        let _ = writeln!(out, "\n## Longest sequence under a budget\n");
+        let _ = writeln!(
+            out,
+            "Attention forward+backward, batch 1: the longest N whose memory model fits the budget, \
+             then real runs at N and N + 1 under that budget.\n"
+        );
+        let _ = writeln!(out, "| budget | variant | dtype | heads × d | longest N | model at N | model at N + 1 | run at N | run at N + 1 |");
+        let _ = writeln!(
+            out,
+            "| --- | --- | --- | --- | ---: | ---: | ---: | --- | --- |"
+        );
+        for h in &report.headline {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} × {} | {} | {} | {} | {} | {} |",
+                format_bytes(h.budget_bytes),
+                h.variant,
+                h.dtype.name(),
+                h.heads,
+                h.head_dim,
+                h.longest_seq,
+                format_bytes(h.model_bytes_at_longest),
+                format_bytes(h.model_bytes_one_more),
+                cell(&h.run_at_longest),
+                cell(&h.run_one_more)
+            );
+        }
+    }
+
+    let shootout: Vec<&crate::alloc::AllocatorMetrics> = report
+        .cases
+        .iter()
+        .filter_map(|c| c.allocator.as_ref())
+        .collect();
+    if !shootout.is_empty() {
+        let _ = writeln!(out, "\n## Allocators: reserved against allocated\n");
+        let _ = writeln!(
+            out,
+            "Each allocator replays the same allocation trace on a simulated device of the stated \
+             capacity. \"Out of memory despite free memory\" means the capacity minus the live \
+             requests would have held the request: fragmentation, not size.\n"
+        );
+        let _ = writeln!(out, "| trace | allocator | capacity | peak allocated | peak reserved | reserved / allocated | driver calls | alloc p50 / p99 (ns) | out of memory |");
+        let _ = writeln!(
+            out,
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        );
+        for m in shootout {
+            let oom = match &m.oom {
+                None => "no".to_string(),
+                Some(_) if m.oom_despite_free_memory => format!(
+                    "yes, despite free memory (event {} of {})",
+                    m.events_replayed, m.events
+                ),
+                Some(_) => format!("yes (event {} of {})", m.events_replayed, m.events),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {:.2} | {} | {:.0} / {:.0} | {} |",
+                cell(&m.trace),
+                cell(&m.allocator),
+                format_bytes(m.capacity),
+                format_bytes(m.peak_allocated),
+                format_bytes(m.peak_reserved),
+                m.reserved_over_allocated,
+                m.driver_calls,
+                m.alloc_latency_median_ns,
+                m.alloc_latency_p99_ns,
+                cell(&oom)
+            );
+        }
+    }
+
     for family in families(&report.cases) {
         let cases: Vec<&CaseRecord> = report.cases.iter().filter(|c| c.family == family).collect();
         let _ = writeln!(out, "\n## {family}\n");

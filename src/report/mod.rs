@@ -45,6 +45,9 @@ pub struct Report {
     pub seed: u64,
     pub ceilings: Ceilings,
     pub cases: Vec<CaseRecord>,
+    /// The longest sequence each attention variant trains under a budget (when measured).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headline: Vec<crate::techniques::attention::Headline>,
 }
 
 /// What the run measured as the card's ceilings; every case's rate is also given as a
@@ -166,6 +169,9 @@ pub struct CaseRecord {
     /// region (training steps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeline: Option<Timeline>,
+    /// The allocator shootout's metrics (allocator cases only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocator: Option<crate::alloc::AllocatorMetrics>,
 }
 
 /// A memory timeline: `points[i][c]` is the live bytes of `categories[c]` after event i.
@@ -241,6 +247,7 @@ impl CaseRecord {
             fraction_of_ceiling: None,
             speed_vs_baseline: None,
             timeline: None,
+            allocator: None,
         }
     }
 }
@@ -261,6 +268,7 @@ impl Report {
             seed,
             ceilings: Ceilings::default(),
             cases: Vec::new(),
+            headline: Vec::new(),
         }
     }
 

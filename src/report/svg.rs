@@ -286,54 +286,6 @@ fn remove_stale(path: &Path) -> Result<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_front_keeps_only_cases_nothing_beats_in_both() {
-        // (bytes, ms): 1 is beaten by 0 in both; 3 ties 2 in memory but is slower.
-        let pts = [
-            (100.0, 1.0),
-            (200.0, 2.0),
-            (50.0, 3.0),
-            (50.0, 4.0),
-            (400.0, 0.5),
-        ];
-        assert_eq!(pareto_front(&pts), vec![2, 0, 4]);
-    }
-
-    #[test]
-    fn equal_points_are_both_on_the_front() {
-        let pts = [(10.0, 1.0), (10.0, 1.0)];
-        assert_eq!(pareto_front(&pts), vec![0, 1]);
-    }
-
-    #[test]
-    fn ticks_keep_three_significant_digits() {
-        assert_eq!(tick(0.125), "0.125");
-        assert_eq!(tick(2.0), "2");
-        assert_eq!(tick(1.9702), "1.97");
-        assert_eq!(tick(1536.0), "1536");
-        assert_eq!(tick(0.0), "0");
-    }
-
-    #[test]
-    fn only_one_word_families_of_this_slug_are_ours() {
-        let p = |s: &str| PathBuf::from(format!("/x/{s}"));
-        assert_eq!(
-            family_of(&p("nvidia-h100-matmul.svg"), "nvidia-h100"),
-            Some("matmul".into())
-        );
-        assert_eq!(
-            family_of(&p("nvidia-h100-80gb-hbm3-matmul.svg"), "nvidia-h100"),
-            None
-        );
-        assert_eq!(family_of(&p("nvidia-h100.json"), "nvidia-h100"), None);
-        assert_eq!(family_of(&p("cpu-.svg"), "cpu"), None);
-    }
-}
-
 /// One stacked-area SVG per case with a memory timeline: allocated bytes by category over
 /// the events of one step, because people read memory as a picture.
 pub fn write_timelines(report: &Report, dir: &Path, slug: &str) -> Result<()> {
@@ -419,4 +371,52 @@ fn render_timeline(
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_front_keeps_only_cases_nothing_beats_in_both() {
+        // (bytes, ms): 1 is beaten by 0 in both; 3 ties 2 in memory but is slower.
+        let pts = [
+            (100.0, 1.0),
+            (200.0, 2.0),
+            (50.0, 3.0),
+            (50.0, 4.0),
+            (400.0, 0.5),
+        ];
+        assert_eq!(pareto_front(&pts), vec![2, 0, 4]);
+    }
+
+    #[test]
+    fn equal_points_are_both_on_the_front() {
+        let pts = [(10.0, 1.0), (10.0, 1.0)];
+        assert_eq!(pareto_front(&pts), vec![0, 1]);
+    }
+
+    #[test]
+    fn ticks_keep_three_significant_digits() {
+        assert_eq!(tick(0.125), "0.125");
+        assert_eq!(tick(2.0), "2");
+        assert_eq!(tick(1.9702), "1.97");
+        assert_eq!(tick(1536.0), "1536");
+        assert_eq!(tick(0.0), "0");
+    }
+
+    #[test]
+    fn only_one_word_families_of_this_slug_are_ours() {
+        let p = |s: &str| PathBuf::from(format!("/x/{s}"));
+        assert_eq!(
+            family_of(&p("nvidia-h100-matmul.svg"), "nvidia-h100"),
+            Some("matmul".into())
+        );
+        assert_eq!(
+            family_of(&p("nvidia-h100-80gb-hbm3-matmul.svg"), "nvidia-h100"),
+            None
+        );
+        assert_eq!(family_of(&p("nvidia-h100.json"), "nvidia-h100"), None);
+        assert_eq!(family_of(&p("cpu-.svg"), "cpu"), None);
+    }
 }

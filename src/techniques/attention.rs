@@ -513,3 +513,112 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
     }
     out
 }
+
+/// The headline figure: under `budget`, the longest sequence each variant can train
+/// (forward+backward) according to its memory model, confirmed by real runs.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Headline {
+    pub budget_bytes: u64,
+    pub variant: String,
+    pub dtype: DType,
+    pub batch: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// The largest N whose modelled peak fits the budget.
+    pub longest_seq: usize,
+    pub model_bytes_at_longest: u64,
+    pub model_bytes_one_more: u64,
+    /// Outcome of a real forward+backward at `longest_seq` (expected `ok`).
+    pub run_at_longest: String,
+    /// Outcome at `longest_seq + 1` (expected `oom`).
+    pub run_one_more: String,
+}
+
+/// The largest N with `model_peak_bytes(N) <= budget` (the model grows with N), or 0.
+pub fn longest_fitting_seq(
+    variant: Variant,
+    dtype: DType,
+    budget: u64,
+    batch: usize,
+    heads: usize,
+    head_dim: usize,
+) -> usize {
+    let bytes = |n: usize| {
+        let s = AttentionShape::new(batch, heads, n, head_dim, false);
+        model_peak_bytes(variant, Pass::ForwardBackward, &s, dtype)
+    };
+    if bytes(1) > budget {
+        return 0;
+    }
+    let (mut lo, mut hi) = (1usize, 2usize);
+    while bytes(hi) <= budget {
+        lo = hi;
+        hi *= 2;
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if bytes(mid) <= budget {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// Finds each variant's longest sequence under `budget` from its model and runs it, and
+/// the next length up, on `be` with the tracker's budget set to `budget` for the runs.
+pub fn headline(
+    be: &dyn Backend,
+    budget: u64,
+    dtype: DType,
+    heads: usize,
+    head_dim: usize,
+    rng: &mut Rng,
+) -> Vec<Headline> {
+    let tracker = be.memory();
+    let saved = tracker.budget();
+    tracker.set_budget(Some(budget));
+    let mut out = Vec::new();
+    for variant in [Variant::Naive, Variant::Flash] {
+        let n = longest_fitting_seq(variant, dtype, budget, 1, heads, head_dim);
+        let shape = |n| AttentionShape::new(1, heads, n, head_dim, false);
+        let run = |n: usize, rng: &mut Rng| -> String {
+            if n == 0 {
+                return "not run (nothing fits)".into();
+            }
+            let case = AttentionCase::new(variant, Pass::ForwardBackward, dtype, shape(n));
+            let outcome = case.setup(be, rng).and_then(|mut inst| {
+                inst.run(be)?;
+                be.synchronize()
+            });
+            match outcome {
+                Ok(()) => "ok".into(),
+                Err(crate::error::Error::OutOfMemory(e)) => format!("oom ({e})"),
+                Err(e) => format!("error ({e})"),
+            }
+        };
+        let model = |n: usize| {
+            if n == 0 {
+                0
+            } else {
+                model_peak_bytes(variant, Pass::ForwardBackward, &shape(n), dtype)
+            }
+        };
+        out.push(Headline {
+            budget_bytes: budget,
+            variant: variant.name().into(),
+            dtype,
+            batch: 1,
+            heads,
+            head_dim,
+            longest_seq: n,
+            model_bytes_at_longest: model(n),
+            model_bytes_one_more: model(n + 1),
+            run_at_longest: run(n, rng),
+            run_one_more: run(n + 1, rng),
+        });
+    }
+    tracker.set_budget(saved);
+    out
+}

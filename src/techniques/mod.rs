@@ -12,6 +12,7 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::rng::Rng;
 
+pub mod alloc;
 pub mod attention;
 pub mod copy;
 pub mod matmul;
@@ -241,6 +242,7 @@ pub fn registry(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
     cases.extend(matmul::cases(profile, kind));
     cases.extend(attention::cases(profile, kind));
     cases.extend(train::cases(profile, kind));
+    cases.extend(alloc::cases(profile, kind));
     cases
 }
 
@@ -251,5 +253,6 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
     cases.extend(matmul::check_cases(kind));
     cases.extend(attention::check_cases(kind));
     cases.extend(train::check_cases());
+    cases.extend(alloc::check_cases());
     cases
 }
