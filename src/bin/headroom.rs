@@ -11,6 +11,7 @@ use headroom::backend;
 use headroom::harness::{matches_filters, summary_line, Session, Settings};
 use headroom::kernels;
 use headroom::memory::format_bytes;
+use headroom::model::ModelShape;
 use headroom::report::{self, compare, Report, Status};
 use headroom::techniques::{check_cases, registry};
 use headroom::Error;
@@ -42,6 +43,29 @@ enum Command {
     },
     /// Rebuild the Markdown summary and plots of the last `cargo bench` run (or of FILE).
     Report { file: Option<PathBuf> },
+    /// Every training configuration that fits a model in a budget, fastest first.
+    Plan {
+        #[arg(long)]
+        layers: usize,
+        #[arg(long)]
+        hidden: usize,
+        #[arg(long)]
+        heads: usize,
+        /// Sequence length.
+        #[arg(long)]
+        seq: usize,
+        /// Global batch (sequences per optimizer step).
+        #[arg(long)]
+        batch: usize,
+        /// e.g. 24GiB, 80GB.
+        #[arg(long)]
+        budget: String,
+        /// A report measured on the card to plan for (default: the latest in target/headroom).
+        #[arg(long)]
+        report: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = ListFormat::Text)]
+        format: ListFormat,
+    },
     /// The same cases side by side across reports (cards, versions, backends).
     Compare {
         #[arg(required = true, num_args = 2..)]
@@ -65,6 +89,27 @@ fn main() -> ExitCode {
         Command::Cases { format } => cases(format),
         Command::Report { file } => rebuild_report(file),
         Command::Compare { reports, format } => compare_reports(&reports, format),
+        Command::Plan {
+            layers,
+            hidden,
+            heads,
+            seq,
+            batch,
+            budget,
+            report,
+            format,
+        } => plan(
+            ModelShape {
+                layers,
+                hidden,
+                heads,
+                seq,
+                batch,
+            },
+            &budget,
+            report,
+            format,
+        ),
     };
     match result {
         Ok(code) => code,
@@ -246,6 +291,35 @@ fn latest_report(dir: &std::path::Path) -> Result<PathBuf, Error> {
                 dir.display()
             ))
         })
+}
+
+fn plan(shape: ModelShape, budget: &str, report: Option<PathBuf>, format: ListFormat) -> Outcome {
+    shape.check()?;
+    let budget = headroom::memory::parse_bytes(budget)
+        .map_err(|e| Error::Invalid(format!("--budget: {e}")))?;
+    let path = match report {
+        Some(p) => Some(p),
+        None => latest_report(&report::report_dir()).ok(),
+    };
+    let loaded = path.as_ref().map(|p| Report::read(p)).transpose()?;
+    let rows = report::plan::plan(&shape, budget, loaded.as_ref());
+    match format {
+        ListFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).expect("serializable")
+        ),
+        ListFormat::Text => {
+            let label = path
+                .as_ref()
+                .zip(loaded.as_ref())
+                .map(|(p, r)| format!("{} ({})", p.display(), r.device.name));
+            print!(
+                "{}",
+                report::plan::render(&shape, budget, label.as_deref(), &rows)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn compare_reports(paths: &[PathBuf], format: compare::Format) -> Outcome {

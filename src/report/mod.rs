@@ -16,6 +16,7 @@ use crate::techniques::{CaseInfo, Validation};
 
 pub mod compare;
 pub mod markdown;
+pub mod plan;
 pub mod svg;
 
 pub const SCHEMA_NAME: &str = "headroom-report";
