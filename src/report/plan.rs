@@ -217,8 +217,8 @@ pub fn render(
     let _ = writeln!(out, "\n{fitting} of {} configurations fit:\n", rows.len());
     let _ = writeln!(
         out,
-        "{:<28} {:<5} {:>12} {:>12} {:>12}  {}",
-        "policy", "dtype", "step (ms)", "peak", "margin", "time from"
+        "{:<28} {:<5} {:>12} {:>12} {:>12}  time from",
+        "policy", "dtype", "step (ms)", "peak", "margin"
     );
     for r in rows.iter().filter(|r| r.fits) {
         let ms = r
