@@ -380,14 +380,21 @@ fn traces_round_trip_and_record() {
 
     let tracker = MemoryTracker::new(None);
     tracker.start_timeline();
-    tracker.admit(64, "w").unwrap();
-    tracker.admit(64, "w").unwrap();
-    tracker.admit(32, "g").unwrap();
-    tracker.release(64, "w");
-    tracker.release(32, "g");
-    tracker.release(64, "w");
+    let w1 = tracker.admit(64, "w").unwrap();
+    let w2 = tracker.admit(64, "w").unwrap();
+    let g = tracker.admit(32, "g").unwrap();
+    tracker.release(w1, 64, "w");
+    tracker.release(g, 32, "g");
+    tracker.release(w2, 64, "w");
     let tl = Trace::from_timeline("timeline", &tracker.take_timeline()).unwrap();
     assert_eq!(tl.peak_live_bytes(), 160);
+    // Releases name their allocation: the first "w" freed is the first allocated.
+    use headroom::alloc::TraceEvent;
+    let first_free = tl.events.iter().find_map(|e| match e {
+        TraceEvent::Free { id } => Some(*id),
+        _ => None,
+    });
+    assert_eq!(first_free, Some(0));
     let mut alloc = build("caching", 1 << 30);
     let m = replay(&tl, alloc.as_mut(), Some(1)).unwrap();
     assert_eq!(m.peak_allocated, 160);

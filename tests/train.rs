@@ -209,3 +209,56 @@ fn activations_per_layer_beside_korthikanti() {
     );
     assert_eq!(naive, 32 * s * h + 16 * s + 2 * a * s * s);
 }
+
+/// At the benchmark's own sizes, where the CPU could not compute a step: the dry backend runs
+/// the same schedule's allocations, and its peak must equal the model for every policy.
+#[test]
+fn peak_equals_the_model_at_full_size_on_the_dry_backend() {
+    use headroom::backend::dry::DryBackend;
+    let shapes = [
+        ModelShape {
+            layers: 12,
+            hidden: 768,
+            heads: 12,
+            seq: 1024,
+            batch: 8,
+        },
+        ModelShape {
+            layers: 24,
+            hidden: 2048,
+            heads: 16,
+            seq: 2048,
+            batch: 4,
+        },
+    ];
+    for shape in shapes {
+        let init = InitialValues::unset();
+        for cp in [
+            Checkpoint::None,
+            Checkpoint::Full,
+            Checkpoint::sqrt_default(shape.layers),
+            Checkpoint::Selective,
+        ] {
+            for attention in [Variant::Flash, Variant::Naive] {
+                for dtype in [DType::F32, DType::Bf16] {
+                    for mb in [1, 2, 4] {
+                        let p = policy(cp, attention, dtype, mb);
+                        let be = DryBackend::new(None);
+                        let mut st = TrainState::new(&be, shape, p, &init).unwrap();
+                        st.step(&be).unwrap();
+                        drop(st);
+                        let peak = be.memory().stats().peak_allocated;
+                        assert_eq!(
+                            peak,
+                            model(&shape, &p).peak,
+                            "{}/{dtype}/{}",
+                            p.name(),
+                            shape.name()
+                        );
+                        assert_eq!(be.memory().stats().allocated, 0, "everything is freed");
+                    }
+                }
+            }
+        }
+    }
+}

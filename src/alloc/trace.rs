@@ -66,23 +66,33 @@ impl Trace {
         Ok(t)
     }
 
-    /// A trace from the tracked allocator's timeline, which names buffers by tag only: a
-    /// release frees the most recent live buffer with the same tag and size. Buffers of equal
-    /// tag and size are interchangeable to an allocator except for which address is freed, so
-    /// this is exact up to that choice.
+    /// A trace from the tracked allocator's timeline: each release names the allocation it
+    /// frees by the tracker's id. (Timelines from before ids were recorded carry id 0; for
+    /// those a release frees the most recent live buffer of the same tag and size, which is
+    /// exact up to which of two interchangeable buffers is freed.)
     pub fn from_timeline(name: &str, timeline: &[MemoryEvent]) -> Result<Trace> {
         let mut live: HashMap<(String, u64), Vec<u64>> = HashMap::new();
+        let mut by_id: HashMap<u64, u64> = HashMap::new();
         let mut next = 0u64;
         let mut events = Vec::with_capacity(timeline.len());
         for (i, e) in timeline.iter().enumerate() {
             let size = e.delta.unsigned_abs();
             let key = (e.tag.clone(), size);
             if e.delta >= 0 {
-                live.entry(key).or_default().push(next);
+                if e.id != 0 {
+                    by_id.insert(e.id, next);
+                } else {
+                    live.entry(key).or_default().push(next);
+                }
                 events.push((next, size, e.tag.clone(), true));
                 next += 1;
             } else {
-                let id = live.get_mut(&key).and_then(|v| v.pop()).ok_or_else(|| {
+                let found = if e.id != 0 {
+                    by_id.remove(&e.id)
+                } else {
+                    live.get_mut(&key).and_then(|v| v.pop())
+                };
+                let id = found.ok_or_else(|| {
                     invalid(format!(
                         "timeline event {i} releases {} of '{}', which was never allocated in it",
                         format_bytes(size),

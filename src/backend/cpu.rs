@@ -95,20 +95,21 @@ impl Backend for CpuBackend {
 
     fn alloc(&self, dtype: DType, len: usize, tag: &str) -> Result<Tensor> {
         let bytes = (len * dtype.size()) as u64;
-        self.tracker.admit(bytes, tag)?;
+        let id = self.tracker.admit(bytes, tag)?;
         let words = (bytes as usize).div_ceil(8);
         let mut storage = Vec::new();
         if storage.try_reserve_exact(words).is_err() {
             let oom = self
                 .tracker
                 .device_oom(bytes, tag, "host allocation failed");
-            self.tracker.release(bytes, tag);
+            self.tracker.release(id, bytes, tag);
             return Err(oom.into());
         }
         storage.resize(words, 0u64);
         Ok(Tensor::new(
             dtype,
             len,
+            id,
             tag,
             Storage::Host(storage),
             self.tracker.clone(),

@@ -106,7 +106,7 @@ impl Backend for CudaBackend {
 
     fn alloc(&self, dtype: DType, len: usize, tag: &str) -> Result<Tensor> {
         let bytes = (len * dtype.size()) as u64;
-        self.tracker.admit(bytes, tag)?;
+        let id = self.tracker.admit(bytes, tag)?;
         let ptr = if bytes == 0 {
             0
         } else {
@@ -122,7 +122,7 @@ impl Backend for CudaBackend {
             match r {
                 Ok(p) => p,
                 Err(e) => {
-                    self.tracker.release(bytes, tag);
+                    self.tracker.release(id, bytes, tag);
                     if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
                         return Err(self
                             .tracker
@@ -137,7 +137,14 @@ impl Backend for CudaBackend {
             ptr,
             stream: self.dev.stream.clone(),
         };
-        Ok(Tensor::new(dtype, len, tag, storage, self.tracker.clone()))
+        Ok(Tensor::new(
+            dtype,
+            len,
+            id,
+            tag,
+            storage,
+            self.tracker.clone(),
+        ))
     }
 
     fn write(&self, t: &mut Tensor, values: &[f32]) -> Result<()> {

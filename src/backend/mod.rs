@@ -16,11 +16,14 @@ use crate::memory::MemoryTracker;
 pub mod cpu;
 #[cfg(headroom_cuda)]
 pub mod cuda;
+pub mod dry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     Cuda,
     Cpu,
+    /// Allocates and checks shapes but computes nothing: a schedule's memory at any size.
+    Dry,
 }
 
 impl BackendKind {
@@ -28,6 +31,7 @@ impl BackendKind {
         match self {
             BackendKind::Cuda => "cuda",
             BackendKind::Cpu => "cpu",
+            BackendKind::Dry => "dry",
         }
     }
 }
@@ -36,6 +40,8 @@ impl BackendKind {
 pub(crate) enum Storage {
     /// Host memory; `u64` words keep every element type aligned.
     Host(Vec<u64>),
+    /// No memory at all (the dry backend).
+    Dry,
     /// A device allocation, freed on `stream` when dropped.
     #[cfg(headroom_cuda)]
     Device {
@@ -48,6 +54,8 @@ pub(crate) enum Storage {
 pub struct Tensor {
     dtype: DType,
     len: usize,
+    /// The tracker's id of this allocation.
+    id: u64,
     tag: String,
     pub(crate) storage: Storage,
     tracker: MemoryTracker,
@@ -57,6 +65,7 @@ impl Tensor {
     pub(crate) fn new(
         dtype: DType,
         len: usize,
+        id: u64,
         tag: &str,
         storage: Storage,
         tracker: MemoryTracker,
@@ -64,6 +73,7 @@ impl Tensor {
         Tensor {
             dtype,
             len,
+            id,
             tag: tag.to_string(),
             storage,
             tracker,
@@ -89,8 +99,10 @@ impl Tensor {
     fn host_bytes(&self) -> &[u8] {
         match &self.storage {
             Storage::Host(words) => &bytemuck::cast_slice(words)[..self.len * self.dtype.size()],
-            #[cfg(headroom_cuda)]
-            Storage::Device { .. } => panic!("bug: host view of a device tensor ({})", self.tag),
+            _ => panic!(
+                "bug: host view of a tensor without host memory ({})",
+                self.tag
+            ),
         }
     }
 
@@ -98,8 +110,10 @@ impl Tensor {
         let n = self.len * self.dtype.size();
         match &mut self.storage {
             Storage::Host(words) => &mut bytemuck::cast_slice_mut(words)[..n],
-            #[cfg(headroom_cuda)]
-            Storage::Device { .. } => panic!("bug: host view of a device tensor ({})", self.tag),
+            _ => panic!(
+                "bug: host view of a tensor without host memory ({})",
+                self.tag
+            ),
         }
     }
 
@@ -153,7 +167,10 @@ impl Tensor {
     pub(crate) fn device_ptr(&self) -> u64 {
         match &self.storage {
             Storage::Device { ptr, .. } => *ptr,
-            Storage::Host(_) => panic!("bug: device pointer of a host tensor ({})", self.tag),
+            _ => panic!(
+                "bug: device pointer of a tensor without device memory ({})",
+                self.tag
+            ),
         }
     }
 }
@@ -174,7 +191,7 @@ impl Drop for Tensor {
                 }
             }
         }
-        self.tracker.release(self.bytes(), &self.tag);
+        self.tracker.release(self.id, self.bytes(), &self.tag);
     }
 }
 

@@ -82,6 +82,12 @@ enum ListFormat {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE and then panics when printing into a closed pipe
+    // (`headroom info | head`); restore the default so the process just ends.
+    // SAFETY: called before any other thread exists; SIG_DFL is a valid handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info => info(),

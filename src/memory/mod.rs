@@ -100,6 +100,9 @@ impl fmt::Display for OutOfMemory {
 /// One allocation or release, for memory timelines.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemoryEvent {
+    /// The allocation's id, unique within a tracker (a release names the allocation it frees).
+    #[serde(default)]
+    pub id: u64,
     pub tag: String,
     /// Positive for an allocation, negative for a release.
     pub delta: i64,
@@ -115,6 +118,7 @@ struct State {
     peak_reserved: u64,
     budget: Option<u64>,
     allocations: u64,
+    next_id: u64,
     timeline: Option<Vec<MemoryEvent>>,
 }
 
@@ -155,9 +159,9 @@ impl MemoryTracker {
     }
 
     /// Reserve `bytes` for a buffer tagged `tag`, or refuse with the budget's message.
-    /// On success the caller must eventually call [`MemoryTracker::release`] with the same
-    /// size (buffers do so when dropped).
-    pub fn admit(&self, bytes: u64, tag: &str) -> std::result::Result<(), OutOfMemory> {
+    /// On success returns the allocation's id; the caller must eventually call
+    /// [`MemoryTracker::release`] with it and the same size (buffers do so when dropped).
+    pub fn admit(&self, bytes: u64, tag: &str) -> std::result::Result<u64, OutOfMemory> {
         let mut s = self.lock();
         if let Some(budget) = s.budget {
             if s.reserved + bytes > budget {
@@ -176,15 +180,17 @@ impl MemoryTracker {
         s.allocations += 1;
         s.peak_allocated = s.peak_allocated.max(s.allocated);
         s.peak_reserved = s.peak_reserved.max(s.reserved);
-        let allocated = s.allocated;
+        s.next_id += 1;
+        let (allocated, id) = (s.allocated, s.next_id);
         if let Some(tl) = s.timeline.as_mut() {
             tl.push(MemoryEvent {
+                id,
                 tag: tag.into(),
                 delta: bytes as i64,
                 allocated,
             });
         }
-        Ok(())
+        Ok(id)
     }
 
     /// The out-of-memory error for a refusal by the device rather than the budget.
@@ -200,7 +206,7 @@ impl MemoryTracker {
         }
     }
 
-    pub fn release(&self, bytes: u64, tag: &str) {
+    pub fn release(&self, id: u64, bytes: u64, tag: &str) {
         let mut s = self.lock();
         debug_assert!(s.allocated >= bytes, "released more than allocated");
         s.allocated = s.allocated.saturating_sub(bytes);
@@ -208,6 +214,7 @@ impl MemoryTracker {
         let allocated = s.allocated;
         if let Some(tl) = s.timeline.as_mut() {
             tl.push(MemoryEvent {
+                id,
                 tag: tag.into(),
                 delta: -(bytes as i64),
                 allocated,
@@ -303,9 +310,9 @@ mod tests {
     #[test]
     fn peak_tracks_and_resets() {
         let t = MemoryTracker::new(None);
-        t.admit(100, "a").unwrap();
+        let a = t.admit(100, "a").unwrap();
         t.admit(50, "b").unwrap();
-        t.release(100, "a");
+        t.release(a, 100, "a");
         assert_eq!(t.stats().peak_allocated, 150);
         assert_eq!(t.stats().allocated, 50);
         t.reset_peak();
@@ -319,10 +326,11 @@ mod tests {
     fn timeline_records_events() {
         let t = MemoryTracker::new(None);
         t.start_timeline();
-        t.admit(8, "x").unwrap();
-        t.release(8, "x");
+        let id = t.admit(8, "x").unwrap();
+        t.release(id, 8, "x");
         let tl = t.take_timeline();
         assert_eq!(tl.len(), 2);
+        assert_eq!((tl[0].id, tl[1].id), (id, id));
         assert_eq!(tl[0].delta, 8);
         assert_eq!(tl[1].allocated, 0);
     }

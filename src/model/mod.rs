@@ -240,6 +240,15 @@ pub struct InitialValues {
 }
 
 impl InitialValues {
+    /// No values: weights and inputs are zeroed instead (for dry runs, where nothing is
+    /// computed and full-size host copies would only cost memory).
+    pub fn unset() -> Self {
+        InitialValues {
+            weights: Vec::new(),
+            input: Vec::new(),
+        }
+    }
+
     /// GPT-2-like scales: matrices ~ U(-a, a) with a = √3·0.02 (std 0.02), biases small,
     /// layernorm weights near 1; inputs ~ U(-1, 1).
     pub fn random(shape: &ModelShape, rng: &mut Rng) -> Self {
@@ -293,10 +302,9 @@ impl TrainState {
                         .map(|(i, &n)| {
                             let tag = tagged(category, l, PARAM_NAMES[i]);
                             let mut t = be.alloc(DType::F32, n, &tag)?;
-                            if fill {
-                                be.write(&mut t, &init.weights[l][i])?;
-                            } else {
-                                be.zero(&mut t)?;
+                            match init.weights.get(l).filter(|_| fill) {
+                                Some(w) => be.write(&mut t, &w[i])?,
+                                None => be.zero(&mut t)?,
                             }
                             Ok(t)
                         })
@@ -325,7 +333,10 @@ impl TrainState {
         let mut inputs = Vec::new();
         for j in 0..policy.micro_batches {
             let mut t = be.alloc(policy.dtype, micro, &format!("inputs: micro-batch {j}"))?;
-            be.write(&mut t, &init.input[j * micro..(j + 1) * micro])?;
+            match init.input.get(j * micro..(j + 1) * micro) {
+                Some(values) => be.write(&mut t, values)?,
+                None => be.zero(&mut t)?,
+            }
             inputs.push(t);
         }
         let mut loss = be.alloc(DType::F32, 1, "workspace: loss")?;

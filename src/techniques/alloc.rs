@@ -15,10 +15,13 @@ use std::sync::{Arc, Mutex};
 
 use crate::alloc::trace::{fragmenting_trace, replay_simulated, steady_trace};
 use crate::alloc::{AllocatorMetrics, AllocatorSpec, Trace};
+use crate::backend::dry::DryBackend;
 use crate::backend::{Backend, BackendKind};
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::model::{Checkpoint, InitialValues, ModelShape, Policy, TrainState};
 use crate::rng::Rng;
+use crate::techniques::attention::Variant;
 use crate::techniques::{Case, CaseInfo, Instance, Profile, Validation};
 
 /// The metrics of the latest validation of each allocator case, by case id.
@@ -152,8 +155,61 @@ pub fn metrics(case_id: &str) -> Option<AllocatorMetrics> {
         .and_then(|c| c.replay(true).ok())
 }
 
+/// The allocation trace of `steps` optimizer steps of a training schedule, recorded on the
+/// dry backend (the schedule's exact allocations at full size, nothing computed), with a
+/// device capacity 10% above its peak of live bytes: a card the model just fits.
+pub fn training_trace(
+    name: &str,
+    shape: ModelShape,
+    policy: Policy,
+    steps: usize,
+) -> Result<Trace> {
+    let be = DryBackend::new(None);
+    be.memory().start_timeline();
+    {
+        let mut state = TrainState::new(&be, shape, policy, &InitialValues::unset())?;
+        for _ in 0..steps {
+            state.step(&be)?;
+        }
+    }
+    let mut trace = Trace::from_timeline(name, &be.memory().take_timeline())?;
+    trace.capacity = Some(trace.peak_live_bytes() / 10 * 11);
+    Ok(trace)
+}
+
+/// Two steps of GPT-2 small (bf16, flash), without checkpointing and with selective
+/// recomputation over four micro-batches.
+fn training_traces() -> Vec<Trace> {
+    let gpt2 = ModelShape {
+        layers: 12,
+        hidden: 768,
+        heads: 12,
+        seq: 1024,
+        batch: 8,
+    };
+    let policy = |checkpoint, micro_batches| Policy {
+        checkpoint,
+        attention: Variant::Flash,
+        dtype: DType::Bf16,
+        micro_batches,
+    };
+    [
+        ("train-gpt2-small-none", policy(Checkpoint::None, 1)),
+        (
+            "train-gpt2-small-selective-mb4",
+            policy(Checkpoint::Selective, 4),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, p)| {
+        training_trace(name, gpt2, p, 2).expect("the dry run of a valid shape cannot fail")
+    })
+    .collect()
+}
+
 fn all_cases() -> Vec<AllocCase> {
-    let traces = [Arc::new(fragmenting_trace()), Arc::new(steady_trace())];
+    let mut traces = vec![Arc::new(fragmenting_trace()), Arc::new(steady_trace())];
+    traces.extend(training_traces().into_iter().map(Arc::new));
     let mut v = Vec::new();
     for t in &traces {
         let capacity = t.capacity.unwrap_or(u64::MAX);

@@ -459,7 +459,7 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
                 AttentionShape::new(1, 2, 128, 128, true),
             );
         }
-        BackendKind::Cuda => {
+        BackendKind::Cuda | BackendKind::Dry => {
             let seqs: &[usize] = match profile {
                 Profile::Quick => &[1024, 4096, 8192],
                 Profile::Full => &[512, 1024, 2048, 4096, 8192, 16384, 32768],
@@ -492,7 +492,7 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
     let mut out: Vec<Box<dyn Case>> = Vec::new();
     let seqs: &[usize] = match kind {
         BackendKind::Cpu => &[1, 77],
-        BackendKind::Cuda => &[1, 77, 129, 1000],
+        BackendKind::Cuda | BackendKind::Dry => &[1, 77, 129, 1000],
     };
     for &n in seqs {
         for v in [Variant::Naive, Variant::Flash] {

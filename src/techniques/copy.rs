@@ -62,7 +62,7 @@ impl Instance for CopyInstance {
 /// 1 GiB per buffer on a GPU (far beyond any L2), 16 MiB on the CPU.
 pub fn cases(_profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
     let len = match kind {
-        BackendKind::Cuda => 1 << 28,
+        BackendKind::Cuda | BackendKind::Dry => 1 << 28,
         BackendKind::Cpu => 1 << 22,
     };
     vec![Box::new(CopyCase::new(len))]

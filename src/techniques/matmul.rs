@@ -224,10 +224,10 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
         (BackendKind::Cpu, Profile::Full) => {
             vec![(256, 256, 256), (512, 512, 512), (512, 1024, 256)]
         }
-        (BackendKind::Cuda, Profile::Quick) => {
+        (BackendKind::Cuda | BackendKind::Dry, Profile::Quick) => {
             vec![(4096, 4096, 4096), (8192, 8192, 8192), (8192, 16384, 4096)]
         }
-        (BackendKind::Cuda, Profile::Full) => vec![
+        (BackendKind::Cuda | BackendKind::Dry, Profile::Full) => vec![
             (1024, 1024, 1024),
             (2048, 2048, 2048),
             (4096, 4096, 4096),
@@ -258,7 +258,7 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
     let mut out: Vec<Box<dyn Case>> = Vec::new();
     let sizes: &[(usize, usize, usize)] = match kind {
         BackendKind::Cpu => &[(127, 257, 131), (1, 1, 1), (64, 72, 520)],
-        BackendKind::Cuda => &[
+        BackendKind::Cuda | BackendKind::Dry => &[
             (127, 257, 131),
             (1, 1, 1),
             (1000, 1064, 520),

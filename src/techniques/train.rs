@@ -289,14 +289,14 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
             },
         ],
         // GPT-2 small (124M without embeddings: 85M in its blocks).
-        (BackendKind::Cuda, Profile::Quick) => vec![ModelShape {
+        (BackendKind::Cuda | BackendKind::Dry, Profile::Quick) => vec![ModelShape {
             layers: 12,
             hidden: 768,
             heads: 12,
             seq: 1024,
             batch: 8,
         }],
-        (BackendKind::Cuda, Profile::Full) => vec![
+        (BackendKind::Cuda | BackendKind::Dry, Profile::Full) => vec![
             ModelShape {
                 layers: 12,
                 hidden: 768,

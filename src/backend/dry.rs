@@ -1,0 +1,254 @@
+//! The dry backend: every allocation goes through the tracked allocator and every operation
+//! checks its shapes, but nothing is stored or computed. It gives a schedule's exact memory
+//! behaviour (peak, timeline, allocation trace) at full size in milliseconds: the allocator
+//! shootout replays training steps recorded on it, and tests hold the memory models to it at
+//! sizes the CPU backend could not compute.
+
+use crate::backend::cpu::{
+    check_attention, check_elementwise, check_heads, check_layernorm, check_scores,
+};
+use crate::backend::{
+    AdamW, AttentionGrads, AttentionShape, Backend, BackendKind, Epi, LayerNorm, Matmul,
+    MatmulKernel, RowStats, Storage, Tensor,
+};
+use crate::device::DeviceFacts;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::memory::MemoryTracker;
+
+pub struct DryBackend {
+    facts: DeviceFacts,
+    tracker: MemoryTracker,
+}
+
+impl DryBackend {
+    pub fn new(budget: Option<u64>) -> Self {
+        let mut facts = DeviceFacts::cpu(Some("dry run: allocations only".into()));
+        facts.backend = "dry".into();
+        DryBackend {
+            facts,
+            tracker: MemoryTracker::new(budget),
+        }
+    }
+}
+
+fn same_len(what: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+    check_elementwise(what, &[a, b])
+}
+
+impl Backend for DryBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Dry
+    }
+    fn facts(&self) -> &DeviceFacts {
+        &self.facts
+    }
+    fn memory(&self) -> &MemoryTracker {
+        &self.tracker
+    }
+    fn alloc(&self, dtype: DType, len: usize, tag: &str) -> Result<Tensor> {
+        let id = self.tracker.admit((len * dtype.size()) as u64, tag)?;
+        Ok(Tensor::new(
+            dtype,
+            len,
+            id,
+            tag,
+            Storage::Dry,
+            self.tracker.clone(),
+        ))
+    }
+    fn write(&self, t: &mut Tensor, values: &[f32]) -> Result<()> {
+        if values.len() != t.len() {
+            return Err(Error::Invalid(format!(
+                "writing {} values into {} ({} elements)",
+                values.len(),
+                t.tag(),
+                t.len()
+            )));
+        }
+        Ok(())
+    }
+    /// Zeros: nothing was computed.
+    fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
+        Ok(vec![0.0; t.len()])
+    }
+    fn poison(&self, _t: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn copy(&self, dst: &mut Tensor, src: &Tensor) -> Result<()> {
+        same_len("copy", dst, src)
+    }
+    fn matmul(
+        &self,
+        _kernel: MatmulKernel,
+        mm: &Matmul,
+        a: &Tensor,
+        b: &Tensor,
+        epi: Epi<'_>,
+        c: &mut Tensor,
+    ) -> Result<()> {
+        mm.check(a, b, c, epi)
+    }
+    fn matmul_available(
+        &self,
+        kernel: MatmulKernel,
+        _dtype: DType,
+    ) -> std::result::Result<(), String> {
+        match kernel {
+            // The dry run stands in for a GPU without Hopper's instructions or cuBLAS.
+            MatmulKernel::Wgmma | MatmulKernel::Cublas => Err("not on the dry backend".into()),
+            _ => Ok(()),
+        }
+    }
+    fn flash_attention_forward(
+        &self,
+        s: &AttentionShape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &mut Tensor,
+        lse: &mut Tensor,
+    ) -> Result<()> {
+        check_attention(s, &[q, k, v, o], &[lse])
+    }
+    fn flash_attention_backward(
+        &self,
+        s: &AttentionShape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+        lse: &Tensor,
+        g: AttentionGrads<'_>,
+    ) -> Result<()> {
+        check_attention(s, &[q, k, v, o, d_o, g.dq, g.dk, g.dv], &[lse, g.delta])
+    }
+    fn softmax_forward(&self, s: &AttentionShape, scores: &mut Tensor) -> Result<()> {
+        check_scores(s, &[scores])
+    }
+    fn softmax_backward(
+        &self,
+        s: &AttentionShape,
+        p: &Tensor,
+        dp: &mut Tensor,
+        _delta: &Tensor,
+    ) -> Result<()> {
+        check_scores(s, &[p, dp])
+    }
+    fn attention_delta(
+        &self,
+        s: &AttentionShape,
+        o: &Tensor,
+        d_o: &Tensor,
+        delta: &mut Tensor,
+    ) -> Result<()> {
+        check_attention(s, &[o, d_o], &[delta])
+    }
+    fn zero(&self, _t: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn layernorm_forward(
+        &self,
+        ln: &LayerNorm,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        out: &mut Tensor,
+        stats: &mut RowStats,
+    ) -> Result<()> {
+        check_layernorm(ln, &[x, out], &[w, b], stats)
+    }
+    fn layernorm_backward(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        stats: &RowStats,
+        dx: &mut Tensor,
+        _accumulate: bool,
+    ) -> Result<()> {
+        check_layernorm(ln, &[d_out, x, dx], &[w], stats)
+    }
+    fn layernorm_backward_params(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        stats: &RowStats,
+        d_weight: &mut Tensor,
+        d_bias: &mut Tensor,
+    ) -> Result<()> {
+        check_layernorm(ln, &[d_out, x], &[d_weight, d_bias], stats)
+    }
+    fn gelu_forward(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        same_len("gelu forward", x, out)
+    }
+    fn gelu_backward(&self, x: &Tensor, d_out: &Tensor, dx: &mut Tensor) -> Result<()> {
+        check_elementwise("gelu backward", &[x, d_out, dx])
+    }
+    fn cast_to_bf16(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        same_len("cast", x, out)
+    }
+    fn tokens_to_heads(
+        &self,
+        s: &AttentionShape,
+        parts: usize,
+        src: &Tensor,
+        dst: &mut Tensor,
+    ) -> Result<()> {
+        check_heads(s, parts, src, dst)
+    }
+    fn heads_to_tokens(
+        &self,
+        s: &AttentionShape,
+        parts: usize,
+        src: &Tensor,
+        dst: &mut Tensor,
+    ) -> Result<()> {
+        check_heads(s, parts, src, dst)
+    }
+    fn column_sum(
+        &self,
+        x: &Tensor,
+        rows: usize,
+        cols: usize,
+        out: &mut Tensor,
+        _accumulate: bool,
+    ) -> Result<()> {
+        if x.len() != rows * cols || out.len() != cols {
+            return Err(Error::Invalid(format!(
+                "column sum of {} ({rows} x {cols}) into {}",
+                x.tag(),
+                out.tag()
+            )));
+        }
+        Ok(())
+    }
+    fn mse_loss(&self, y: &Tensor, _scale: f32, dy: &mut Tensor, _loss: &mut Tensor) -> Result<()> {
+        same_len("loss", y, dy)
+    }
+    fn adamw(
+        &self,
+        _h: &AdamW,
+        _step: u32,
+        param: &mut Tensor,
+        grad: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        _param_bf16: Option<&mut Tensor>,
+    ) -> Result<()> {
+        check_elementwise("adamw", &[param, grad, m, v])
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    fn time(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        f()?;
+        Ok(0.0)
+    }
+    fn flush_cache(&self, _scratch: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+}
