@@ -15,6 +15,7 @@ use crate::rng::Rng;
 pub mod alloc;
 pub mod attention;
 pub mod copy;
+pub mod layers;
 pub mod matmul;
 pub mod train;
 
@@ -252,6 +253,7 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
     cases.extend(copy::check_cases());
     cases.extend(matmul::check_cases(kind));
     cases.extend(attention::check_cases(kind));
+    cases.extend(layers::check_cases());
     cases.extend(train::check_cases());
     cases.extend(alloc::check_cases());
     cases
