@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command for a GPU box: prints `headroom info`, validates every kernel
 # (`headroom check`, then a few cases under compute-sanitizer where it is installed), runs the
-# quick benchmark profile, and copies the report and the logs into OUT.
+# quick benchmark profile, then the PyTorch peer on the same cases where PyTorch is
+# installed, and copies the reports and the logs into OUT.
 #
 #   device-check.sh OUT [BINDIR]
 #
@@ -79,5 +80,29 @@ echo "== quick benchmark profile"
 "$bindir/headroom-bench" --bench 2>&1 | tee "$out/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 ls "$out"/*.json >/dev/null 2>&1 || { echo "device-check.sh: no report was written" >&2; status=1; }
+# The PyTorch peer: the same cases measured the way PyTorch users would, beside headroom's.
+peer=""
+for p in "$here/peers/torch/headroom_torch.py" "$here/../peers/torch/headroom_torch.py"; do
+    [ -f "$p" ] && peer="$p" && break
+done
+if [ -n "$peer" ] && python3 -c 'import torch' >/dev/null 2>&1; then
+    echo "== PyTorch peer"
+    mkdir -p "$out/torch"
+    if HEADROOM_BACKEND=cuda "$bindir/headroom" cases --format json >"$out/torch/cases.json"; then
+        timeout "${HEADROOM_TORCH_TIMEOUT:-1200}" python3 "$peer" --cases "$out/torch/cases.json" \
+            --out "$out" --device cuda --max-seconds "${HEADROOM_TORCH_MAX_SECONDS:-30}" 2>&1 |
+            tee "$out/torch/torch.log"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "device-check.sh: the PyTorch peer failed (see torch/torch.log)"; status=1; }
+        torch_json=$(ls -t "$out"/*-torch.json 2>/dev/null | head -n 1)
+        own_json=$(ls -t "$out"/*.json 2>/dev/null | grep -v -e '-torch\.json$' | head -n 1)
+        if [ -n "$torch_json" ] && [ -n "$own_json" ]; then
+            "$bindir/headroom" compare "$own_json" "$torch_json" 2>&1 | tee "$out/torch/compare.txt"
+        fi
+    else
+        echo "device-check.sh: headroom cases failed; the PyTorch peer did not run"; status=1
+    fi
+else
+    echo "== PyTorch peer: skipped (python3 cannot import torch, or peers/torch is not beside this script)"
+fi
 echo "device-check.sh: report and logs in $out (status $status)"
 exit $status

@@ -3,7 +3,7 @@
 # puts them with the device check in one folder:
 #
 #   scripts/package.sh [DIR]        (default: dist/)
-#   -> DIR/bin/headroom, DIR/bin/headroom-bench, DIR/device-check.sh
+#   -> DIR/bin/headroom, DIR/bin/headroom-bench, DIR/device-check.sh, DIR/peers/torch/
 #
 # Copy DIR to the GPU box and run `DIR/device-check.sh OUT`. The kernels are embedded; the
 # CUDA runtime is linked statically; libcuda and libcublas are loaded at run time.
@@ -28,5 +28,7 @@ mkdir -p "$dist/bin"
 cp target/release/headroom "$dist/bin/headroom"
 cp "$bench" "$dist/bin/headroom-bench"
 cp scripts/device-check.sh "$dist/device-check.sh"
+mkdir -p "$dist/peers/torch"
+cp peers/torch/headroom_torch.py peers/torch/README.md "$dist/peers/torch/"
 "$dist/bin/headroom" info | sed -n '/^kernels:/p'
 echo "package.sh: $dist is ready; on the GPU box run: $dist/device-check.sh OUT"

@@ -57,10 +57,24 @@ impl DeviceFacts {
         }
     }
 
-    /// A file-name-safe name: `nvidia-h100-80gb-hbm3`, `cpu`.
+    /// A file-name-safe name: `nvidia-h100-80gb-hbm3`, `cpu`; a PyTorch peer's report gets
+    /// `-torch` so it never overwrites headroom's own for the same card.
     pub fn slug(&self) -> String {
         if self.backend == "cpu" {
             return "cpu".into();
+        }
+        if self.backend == "torch" {
+            let base = DeviceFacts {
+                backend: "cuda".into(),
+                ..self.clone()
+            }
+            .slug();
+            let base = if self.name == "cpu" {
+                "cpu".to_string()
+            } else {
+                base
+            };
+            return format!("{base}-torch");
         }
         let mut s = String::new();
         for c in self.name.to_lowercase().chars() {

@@ -154,6 +154,19 @@ impl Comparison {
         let mut all = Vec::new();
         let mut missing = Vec::new();
         let mut findings = Vec::new();
+        // PyTorch's figures come from its caching allocator and autograd's saved tensors, so
+        // they are compared with each other, and headroom's with headroom's.
+        let torch: Vec<bool> = reports
+            .iter()
+            .map(|(_, r)| r.device.backend == "torch")
+            .collect();
+        if torch.iter().any(|t| *t) && torch.iter().any(|t| !*t) {
+            findings.push(
+                "memory of the torch reports is PyTorch's (caching allocator, autograd's saved tensors): \
+                 it is expected to differ from headroom's and is not compared with it (peers/torch/README.md)"
+                    .to_string(),
+            );
+        }
         for (id, family) in &ids {
             let records: Vec<Option<&CaseRecord>> = reports
                 .iter()
@@ -174,7 +187,7 @@ impl Comparison {
                     missing_from: missing_from.iter().map(|&i| reports[i].0.clone()).collect(),
                 });
             }
-            findings.extend(case_findings(id, &records));
+            findings.extend(case_findings(id, &records, &torch));
             all.push(PartialRow {
                 id: id.clone(),
                 family: family.clone(),
@@ -504,7 +517,7 @@ fn versus(c: &Cell) -> String {
 
 /// What differs for one case across reports that should not: its peak allocated bytes
 /// (among the reports where it ran to completion) and its outcome.
-fn case_findings(id: &str, records: &[Option<&CaseRecord>]) -> Vec<String> {
+fn case_findings(id: &str, records: &[Option<&CaseRecord>], torch: &[bool]) -> Vec<String> {
     let mut out = Vec::new();
     let completed: Vec<(usize, u64)> = records
         .iter()
@@ -514,8 +527,15 @@ fn case_findings(id: &str, records: &[Option<&CaseRecord>]) -> Vec<String> {
             Some((i, r.memory.as_ref()?.peak_allocated))
         })
         .collect();
-    if let Some(&(i0, b0)) = completed.first() {
-        for &(i, b) in &completed[1..] {
+    for group in [false, true] {
+        let same: Vec<&(usize, u64)> = completed
+            .iter()
+            .filter(|(i, _)| torch.get(*i).copied().unwrap_or(false) == group)
+            .collect();
+        let Some(&&(i0, b0)) = same.first() else {
+            continue;
+        };
+        for &&(i, b) in &same[1..] {
             if b != b0 {
                 out.push(format!(
                     "{id}: peak allocated differs: {} ({b0} bytes) on [{}] vs {} ({b} bytes) on [{}]",
