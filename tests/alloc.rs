@@ -411,7 +411,11 @@ fn allocator_cases_validate_on_the_cpu_and_report_metrics() {
     };
     let mut s = Session::new(be, &settings, "test");
     let cases = alloc_cases::check_cases();
-    assert_eq!(cases.len(), 20, "5 allocators x (2 synthetic + 2 training traces)");
+    assert_eq!(
+        cases.len(),
+        20,
+        "5 allocators x (2 synthetic + 2 training traces)"
+    );
     for case in &cases {
         let id = case.info().id.clone();
         assert!(id.starts_with("alloc/") && id.contains("/sim/"), "{id}");
