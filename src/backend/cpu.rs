@@ -546,13 +546,7 @@ impl Backend for CpuBackend {
     }
 
     fn cast_to_bf16(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
-        if x.dtype() != DType::F32 || out.dtype() != DType::Bf16 || x.len() != out.len() {
-            return Err(Error::Invalid(format!(
-                "cast {} (f32) into {} (bf16) of the same length",
-                x.tag(),
-                out.tag()
-            )));
-        }
+        check_cast(x, out)?;
         let v = x.host_values();
         out.set_host_values(&v);
         Ok(())
@@ -596,13 +590,7 @@ impl Backend for CpuBackend {
         out: &mut Tensor,
         accumulate: bool,
     ) -> Result<()> {
-        if x.len() != rows * cols || out.len() != cols || out.dtype() != DType::F32 {
-            return Err(Error::Invalid(format!(
-                "column sum of {} ({rows} x {cols}) into {} (f32, {cols})",
-                x.tag(),
-                out.tag()
-            )));
-        }
+        check_column_sum(x, rows, cols, out)?;
         let xv = x.host_values();
         let o = out.host_f32_mut();
         for j in 0..cols {
@@ -613,10 +601,7 @@ impl Backend for CpuBackend {
     }
 
     fn mse_loss(&self, y: &Tensor, scale: f32, dy: &mut Tensor, loss: &mut Tensor) -> Result<()> {
-        check_elementwise("loss", &[y, dy])?;
-        if loss.len() != 1 || loss.dtype() != DType::F32 {
-            return Err(Error::Invalid("the loss is one f32".into()));
-        }
+        check_loss(y, dy, loss)?;
         let v = y.host_values();
         loss.host_f32_mut()[0] = 0.5 * scale * v.iter().map(|x| x * x).sum::<f32>();
         let g: Vec<f32> = v.iter().map(|x| scale * x).collect();
@@ -634,15 +619,7 @@ impl Backend for CpuBackend {
         v: &mut Tensor,
         param_bf16: Option<&mut Tensor>,
     ) -> Result<()> {
-        check_elementwise("adamw", &[param, grad, m, v])?;
-        if [&*param, grad, &*m, &*v]
-            .iter()
-            .any(|t| t.dtype() != DType::F32)
-        {
-            return Err(Error::Invalid(
-                "AdamW keeps f32 weights, gradients and moments".into(),
-            ));
-        }
+        check_adamw(param, grad, m, v, param_bf16.as_deref())?;
         let g = grad.host_f32().to_vec();
         // Bias corrections in f64, rounded once, as layers.cu computes them on the host.
         let bc = |beta: f32| (1.0 - (beta as f64).powi(step as i32)) as f32;
@@ -759,6 +736,64 @@ pub(crate) fn check_layernorm(
             "layernorm over {} x {}: activations, f32 parameters or statistics have the wrong size",
             ln.tokens, ln.channels
         )));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_cast(x: &Tensor, out: &Tensor) -> Result<()> {
+    if x.dtype() != DType::F32 || out.dtype() != DType::Bf16 || x.len() != out.len() {
+        return Err(Error::Invalid(format!(
+            "cast {} (f32) into {} (bf16) of the same length",
+            x.tag(),
+            out.tag()
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_column_sum(x: &Tensor, rows: usize, cols: usize, out: &Tensor) -> Result<()> {
+    if x.len() != rows * cols || out.len() != cols || out.dtype() != DType::F32 {
+        return Err(Error::Invalid(format!(
+            "column sum of {} ({rows} x {cols}) into {} (f32, {cols})",
+            x.tag(),
+            out.tag()
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_loss(y: &Tensor, dy: &Tensor, loss: &Tensor) -> Result<()> {
+    check_elementwise("loss", &[y, dy])?;
+    if y.dtype() != dy.dtype() || loss.len() != 1 || loss.dtype() != DType::F32 {
+        return Err(Error::Invalid(format!(
+            "the loss of {} needs a gradient of its dtype and one f32 for the loss",
+            y.tag()
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_adamw(
+    param: &Tensor,
+    grad: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    copy: Option<&Tensor>,
+) -> Result<()> {
+    check_elementwise("adamw", &[param, grad, m, v])?;
+    if [param, grad, m, v].iter().any(|t| t.dtype() != DType::F32) {
+        return Err(Error::Invalid(
+            "AdamW keeps f32 weights, gradients and moments".into(),
+        ));
+    }
+    if let Some(c) = copy {
+        if c.len() != param.len() || c.dtype() != DType::Bf16 {
+            return Err(Error::Invalid(format!(
+                "{} must be a bf16 copy of {}",
+                c.tag(),
+                param.tag()
+            )));
+        }
     }
     Ok(())
 }

@@ -9,7 +9,8 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{result as drv, sys};
 
 use crate::backend::cpu::{
-    check_attention, check_elementwise, check_heads, check_layernorm, check_scores,
+    check_adamw, check_attention, check_cast, check_column_sum, check_elementwise, check_heads,
+    check_layernorm, check_loss, check_scores,
 };
 use crate::backend::{
     AdamW, AttentionGrads, AttentionShape, Backend, BackendKind, Epi, Epilogue, LayerNorm, Matmul,
@@ -584,13 +585,7 @@ impl Backend for CudaBackend {
     }
 
     fn cast_to_bf16(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
-        if x.dtype() != DType::F32 || out.dtype() != DType::Bf16 || x.len() != out.len() {
-            return Err(Error::Invalid(format!(
-                "cast {} (f32) into {} (bf16) of the same length",
-                x.tag(),
-                out.tag()
-            )));
-        }
+        check_cast(x, out)?;
         self.bind()?;
         let p = k::hr_elementwise_params {
             x: ptr(x),
@@ -648,13 +643,7 @@ impl Backend for CudaBackend {
         out: &mut Tensor,
         accumulate: bool,
     ) -> Result<()> {
-        if x.len() != rows * cols || out.len() != cols || out.dtype() != DType::F32 {
-            return Err(Error::Invalid(format!(
-                "column sum of {} ({rows} x {cols}) into {} (f32, {cols})",
-                x.tag(),
-                out.tag()
-            )));
-        }
+        check_column_sum(x, rows, cols, out)?;
         let p = k::hr_column_sum_params {
             x: ptr(x),
             out: ptr_mut(out) as *mut f32,
@@ -672,11 +661,7 @@ impl Backend for CudaBackend {
     }
 
     fn mse_loss(&self, y: &Tensor, scale: f32, dy: &mut Tensor, loss: &mut Tensor) -> Result<()> {
-        check_elementwise("loss", &[y, dy])?;
-        same_dtype("loss", y.dtype(), &[dy])?;
-        if loss.len() != 1 || loss.dtype() != DType::F32 {
-            return Err(Error::Invalid("the loss is one f32".into()));
-        }
+        check_loss(y, dy, loss)?;
         let p = k::hr_loss_params {
             y: ptr(y),
             dy: ptr_mut(dy),
@@ -703,17 +688,7 @@ impl Backend for CudaBackend {
         v: &mut Tensor,
         param_bf16: Option<&mut Tensor>,
     ) -> Result<()> {
-        check_elementwise("adamw", &[param, grad, m, v])?;
-        same_dtype("adamw", DType::F32, &[param, grad, m, v])?;
-        if let Some(c) = &param_bf16 {
-            if c.len() != param.len() || c.dtype() != DType::Bf16 {
-                return Err(Error::Invalid(format!(
-                    "{} must be a bf16 copy of {}",
-                    c.tag(),
-                    param.tag()
-                )));
-            }
-        }
+        check_adamw(param, grad, m, v, param_bf16.as_deref())?;
         self.bind()?;
         let p = k::hr_adamw_params {
             param: ptr_mut(param) as *mut f32,

@@ -5,7 +5,8 @@
 //! sizes the CPU backend could not compute.
 
 use crate::backend::cpu::{
-    check_attention, check_elementwise, check_heads, check_layernorm, check_scores,
+    check_adamw, check_attention, check_cast, check_column_sum, check_elementwise, check_heads,
+    check_layernorm, check_loss, check_scores,
 };
 use crate::backend::{
     AdamW, AttentionGrads, AttentionShape, Backend, BackendKind, Epi, LayerNorm, Matmul,
@@ -189,7 +190,7 @@ impl Backend for DryBackend {
         check_elementwise("gelu backward", &[x, d_out, dx])
     }
     fn cast_to_bf16(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
-        same_len("cast", x, out)
+        check_cast(x, out)
     }
     fn tokens_to_heads(
         &self,
@@ -217,17 +218,10 @@ impl Backend for DryBackend {
         out: &mut Tensor,
         _accumulate: bool,
     ) -> Result<()> {
-        if x.len() != rows * cols || out.len() != cols {
-            return Err(Error::Invalid(format!(
-                "column sum of {} ({rows} x {cols}) into {}",
-                x.tag(),
-                out.tag()
-            )));
-        }
-        Ok(())
+        check_column_sum(x, rows, cols, out)
     }
-    fn mse_loss(&self, y: &Tensor, _scale: f32, dy: &mut Tensor, _loss: &mut Tensor) -> Result<()> {
-        same_len("loss", y, dy)
+    fn mse_loss(&self, y: &Tensor, _scale: f32, dy: &mut Tensor, loss: &mut Tensor) -> Result<()> {
+        check_loss(y, dy, loss)
     }
     fn adamw(
         &self,
@@ -237,9 +231,9 @@ impl Backend for DryBackend {
         grad: &Tensor,
         m: &mut Tensor,
         v: &mut Tensor,
-        _param_bf16: Option<&mut Tensor>,
+        param_bf16: Option<&mut Tensor>,
     ) -> Result<()> {
-        check_elementwise("adamw", &[param, grad, m, v])
+        check_adamw(param, grad, m, v, param_bf16.as_deref())
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())
