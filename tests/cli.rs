@@ -8,7 +8,8 @@ fn headroom(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     cmd.args(args)
         .env_remove("HEADROOM_BACKEND")
         .env_remove("HEADROOM_BUDGET")
-        .env_remove("HEADROOM_PROFILE");
+        .env_remove("HEADROOM_PROFILE")
+        .env_remove("HEADROOM_ALLOCATOR");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -121,5 +122,16 @@ fn cases_lists_json_for_peers() {
     assert!(
         ids.contains(&"matmul/cublas/bf16/m4096-n4096-k4096"),
         "{ids:?}"
+    );
+}
+
+#[test]
+fn bad_allocator_is_one_sentence() {
+    let (ok, _, err) = headroom(&["check", "copy/"], &[("HEADROOM_ALLOCATOR", "jemalloc")]);
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("HEADROOM_ALLOCATOR: 'jemalloc' is not an allocator"),
+        "{err}"
     );
 }

@@ -227,3 +227,32 @@ fn headline_longest_sequence_fits_and_the_next_does_not() {
     // The run restored the tracker's own (absent) budget.
     assert_eq!(be.memory().budget(), None);
 }
+
+/// HEADROOM_ALLOCATOR's allocator decides every case's reserved figure: PyTorch-style
+/// caching packs small buffers into 2 MiB segments, while allocated stays the model's.
+#[test]
+fn a_caching_allocator_reserves_whole_segments() {
+    use headroom::alloc::{AllocatorSpec, SimulatedSpace};
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new(None, None));
+    let spec = AllocatorSpec::parse("caching").unwrap();
+    be.memory()
+        .set_allocator(spec.build(Box::new(SimulatedSpace::new(1 << 30))));
+    let settings = Settings {
+        profile: Profile::Quick,
+        budget: None,
+        seed: 9,
+    };
+    let mut s = Session::new(be.clone(), &settings, "test");
+    assert_eq!(s.report.allocator.as_deref(), Some("caching"));
+    let case = check_cases(BackendKind::Cpu)
+        .into_iter()
+        .find(|c| c.info().id == "matmul/simt/f32/m127-n257-k131")
+        .unwrap();
+    let r = s.prepare(case.as_ref()).record;
+    assert_eq!(r.status, Status::Ok);
+    let m = r.memory.unwrap();
+    assert_eq!(m.peak_allocated, m.predicted);
+    // A, B and C are each under 1 MiB: one 2 MiB segment holds them all.
+    assert_eq!(m.peak_reserved, 2 << 20);
+    assert_eq!(be.memory().stats().allocated, 0);
+}

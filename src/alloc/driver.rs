@@ -138,6 +138,10 @@ fn allocation_prop(ordinal: i32) -> sys::CUmemAllocationProp {
     prop
 }
 
+// SAFETY: the pool handle and device pointers are process-wide driver objects, usable from
+// any thread; the driver API is thread-safe, and the tracker serializes access with a mutex.
+unsafe impl Send for DriverSpace {}
+
 impl AddressSpace for DriverSpace {
     fn kind(&self) -> &'static str {
         "cuda"

@@ -101,7 +101,7 @@ pub struct AllocatorStats {
 }
 
 /// An allocator: hands out device memory from an [`AddressSpace`] it owns.
-pub trait Allocator {
+pub trait Allocator: Send {
     /// The allocator as `HEADROOM_ALLOCATOR` spells it, e.g. `caching:max_split=128MiB`.
     fn name(&self) -> String;
     /// `size` bytes for use on `stream`. Refusals are [`Error::OutOfMemory`]; any other driver

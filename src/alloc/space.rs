@@ -70,7 +70,7 @@ impl DriverCalls {
 
 /// The driver operations an allocator needs. Addresses are device addresses (fake ones in the
 /// simulation); sizes of `map`/`unmap` are multiples of [`AddressSpace::granularity`].
-pub trait AddressSpace {
+pub trait AddressSpace: Send {
     /// `simulated` or `cuda`.
     fn kind(&self) -> &'static str;
     /// Physical bytes this space may hand out (the card's memory, or the budget).

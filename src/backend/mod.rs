@@ -594,8 +594,20 @@ pub trait Backend: Send + Sync {
 }
 
 /// The backend `HEADROOM_BACKEND` asks for, or the best one present, with the reason when
-/// it is not the GPU.
+/// it is not the GPU; its tracked allocator follows `HEADROOM_ALLOCATOR` when set.
 pub fn select(budget: Option<u64>) -> Result<Arc<dyn Backend>> {
+    let allocator = crate::alloc::AllocatorSpec::from_env()?;
+    let be = select_backend(budget)?;
+    if let Some(spec) = allocator {
+        // The allocator's simulated space is the card: the budget, else the device's memory.
+        let capacity = budget.or(be.facts().memory_bytes).unwrap_or(1 << 50);
+        let space = crate::alloc::SimulatedSpace::new(capacity);
+        be.memory().set_allocator(spec.build(Box::new(space)));
+    }
+    Ok(be)
+}
+
+fn select_backend(budget: Option<u64>) -> Result<Arc<dyn Backend>> {
     let wanted = std::env::var("HEADROOM_BACKEND").unwrap_or_default();
     match wanted.trim() {
         "" | "auto" => Ok(match open_cuda(budget) {

@@ -53,12 +53,13 @@ pub struct Session {
 
 impl Session {
     pub fn new(backend: Arc<dyn Backend>, settings: &Settings, profile: &str) -> Self {
-        let report = Report::new(
+        let mut report = Report::new(
             profile,
             backend.facts().clone(),
             settings.budget,
             settings.seed,
         );
+        report.allocator = backend.memory().allocator_name();
         Session {
             backend,
             report,
@@ -227,6 +228,9 @@ pub fn summary_line(r: &CaseRecord) -> String {
                 format_bytes(m.peak_allocated),
                 format_bytes(m.predicted)
             ));
+            if m.peak_reserved != m.peak_allocated {
+                s.push_str(&format!(" reserved {}", format_bytes(m.peak_reserved)));
+            }
         }
     }
     if let Some(v) = &r.validation {

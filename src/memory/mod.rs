@@ -110,7 +110,7 @@ pub struct MemoryEvent {
     pub allocated: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct State {
     allocated: u64,
     reserved: u64,
@@ -120,6 +120,21 @@ struct State {
     allocations: u64,
     next_id: u64,
     timeline: Option<Vec<MemoryEvent>>,
+    /// The allocator `HEADROOM_ALLOCATOR` chose, simulated on the requests' sizes: it
+    /// decides "reserved" and refuses what its space cannot hold. None: direct allocation,
+    /// reserved = allocated.
+    allocator: Option<Box<dyn crate::alloc::Allocator>>,
+    blocks: std::collections::HashMap<u64, crate::alloc::Block>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("State")
+            .field("allocated", &self.allocated)
+            .field("reserved", &self.reserved)
+            .field("allocator", &self.allocator.as_ref().map(|a| a.name()))
+            .finish()
+    }
 }
 
 /// A snapshot of the tracker's counters.
@@ -158,12 +173,46 @@ impl MemoryTracker {
         self.lock().budget
     }
 
+    /// Route every later allocation through `allocator` (simulated on the requests' sizes):
+    /// it decides the reserved figure and what no longer fits. Call before allocating.
+    pub fn set_allocator(&self, allocator: Box<dyn crate::alloc::Allocator>) {
+        let mut s = self.lock();
+        debug_assert_eq!(s.allocated, 0, "set the allocator before allocating");
+        s.allocator = Some(allocator);
+    }
+
+    /// The allocator's name (`HEADROOM_ALLOCATOR`'s spelling), or None for direct allocation.
+    pub fn allocator_name(&self) -> Option<String> {
+        self.lock().allocator.as_ref().map(|a| a.name())
+    }
+
     /// Reserve `bytes` for a buffer tagged `tag`, or refuse with the budget's message.
     /// On success returns the allocation's id; the caller must eventually call
     /// [`MemoryTracker::release`] with it and the same size (buffers do so when dropped).
     pub fn admit(&self, bytes: u64, tag: &str) -> std::result::Result<u64, OutOfMemory> {
         let mut s = self.lock();
-        if let Some(budget) = s.budget {
+        let id = s.next_id + 1;
+        if let Some(a) = s.allocator.as_mut() {
+            // The simulated allocator's space has the budget as its capacity, so it refuses
+            // where the card it stands for would, fragmentation included.
+            match a.allocate(bytes, 0) {
+                Ok(block) => {
+                    s.blocks.insert(id, block);
+                }
+                Err(e) => {
+                    let name = a.name();
+                    let reserved = a.stats().reserved;
+                    return Err(OutOfMemory {
+                        requested: bytes,
+                        allocated: s.allocated,
+                        reserved,
+                        budget: s.budget,
+                        source: format!("the {name} allocator: {e}"),
+                        tag: tag.into(),
+                    });
+                }
+            }
+        } else if let Some(budget) = s.budget {
             if s.reserved + bytes > budget {
                 return Err(OutOfMemory {
                     requested: bytes,
@@ -176,12 +225,15 @@ impl MemoryTracker {
             }
         }
         s.allocated += bytes;
-        s.reserved += bytes;
+        s.reserved = match s.allocator.as_ref() {
+            Some(a) => a.stats().reserved,
+            None => s.reserved + bytes,
+        };
         s.allocations += 1;
         s.peak_allocated = s.peak_allocated.max(s.allocated);
         s.peak_reserved = s.peak_reserved.max(s.reserved);
-        s.next_id += 1;
-        let (allocated, id) = (s.allocated, s.next_id);
+        s.next_id = id;
+        let allocated = s.allocated;
         if let Some(tl) = s.timeline.as_mut() {
             tl.push(MemoryEvent {
                 id,
@@ -210,7 +262,19 @@ impl MemoryTracker {
         let mut s = self.lock();
         debug_assert!(s.allocated >= bytes, "released more than allocated");
         s.allocated = s.allocated.saturating_sub(bytes);
-        s.reserved = s.reserved.saturating_sub(bytes);
+        let block = s.blocks.remove(&id);
+        s.reserved = match (s.allocator.as_mut(), block) {
+            (Some(a), Some(b)) => {
+                if let Err(e) = a.free(b) {
+                    eprintln!(
+                        "warning: the {} allocator could not free {tag}: {e}",
+                        a.name()
+                    );
+                }
+                a.stats().reserved
+            }
+            _ => s.reserved.saturating_sub(bytes),
+        };
         let allocated = s.allocated;
         if let Some(tl) = s.timeline.as_mut() {
             tl.push(MemoryEvent {

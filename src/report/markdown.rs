@@ -58,6 +58,12 @@ pub fn render(report: &Report) -> String {
             .map(format_bytes)
             .unwrap_or_else(|| "none (the device's memory)".into()),
     );
+    if let Some(a) = &report.allocator {
+        fact(
+            "allocator",
+            format!("{a} (reserved figures simulated on each case's requests)"),
+        );
+    }
     fact(
         "seed",
         format!("{} (HEADROOM_SEED replays it)", report.seed),

@@ -42,6 +42,10 @@ pub struct Report {
     pub profile: String,
     pub device: DeviceFacts,
     pub budget_bytes: Option<u64>,
+    /// `HEADROOM_ALLOCATOR` when set: every case's reserved figure is that allocator's,
+    /// simulated on the case's requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocator: Option<String>,
     /// The seed of the run's random inputs (`HEADROOM_SEED` replays it).
     pub seed: u64,
     pub ceilings: Ceilings,
@@ -266,6 +270,7 @@ impl Report {
             profile: profile.into(),
             device,
             budget_bytes: budget,
+            allocator: None,
             seed,
             ceilings: Ceilings::default(),
             cases: Vec::new(),
