@@ -25,7 +25,7 @@ for line in sys.stdin:
 [ -n "$bench" ] || { echo "package.sh: the bench executable was not found" >&2; exit 1; }
 
 mkdir -p "$dist/bin"
-cp target/release/headroom "$dist/bin/headroom"
+cp "${CARGO_TARGET_DIR:-target}/release/headroom" "$dist/bin/headroom"
 cp "$bench" "$dist/bin/headroom-bench"
 cp scripts/device-check.sh "$dist/device-check.sh"
 mkdir -p "$dist/peers/torch"
