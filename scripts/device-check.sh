@@ -54,6 +54,8 @@ export HEADROOM_PROFILE="${HEADROOM_PROFILE:-quick}"
     if command -v cuobjdump >/dev/null; then
         echo "== SASS: HGMMA instructions in the sm_90a code"
         cuobjdump -sass -arch sm_90a "$bindir/headroom" 2>/dev/null | grep -c HGMMA || true
+    else
+        echo "== SASS not inspected: cuobjdump is not installed"
     fi
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv 2>/dev/null || true
 } 2>&1 | tee "$out/info.log"
@@ -73,6 +75,8 @@ if command -v compute-sanitizer >/dev/null; then
         }
     done
     tail -n 3 "$out/sanitizer.log"
+else
+    echo "== compute-sanitizer not run: it is not installed"
 fi
 
 echo "== quick benchmark profile"
