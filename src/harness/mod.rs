@@ -141,13 +141,15 @@ impl Session {
         } else {
             None
         };
-        Timer {
+        let mut timer = Timer {
             be,
             instance,
             scratch,
             samples: Vec::new(),
             error: None,
-        }
+        };
+        timer.warm_up(3);
+        timer
     }
 
     /// Add a finished case to the report (and rewrite the report on disk).
@@ -178,6 +180,13 @@ pub struct Timer {
 }
 
 impl Timer {
+    /// A few untimed runs first (clocks up, caches and allocator warm), whose times are
+    /// dropped, so the recorded samples describe the steady state.
+    pub fn warm_up(&mut self, runs: u64) {
+        self.run(runs);
+        self.samples.clear();
+    }
+
     /// Runs `iters` times; returns the summed run time in seconds (what criterion's
     /// `iter_custom` wants). After an error, returns at once and keeps the first error.
     pub fn run(&mut self, iters: u64) -> f64 {
