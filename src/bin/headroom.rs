@@ -155,6 +155,16 @@ fn info() -> Outcome {
             "  driver supports CUDA {}",
             opt(f.driver_cuda_version.clone())
         );
+        let usable = |k: backend::MatmulKernel| match be.matmul_available(k, headroom::DType::Bf16)
+        {
+            Ok(()) => "yes".to_string(),
+            Err(why) => format!("no ({why})"),
+        };
+        println!("  wgmma matmul: {}", usable(backend::MatmulKernel::Wgmma));
+        println!(
+            "  cuBLAS baseline: {}",
+            usable(backend::MatmulKernel::Cublas)
+        );
     }
     if kernels::built() {
         println!(
