@@ -116,8 +116,8 @@ pub fn render(report: &Report) -> String {
                 h.heads,
                 h.head_dim,
                 h.longest_seq,
-                format_bytes(h.model_bytes_at_longest),
-                format_bytes(h.model_bytes_one_more),
+                format!("{} bytes", h.model_bytes_at_longest),
+                format!("{} bytes", h.model_bytes_one_more),
                 cell(&h.run_at_longest),
                 cell(&h.run_one_more)
             );
