@@ -214,7 +214,21 @@ pub(crate) fn baseline_technique(family: &str) -> Option<&'static str> {
     match family {
         "matmul" => Some("cublas"),
         "attention" => Some("naive"),
+        "train" => Some("none-<attention>-mb1"),
         _ => None,
+    }
+}
+
+/// The technique of a case's baseline: the family's, or for a training step the same
+/// attention and precision without checkpointing, in one batch (`none-flash-mb1`).
+fn baseline_of(case: &CaseRecord) -> Option<String> {
+    match case.family.as_str() {
+        "train" => case
+            .technique
+            .split_once('-')
+            .and_then(|(_, rest)| rest.rsplit_once("-mb"))
+            .map(|(attention, _)| format!("none-{attention}-mb1")),
+        family => baseline_technique(family).map(str::to_string),
     }
 }
 
@@ -224,7 +238,7 @@ pub(crate) fn baseline_for<'a>(
     case: &CaseRecord,
     cases: &'a [CaseRecord],
 ) -> Option<&'a CaseRecord> {
-    let technique = baseline_technique(&case.family)?;
+    let technique = baseline_of(case)?;
     if case.technique == technique {
         return None;
     }
@@ -238,7 +252,7 @@ pub(crate) fn baseline_for<'a>(
 
 /// What a case saves or costs against its baseline, in one cell.
 fn versus_baseline(case: &CaseRecord, cases: &[CaseRecord]) -> String {
-    if baseline_technique(&case.family) == Some(case.technique.as_str()) {
+    if baseline_of(case).as_deref() == Some(case.technique.as_str()) {
         return "baseline".into();
     }
     let Some(base) = baseline_for(case, cases) else {
