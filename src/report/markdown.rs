@@ -109,15 +109,15 @@ pub fn render(report: &Report) -> String {
         for h in &report.headline {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} × {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} × {} | {} | {} bytes | {} bytes | {} | {} |",
                 format_bytes(h.budget_bytes),
                 h.variant,
                 h.dtype.name(),
                 h.heads,
                 h.head_dim,
                 h.longest_seq,
-                format!("{} bytes", h.model_bytes_at_longest),
-                format!("{} bytes", h.model_bytes_one_more),
+                h.model_bytes_at_longest,
+                h.model_bytes_one_more,
                 cell(&h.run_at_longest),
                 cell(&h.run_one_more)
             );
