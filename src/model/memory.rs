@@ -177,7 +177,7 @@ pub fn model(shape: &ModelShape, policy: &Policy) -> Breakdown {
     l.alloc(Optimizer, 8 * params);
     let z = Sizes::new(shape, policy);
     l.alloc(Inputs, z.a * policy.micro_batches as u64);
-    l.alloc(Workspace, 4); // the loss
+    l.alloc(Workspace, 4 * policy.micro_batches as u64); // one loss per micro-batch
     let layers = shape.layers;
     let seg = policy.checkpoint.segment(layers);
     let recompute = policy.checkpoint.recomputes();

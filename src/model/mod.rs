@@ -207,7 +207,9 @@ pub struct TrainState {
     pub v: Vec<Vec<Tensor>>,
     /// One `[T_micro, C]` input per micro-batch (the embeddings' output).
     pub inputs: Vec<Tensor>,
-    pub loss: Tensor,
+    /// One f32 loss per micro-batch, written on the device and read only when asked for, so
+    /// a timed step never waits on the host.
+    pub losses: Vec<Tensor>,
     pub step: u32,
     pub adamw: AdamW,
 }
@@ -339,8 +341,16 @@ impl TrainState {
             }
             inputs.push(t);
         }
-        let mut loss = be.alloc(DType::F32, 1, "workspace: loss")?;
-        be.zero(&mut loss)?;
+        let mut losses = Vec::new();
+        for j in 0..policy.micro_batches {
+            let mut t = be.alloc(
+                DType::F32,
+                1,
+                &format!("workspace: loss of micro-batch {j}"),
+            )?;
+            be.zero(&mut t)?;
+            losses.push(t);
+        }
         Ok(TrainState {
             shape,
             policy,
@@ -349,30 +359,38 @@ impl TrainState {
             m,
             v,
             inputs,
-            loss,
+            losses,
             step: 0,
             adamw: AdamW::default(),
         })
     }
 
     /// Forward and backward over every micro-batch, gradients zeroed first and then
-    /// accumulated; returns the loss of the global batch.
-    pub fn forward_backward(&mut self, be: &dyn Backend) -> Result<f32> {
+    /// accumulated. Nothing is read back: see [`TrainState::loss`].
+    pub fn forward_backward(&mut self, be: &dyn Backend) -> Result<()> {
         for layer in &mut self.grads {
             for g in layer {
                 be.zero(g)?;
             }
         }
-        let mut total = 0f32;
         for j in 0..self.policy.micro_batches {
-            total += micro_batch(be, self, j)?;
+            micro_batch(be, self, j)?;
+        }
+        Ok(())
+    }
+
+    /// The loss of the global batch from the last forward (the micro-batches' sum).
+    pub fn loss(&self, be: &dyn Backend) -> Result<f32> {
+        let mut total = 0f32;
+        for t in &self.losses {
+            total += be.read(t)?[0];
         }
         Ok(total)
     }
 
-    /// One optimizer step: forward, backward, AdamW. Returns the loss before the update.
-    pub fn step(&mut self, be: &dyn Backend) -> Result<f32> {
-        let loss = self.forward_backward(be)?;
+    /// One optimizer step: forward, backward, AdamW.
+    pub fn step(&mut self, be: &dyn Backend) -> Result<()> {
+        self.forward_backward(be)?;
         self.step += 1;
         let Params { master, bf16 } = &mut self.params;
         let layers = master
@@ -394,7 +412,7 @@ impl TrainState {
                 be.adamw(&self.adamw, self.step, w, g, m, v, copy)?;
             }
         }
-        Ok(loss)
+        Ok(())
     }
 
     /// Every gradient, `[layer][param]`, as host f32.
@@ -407,7 +425,7 @@ impl TrainState {
 }
 
 /// Forward and backward of micro-batch `j` under the state's policy.
-fn micro_batch(be: &dyn Backend, st: &mut TrainState, j: usize) -> Result<f32> {
+fn micro_batch(be: &dyn Backend, st: &mut TrainState, j: usize) -> Result<()> {
     let sh = st.shape;
     let policy = st.policy;
     let ctx = Ctx::new(be, sh, policy);
@@ -417,7 +435,7 @@ fn micro_batch(be: &dyn Backend, st: &mut TrainState, j: usize) -> Result<f32> {
         params,
         grads,
         inputs,
-        loss,
+        losses,
         ..
     } = st;
     let input = &inputs[j];
@@ -452,9 +470,8 @@ fn micro_batch(be: &dyn Backend, st: &mut TrainState, j: usize) -> Result<f32> {
     let last = last.expect("at least one block");
     let mut d_res = ctx.work(ctx.dt, last.len(), "d residual")?;
     let scale = 1.0 / (sh.batch * sh.seq * sh.hidden) as f32;
-    be.mse_loss(&last, scale, &mut d_res, loss)?;
+    be.mse_loss(&last, scale, &mut d_res, &mut losses[j])?;
     drop(last);
-    let loss_value = be.read(loss)?[0];
     // Backward, segment by segment from the last.
     let mut start = ((sh.layers - 1) / seg) * seg;
     loop {
@@ -488,7 +505,7 @@ fn micro_batch(be: &dyn Backend, st: &mut TrainState, j: usize) -> Result<f32> {
         }
         start -= seg;
     }
-    Ok(loss_value)
+    Ok(())
 }
 
 /// The activations one block keeps for its backward.

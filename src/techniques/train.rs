@@ -177,7 +177,8 @@ impl Instance for TrainInstance {
     }
 
     fn validate(&mut self, be: &dyn Backend, _rng: &mut Rng) -> Result<Validation> {
-        let loss = self.state.forward_backward(be)?;
+        self.state.forward_backward(be)?;
+        let loss = self.state.loss(be)?;
         let grads = self.state.read_grads(be)?;
         let shape = self.state.shape;
         let policy = self.state.policy;
