@@ -84,7 +84,7 @@ fn run() -> headroom::Result<()> {
         // The longest sequence each attention variant trains under the run's budget (or a
         // default that keeps the flash run to seconds), confirmed at N and N + 1.
         let (budget, heads, head_dim) = match be.kind() {
-            BackendKind::Cuda | BackendKind::Dry => (settings.budget.unwrap_or(8 << 30), 16, 128),
+            BackendKind::Cuda | BackendKind::Dry => (settings.budget.unwrap_or(4 << 30), 16, 128),
             BackendKind::Cpu => (settings.budget.unwrap_or(2 << 20), 1, 64),
         };
         let mut rng = Rng::new(settings.seed ^ 0x4eed);
