@@ -46,7 +46,7 @@ fn at(x: &[f32], trans: bool, r: usize, c: usize, rows: usize, cols: usize) -> f
     }
 }
 
-fn check_same_dtype(what: &str, dtype: DType, ts: &[&Tensor]) -> Result<()> {
+pub(crate) fn check_same_dtype(what: &str, dtype: DType, ts: &[&Tensor]) -> Result<()> {
     for t in ts {
         if t.dtype() != dtype {
             return Err(Error::Invalid(format!(
