@@ -216,13 +216,13 @@ impl Instance for LayerInstance {
         };
         match self.op {
             Op::LayerNormForward | Op::LayerNormBackward => {
-                let b = &mut self.bufs;
-                let (head, tail) = b.split_at_mut(6);
-                let [x, w, bias, out, mean, rstd] = each_mut::<6>(head);
-                let mut stats = RowStats {
-                    mean: std::mem::replace(mean, be.alloc(DType::F32, 0, "placeholder")?),
-                    rstd: std::mem::replace(rstd, be.alloc(DType::F32, 0, "placeholder")?),
-                };
+                // The statistics travel as one RowStats: lift them out of the buffer list for
+                // the call and put them back after, whatever its outcome.
+                let rstd = self.bufs.remove(5);
+                let mean = self.bufs.remove(4);
+                let mut stats = RowStats { mean, rstd };
+                let (head, tail) = self.bufs.split_at_mut(4);
+                let [x, w, bias, out] = each_mut::<4>(head);
                 // Backward takes its statistics from the forward, as in training.
                 let r = be
                     .layernorm_forward(&ln, x, w, bias, out, &mut stats)
@@ -234,8 +234,8 @@ impl Instance for LayerInstance {
                         }
                         Ok(())
                     });
-                *mean = stats.mean;
-                *rstd = stats.rstd;
+                self.bufs.insert(4, stats.mean);
+                self.bufs.insert(5, stats.rstd);
                 r
             }
             Op::Gelu => {
