@@ -10,7 +10,7 @@ use cudarc::driver::{result as drv, sys};
 
 use crate::backend::cpu::{
     check_adamw, check_attention, check_cast, check_column_sum, check_elementwise, check_heads,
-    check_layernorm, check_loss, check_scores,
+    check_layernorm, check_loss, check_same_dtype, check_scores,
 };
 use crate::backend::{
     AdamW, AttentionGrads, AttentionShape, Backend, BackendKind, Epi, Epilogue, LayerNorm, Matmul,
@@ -26,6 +26,9 @@ pub struct CudaBackend {
     dev: CudaDevice,
     tracker: MemoryTracker,
     blas: OnceLock<std::result::Result<CudaBlas, String>>,
+    /// One pair of timing events, made on first use and reused for every sample: creating
+    /// events per sample would put driver calls on the timing loop's path.
+    events: std::sync::Mutex<Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>>,
 }
 
 impl CudaBackend {
@@ -34,6 +37,7 @@ impl CudaBackend {
             dev,
             tracker: MemoryTracker::new(budget),
             blas: OnceLock::new(),
+            events: std::sync::Mutex::new(None),
         }
     }
 
@@ -74,17 +78,6 @@ fn ptr(t: &Tensor) -> *const c_void {
 }
 fn ptr_mut(t: &mut Tensor) -> *mut c_void {
     t.device_ptr() as *mut c_void
-}
-
-fn same_dtype(what: &str, dtype: DType, ts: &[&Tensor]) -> Result<()> {
-    match ts.iter().find(|t| t.dtype() != dtype) {
-        Some(t) => Err(Error::Invalid(format!(
-            "{what}: {} is {} but the operation is {dtype}",
-            t.tag(),
-            t.dtype()
-        ))),
-        None => Ok(()),
-    }
 }
 
 fn dtype_code(d: DType) -> i32 {
@@ -159,16 +152,16 @@ impl Backend for CudaBackend {
         }
         self.bind()?;
         let dst = t.device_ptr();
-        // SAFETY: dst holds t.bytes() bytes; the copy is synchronous with respect to the host.
-        unsafe {
-            match t.dtype() {
-                DType::F32 => drv::memcpy_htod_async(dst, values, self.dev.stream.cu_stream())?,
-                DType::Bf16 => {
-                    let v: Vec<half::bf16> =
-                        values.iter().map(|x| half::bf16::from_f32(*x)).collect();
-                    drv::memcpy_htod_async(dst, &v, self.dev.stream.cu_stream())?;
-                    self.dev.stream.synchronize()?;
-                }
+        let s = self.dev.stream.cu_stream();
+        // SAFETY: dst holds t.bytes() bytes; the host source lives until the synchronize
+        // below, after which the copy has completed.
+        match t.dtype() {
+            DType::F32 => unsafe { drv::memcpy_htod_async(dst, values, s)? },
+            DType::Bf16 => {
+                let v: Vec<half::bf16> = values.iter().map(|x| half::bf16::from_f32(*x)).collect();
+                unsafe { drv::memcpy_htod_async(dst, &v, s)? };
+                self.dev.stream.synchronize()?;
+                return Ok(());
             }
         }
         self.dev.stream.synchronize()?;
@@ -271,7 +264,7 @@ impl Backend for CudaBackend {
             MatmulKernel::Mma | MatmulKernel::Wgmma => DType::Bf16,
             MatmulKernel::Cublas => a.dtype(),
         };
-        same_dtype("matmul", in_dtype, &[a, b])?;
+        check_same_dtype("matmul", in_dtype, &[a, b])?;
         if kernel == MatmulKernel::Cublas {
             return self.cublas_matmul(mm, a, b, epi, c);
         }
@@ -328,7 +321,7 @@ impl Backend for CudaBackend {
         lse: &mut Tensor,
     ) -> Result<()> {
         let dt = q.dtype();
-        same_dtype("flash attention forward", dt, &[kk, v, o])?;
+        check_same_dtype("flash attention forward", dt, &[kk, v, o])?;
         check_attention(s, &[q, kk, v, o], &[lse])?;
         self.bind()?;
         let mut p = attention_params(s);
@@ -359,7 +352,7 @@ impl Backend for CudaBackend {
         g: AttentionGrads<'_>,
     ) -> Result<()> {
         let dt = q.dtype();
-        same_dtype(
+        check_same_dtype(
             "flash attention backward",
             dt,
             &[kk, v, o, d_o, g.dq, g.dk, g.dv],
@@ -410,7 +403,7 @@ impl Backend for CudaBackend {
         delta: &Tensor,
     ) -> Result<()> {
         check_scores(s, &[pr, dp])?;
-        same_dtype("softmax backward", pr.dtype(), &[dp])?;
+        check_same_dtype("softmax backward", pr.dtype(), &[dp])?;
         self.bind()?;
         let mut p = softmax_params(s);
         p.scores = ptr(pr) as *mut c_void;
@@ -435,7 +428,7 @@ impl Backend for CudaBackend {
         delta: &mut Tensor,
     ) -> Result<()> {
         check_attention(s, &[o, d_o], &[delta])?;
-        same_dtype("attention delta", o.dtype(), &[d_o])?;
+        check_same_dtype("attention delta", o.dtype(), &[d_o])?;
         self.bind()?;
         let mut p = attention_params(s);
         p.o = ptr(o) as *mut c_void;
@@ -475,7 +468,7 @@ impl Backend for CudaBackend {
         stats: &mut RowStats,
     ) -> Result<()> {
         check_layernorm(ln, &[x, out], &[w, b], stats)?;
-        same_dtype("layernorm", x.dtype(), &[out])?;
+        check_same_dtype("layernorm", x.dtype(), &[out])?;
         let mut p = layernorm_params(ln);
         p.x = ptr(x);
         p.weight = ptr(w) as *const f32;
@@ -503,7 +496,7 @@ impl Backend for CudaBackend {
         accumulate: bool,
     ) -> Result<()> {
         check_layernorm(ln, &[d_out, x, dx], &[w], stats)?;
-        same_dtype("layernorm backward", x.dtype(), &[d_out, dx])?;
+        check_same_dtype("layernorm backward", x.dtype(), &[d_out, dx])?;
         let mut p = layernorm_params(ln);
         p.x = ptr(x);
         p.weight = ptr(w) as *const f32;
@@ -531,7 +524,7 @@ impl Backend for CudaBackend {
         d_bias: &mut Tensor,
     ) -> Result<()> {
         check_layernorm(ln, &[d_out, x], &[d_weight, d_bias], stats)?;
-        same_dtype("layernorm backward", x.dtype(), &[d_out])?;
+        check_same_dtype("layernorm backward", x.dtype(), &[d_out])?;
         let mut p = layernorm_params(ln);
         p.x = ptr(x);
         p.mean = ptr(&stats.mean) as *mut f32;
@@ -550,7 +543,7 @@ impl Backend for CudaBackend {
 
     fn gelu_forward(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
         check_elementwise("gelu forward", &[x, out])?;
-        same_dtype("gelu forward", x.dtype(), &[out])?;
+        check_same_dtype("gelu forward", x.dtype(), &[out])?;
         let p = k::hr_elementwise_params {
             x: ptr(x),
             d_out: std::ptr::null(),
@@ -568,7 +561,7 @@ impl Backend for CudaBackend {
 
     fn gelu_backward(&self, x: &Tensor, d_out: &Tensor, dx: &mut Tensor) -> Result<()> {
         check_elementwise("gelu backward", &[x, d_out, dx])?;
-        same_dtype("gelu backward", x.dtype(), &[d_out, dx])?;
+        check_same_dtype("gelu backward", x.dtype(), &[d_out, dx])?;
         let p = k::hr_elementwise_params {
             x: ptr(x),
             d_out: ptr(d_out),
@@ -713,11 +706,16 @@ impl Backend for CudaBackend {
     }
 
     fn time(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
-        let (start, end) = self.dev.timer()?;
+        let mut slot = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(self.dev.timer()?);
+        }
+        let (start, end) = slot.as_ref().expect("made above");
         start.record(&self.dev.stream)?;
         f()?;
         end.record(&self.dev.stream)?;
-        Ok(start.elapsed_ms(&end)? as f64 / 1e3)
+        // elapsed_ms synchronizes on both events, so the pair is free for the next sample.
+        Ok(start.elapsed_ms(end)? as f64 / 1e3)
     }
 
     fn flush_cache(&self, scratch: &mut Tensor) -> Result<()> {
