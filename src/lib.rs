@@ -5,6 +5,7 @@
 //! - [`kernels`]: the Rust side of `kernels/headroom.h` and ptxas' resource table;
 //! - [`device`]: opening the GPU, its facts, event timing;
 //! - [`memory`]: the tracked allocator's bookkeeping, budgets, out-of-memory errors;
+//! - [`shapes`]: the problems' shapes (matmul, attention, layernorm), with no buffers;
 //! - [`backend`]: the operations the suite needs, once for CUDA and once for the CPU;
 //! - [`reference`]: f64 CPU references used for validation;
 //! - [`techniques`]: the cases of each technique with their analytic memory models;
@@ -23,6 +24,7 @@ pub mod model;
 pub mod reference;
 pub mod report;
 pub mod rng;
+pub mod shapes;
 pub mod techniques;
 
 pub use dtype::DType;

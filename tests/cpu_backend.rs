@@ -177,15 +177,16 @@ fn case_ids_are_stable_and_unique() {
 fn validation_catches_a_wrong_result() {
     // A poisoned output that the run never overwrites must fail, not pass.
     use headroom::techniques::Comparison;
-    let mut c = Comparison::new();
+    let mut c = Comparison::new(DType::F32);
     c.all_finite("out", &[1.0, f32::NAN]);
-    c.add(&|| "out[0]".into(), 1.0, 1.0);
-    let v = c.finish(1e-3);
+    c.add("out", &|| "out[0]".into(), 1.0, 1.0);
+    let v = c.finish();
     assert!(!v.passed());
     assert!(v.error.is_infinite());
-    let mut c = Comparison::new();
-    c.add(&|| "out[0]".into(), 1.01, 1.0);
-    assert!(!c.finish(1e-3).passed());
+    assert!(v.detail.starts_with("worst tensor out ("), "{}", v.detail);
+    let mut c = Comparison::new(DType::F32);
+    c.add("out", &|| "out[0]".into(), 1.01, 1.0);
+    assert!(!c.finish().passed());
 }
 
 #[test]

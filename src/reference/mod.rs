@@ -4,7 +4,7 @@
 //! on a random sample of its outputs at a cost linear in the sample, and a small case on all
 //! of them. Inputs are the values actually stored (already rounded to the case's dtype).
 
-use crate::backend::{AttentionShape, Epilogue, Matmul};
+use crate::shapes::{AttentionShape, Epilogue, Matmul};
 
 /// GELU (tanh form) in f64.
 pub fn gelu_tanh(x: f64) -> f64 {
@@ -134,10 +134,12 @@ impl Head<'_> {
             .sum()
     }
 
-    /// dS_ij for the visible keys of row i.
-    fn dscores(&self, s: &AttentionShape, d_o: &[f32], i: usize) -> Vec<f64> {
+    /// dS_ij for the visible keys of row i, with `delta` for delta_i if given (the kernels'
+    /// delta is dO_i · O_i over the O they stored, which differs from the exact one by the
+    /// storage dtype's rounding), else the exact one.
+    fn dscores(&self, s: &AttentionShape, d_o: &[f32], delta: Option<f64>, i: usize) -> Vec<f64> {
         let p = self.probs(s, i);
-        let delta = self.delta(s, d_o, i);
+        let delta = delta.unwrap_or_else(|| self.delta(s, d_o, i));
         let doi = self.row(d_o, i);
         p.iter()
             .enumerate()
@@ -152,10 +154,10 @@ impl Head<'_> {
             .collect()
     }
 
-    /// dQ row i = scale * sum_j dS_ij K_j.
-    pub fn dq(&self, s: &AttentionShape, d_o: &[f32], i: usize) -> Vec<f64> {
+    /// dQ row i = scale * sum_j dS_ij K_j (delta_i as in [`Head::dscores`]).
+    pub fn dq(&self, s: &AttentionShape, d_o: &[f32], delta: Option<f64>, i: usize) -> Vec<f64> {
         let mut out = vec![0f64; self.d];
-        for (j, ds) in self.dscores(s, d_o, i).into_iter().enumerate() {
+        for (j, ds) in self.dscores(s, d_o, delta, i).into_iter().enumerate() {
             for (x, kv) in out.iter_mut().zip(self.row(self.k, j)) {
                 *x += s.scale as f64 * ds * *kv as f64;
             }
@@ -163,9 +165,69 @@ impl Head<'_> {
         out
     }
 
+    /// logsumexp and delta of every query row, in O(N²·d), spread over the available cores:
+    /// what [`Head::dk_dv_row`] needs of each row. delta_i is `delta[i]` if given (see
+    /// [`Head::dscores`]), else dO_i · O_i with the reference O.
+    pub fn row_stats(&self, s: &AttentionShape, d_o: &[f32], delta: Option<&[f64]>) -> RowStats {
+        let rows: Vec<(f64, f64)> = par_map(self.n, |i| {
+            let sc = self.scores(s, i);
+            let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + sc.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+            if let Some(given) = delta {
+                return (lse, given[i]);
+            }
+            let mut o = vec![0f64; self.d];
+            for (j, x) in sc.iter().enumerate() {
+                let p = (x - lse).exp();
+                for (oc, v) in o.iter_mut().zip(self.row(self.v, j)) {
+                    *oc += p * *v as f64;
+                }
+            }
+            let delta = o
+                .iter()
+                .zip(self.row(d_o, i))
+                .map(|(o, g)| o * *g as f64)
+                .sum();
+            (lse, delta)
+        });
+        RowStats {
+            lse: rows.iter().map(|r| r.0).collect(),
+            delta: rows.iter().map(|r| r.1).collect(),
+        }
+    }
+
+    /// Key row j of dK and dV (FlashAttention-2, Algorithm 2): dV_j = sum_i P_ij dO_i and
+    /// dK_j = scale · sum_i dS_ij Q_i over every query row i that sees key j, with
+    /// P_ij = exp(s_ij - lse_i) and dS_ij = P_ij (dO_i · V_j - delta_i), in O(N·d) given
+    /// every row's statistics ([`Head::row_stats`]).
+    pub fn dk_dv_row(
+        &self,
+        s: &AttentionShape,
+        d_o: &[f32],
+        stats: &RowStats,
+        j: usize,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let (kj, vj) = (self.row(self.k, j), self.row(self.v, j));
+        let mut dk = vec![0f64; self.d];
+        let mut dv = vec![0f64; self.d];
+        let first = if s.causal { j } else { 0 };
+        for i in first..self.n {
+            let (qi, doi) = (self.row(self.q, i), self.row(d_o, i));
+            let sij = s.scale as f64 * dot(qi, kj);
+            let p = (sij - stats.lse[i]).exp();
+            let ds = p * (dot(doi, vj) - stats.delta[i]);
+            for c in 0..self.d {
+                dv[c] += p * doi[c] as f64;
+                dk[c] += s.scale as f64 * ds * qi[c] as f64;
+            }
+        }
+        (dk, dv)
+    }
+
     /// Every output of one head at once, in O(N^2 d): O, logsumexp, dQ, dK, dV
-    /// (row-major `[N, d]`, logsumexp `[N]`). For the sizes `check` uses.
-    pub fn full(&self, s: &AttentionShape, d_o: &[f32]) -> HeadOutputs {
+    /// (row-major `[N, d]`, logsumexp `[N]`), with `delta` for every row's delta_i if given
+    /// (see [`Head::dscores`]). For the sizes `check` uses.
+    pub fn full(&self, s: &AttentionShape, d_o: &[f32], delta: Option<&[f64]>) -> HeadOutputs {
         let (n, d) = (self.n, self.d);
         let mut out = HeadOutputs {
             o: vec![0.0; n * d],
@@ -186,7 +248,10 @@ impl Head<'_> {
                     out.o[i * d + c] += pij * *vv as f64;
                 }
             }
-            let delta: f64 = (0..d).map(|c| out.o[i * d + c] * doi[c] as f64).sum();
+            let delta: f64 = match delta {
+                Some(given) => given[i],
+                None => (0..d).map(|c| out.o[i * d + c] * doi[c] as f64).sum(),
+            };
             for (j, pij) in p.iter().enumerate() {
                 let vj = self.row(self.v, j);
                 let dp: f64 = doi.iter().zip(vj).map(|(a, b)| *a as f64 * *b as f64).sum();
@@ -210,4 +275,38 @@ pub struct HeadOutputs {
     pub dq: Vec<f64>,
     pub dk: Vec<f64>,
     pub dv: Vec<f64>,
+}
+
+/// Per-query-row statistics of one head, in f64.
+pub struct RowStats {
+    pub lse: Vec<f64>,
+    pub delta: Vec<f64>,
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+}
+
+/// `f(0..n)` computed on the available cores, in order.
+fn par_map<T: Send, F: Fn(usize) -> T + Sync>(n: usize, f: F) -> Vec<T> {
+    let threads = std::thread::available_parallelism()
+        .map(|t| t.get())
+        .unwrap_or(1)
+        .min(n.max(1));
+    if threads <= 1 {
+        return (0..n).map(f).collect();
+    }
+    let per = n.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let f = &f;
+                scope.spawn(move || (t * per..((t + 1) * per).min(n)).map(f).collect::<Vec<T>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a reference thread panicked"))
+            .collect()
+    })
 }

@@ -10,12 +10,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::AttentionShape;
 use crate::dtype::DType;
 use crate::memory::format_bytes;
 use crate::model::memory::{model, Breakdown};
 use crate::model::{Checkpoint, ModelShape, Policy};
 use crate::report::{Report, Status};
+use crate::shapes::AttentionShape;
 use crate::techniques::attention::{self, Pass, Variant};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,7 +7,10 @@ use crate::backend::{Backend, BackendKind, Tensor};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::rng::Rng;
-use crate::techniques::{random_tensor, Case, CaseInfo, Comparison, Instance, Profile, Validation};
+use crate::techniques::{
+    random_tensor, Bounds, Case, CaseInfo, Comparison, Instance, Profile, Readback, Tamper,
+    Validation,
+};
 
 pub struct CopyCase {
     info: CaseInfo,
@@ -46,16 +49,28 @@ impl Instance for CopyInstance {
     fn run(&mut self, be: &dyn Backend) -> Result<()> {
         be.copy(&mut self.dst, &self.src)
     }
-    fn validate(&mut self, be: &dyn Backend, _rng: &mut Rng) -> Result<Validation> {
+    fn validate(
+        &mut self,
+        be: &dyn Backend,
+        _rng: &mut Rng,
+        tamper: &mut Tamper<'_>,
+    ) -> Result<Validation> {
         be.poison(&mut self.dst)?;
         self.run(be)?;
-        let out = be.read(&self.dst)?;
-        let mut c = Comparison::new();
+        let mut out = be.read(&self.dst)?;
+        tamper(Readback {
+            name: "dst",
+            values: &mut out,
+            row: 1,
+        });
+        // A copy is exact: every element bit for bit.
+        let mut c = Comparison::new(DType::F32);
+        c.bounds("dst", Bounds::EXACT);
         c.all_finite("dst", &out);
         for (i, (o, r)) in out.iter().zip(&self.values).enumerate() {
-            c.add(&|| format!("dst[{i}]"), *o, *r as f64);
+            c.add("dst", &|| format!("dst[{i}]"), *o, *r as f64);
         }
-        Ok(c.finish(0.0))
+        Ok(c.finish())
     }
 }
 

@@ -1,0 +1,159 @@
+//! The shapes of the problems the suite solves: plain descriptions with no buffers, shared by
+//! the backends that run them, the f64 references that check them and the reports that
+//! describe them.
+
+/// Epilogue fused into a matmul (see `kernels/headroom.h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    None,
+    Bias,
+    BiasGelu,
+}
+
+/// The workspace handed to cuBLAS for each call (`cublasSetWorkspace`), from the tracked
+/// allocator: 32 MiB, the size the cuBLAS documentation recommends for Hopper (and what
+/// PyTorch configures there), used on every card so a case's bytes are the same everywhere.
+pub const CUBLAS_WORKSPACE_BYTES: u64 = 32 << 20;
+
+/// Which matmul implementation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MatmulKernel {
+    /// FP32 FFMA on the SIMT cores.
+    Simt,
+    /// BF16 tensor cores through mma.sync (sm_80+).
+    Mma,
+    /// BF16 wgmma + TMA (sm_90a).
+    Wgmma,
+    /// The library baseline (fp32 sgemm with TF32 off, or bf16 GemmEx).
+    Cublas,
+}
+
+impl MatmulKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulKernel::Simt => "simt",
+            MatmulKernel::Mma => "mma",
+            MatmulKernel::Wgmma => "wgmma",
+            MatmulKernel::Cublas => "cublas",
+        }
+    }
+}
+
+/// One (batched) matmul: `C = epilogue(alpha * op(A) . op(B)) (+ residual) (+ C)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Matmul {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+    /// Elements between consecutive batch entries; 0 broadcasts one matrix.
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub epilogue: Epilogue,
+    pub accumulate: bool,
+    pub alpha: f32,
+}
+
+impl Matmul {
+    /// A single `[m,k] x [k,n]` product with no epilogue.
+    pub fn new(m: usize, n: usize, k: usize) -> Self {
+        Matmul {
+            m,
+            n,
+            k,
+            batch: 1,
+            stride_a: m * k,
+            stride_b: k * n,
+            stride_c: m * n,
+            trans_a: false,
+            trans_b: false,
+            epilogue: Epilogue::None,
+            accumulate: false,
+            alpha: 1.0,
+        }
+    }
+
+    pub fn transposed(mut self, trans_a: bool, trans_b: bool) -> Self {
+        self.trans_a = trans_a;
+        self.trans_b = trans_b;
+        self
+    }
+
+    pub fn batched(mut self, batch: usize) -> Self {
+        self.batch = batch;
+        self
+    }
+}
+
+/// The shape of an attention problem: Q, K, V are `[batch, heads, seq, head_dim]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub seq: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    pub scale: f32,
+}
+
+impl AttentionShape {
+    pub fn new(batch: usize, heads: usize, seq: usize, head_dim: usize, causal: bool) -> Self {
+        AttentionShape {
+            batch,
+            heads,
+            seq,
+            head_dim,
+            causal,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+    /// Elements of Q (and K, V, O).
+    pub fn qkv_len(&self) -> usize {
+        self.batch * self.heads * self.seq * self.head_dim
+    }
+    /// Rows of the score matrices (B * H).
+    pub fn rows(&self) -> usize {
+        self.batch * self.heads
+    }
+    /// Elements of the logsumexp / delta vectors.
+    pub fn stats_len(&self) -> usize {
+        self.rows() * self.seq
+    }
+    /// Elements of one materialized score matrix stack (B * H * N * N).
+    pub fn scores_len(&self) -> usize {
+        self.rows() * self.seq * self.seq
+    }
+}
+
+/// A layernorm over `tokens` rows of `channels`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerNorm {
+    pub tokens: usize,
+    pub channels: usize,
+    pub eps: f32,
+}
+
+/// AdamW's hyper-parameters (Loshchilov & Hutter 2019).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
