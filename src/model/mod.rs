@@ -179,6 +179,17 @@ pub fn param_lens(c: usize) -> [usize; 16] {
     ]
 }
 
+/// Elements per row of each parameter in [`PARAM_NAMES`] order: a matrix `[in, out]` has
+/// rows of `out`; a vector is one row.
+pub fn param_rows(c: usize) -> [usize; 16] {
+    let lens = param_lens(c);
+    std::array::from_fn(|i| match i {
+        FC_W => 4 * c,
+        _ if MATRICES.contains(&i) => c,
+        _ => lens[i],
+    })
+}
+
 /// The matrices (what matmuls read, and what gets a bf16 copy under a bf16 policy).
 pub const MATRICES: [usize; 6] = [Q_W, K_W, V_W, PROJ_W, FC_W, FC2_W];
 const LN1_W: usize = 0;
@@ -379,6 +390,93 @@ impl TrainState {
         Ok(())
     }
 
+    /// [`TrainState::forward_backward`] under another checkpointing policy, on the same
+    /// weights, inputs and buffers (the state's own policy is unchanged afterwards).
+    pub fn forward_backward_with(
+        &mut self,
+        be: &dyn Backend,
+        checkpoint: Checkpoint,
+    ) -> Result<()> {
+        let own = self.policy.checkpoint;
+        self.policy.checkpoint = checkpoint;
+        let r = self.forward_backward(be);
+        self.policy.checkpoint = own;
+        r
+    }
+
+    /// Every buffer that lives across the step, as (tag, bytes): what is live when a step
+    /// starts.
+    pub fn live_buffers(&self) -> Vec<(String, u64)> {
+        let p = &self.params;
+        p.master
+            .iter()
+            .chain(&p.bf16)
+            .chain(&self.grads)
+            .chain(&self.m)
+            .chain(&self.v)
+            .flatten()
+            .chain(&self.inputs)
+            .chain(&self.losses)
+            .map(|t| (t.tag().to_string(), t.bytes()))
+            .collect()
+    }
+
+    /// The loss of the global batch (½·Σy²/numel, summed in f64 on the host) of a forward
+    /// pass in fp32 from the fp32 master weights, with the policy's attention variant and
+    /// micro-batches: the function whose directional derivatives validate the gradients.
+    /// Under a bf16 policy `inputs` holds each micro-batch's input as stored (bf16-rounded),
+    /// written into an fp32 copy; under fp32 the stored inputs are used and `inputs` unread.
+    ///
+    /// Every activation is freed at its last use and nothing is kept for a backward, so its
+    /// peak above the state (about 9 fp32 activations of a micro-batch, `[T, C]` each, or the
+    /// attention probabilities in fp32 with naive attention) stays under the step's own:
+    /// `tests/train.rs` pins that for every policy at the benchmark's sizes.
+    pub fn probe_loss(&self, be: &dyn Backend, inputs: &[Vec<f32>]) -> Result<f64> {
+        let sh = self.shape;
+        let policy = Policy {
+            dtype: DType::F32,
+            ..self.policy
+        };
+        let ctx = Ctx::new(be, sh, policy);
+        let mut total = 0f64;
+        for j in 0..self.policy.micro_batches {
+            // Under an fp32 policy the stored input is already fp32; otherwise an fp32 copy
+            // of the stored (bf16) values, freed once the first block no longer needs it.
+            let mut copy = match self.policy.dtype {
+                DType::F32 => None,
+                DType::Bf16 => {
+                    let host = inputs.get(j).ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "the probe of a bf16 step needs the host values of micro-batch {j}'s input"
+                        ))
+                    })?;
+                    let mut t = ctx.work(DType::F32, host.len(), "probe input")?;
+                    be.write(&mut t, host)?;
+                    Some(t)
+                }
+            };
+            let mut x: Option<Tensor> = None;
+            for l in 0..sh.layers {
+                let w = &self.params.master[l];
+                let x_mid = {
+                    let x_in = match (&x, &copy) {
+                        (Some(x), _) => x,
+                        (None, Some(c)) => c,
+                        (None, None) => &self.inputs[j],
+                    };
+                    ctx.lean_attention_half(w, x_in)?
+                };
+                // The block's input is not needed past the residual.
+                drop(x.take());
+                drop(copy.take());
+                x = Some(ctx.lean_mlp_half(w, x_mid)?);
+            }
+            let y = be.read(x.as_ref().expect("at least one block"))?;
+            total += y.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+        }
+        Ok(0.5 * total / (sh.batch * sh.seq * sh.hidden) as f64)
+    }
+
     /// The loss of the global batch from the last forward (the micro-batches' sum).
     pub fn loss(&self, be: &dyn Backend) -> Result<f32> {
         let mut total = 0f32;
@@ -391,6 +489,7 @@ impl TrainState {
     /// One optimizer step: forward, backward, AdamW.
     pub fn step(&mut self, be: &dyn Backend) -> Result<()> {
         self.forward_backward(be)?;
+        be.memory().mark_phase("optimizer");
         self.step += 1;
         let Params { master, bf16 } = &mut self.params;
         let layers = master
@@ -439,6 +538,11 @@ fn micro_batch(be: &dyn Backend, st: &mut TrainState, j: usize) -> Result<()> {
         ..
     } = st;
     let input = &inputs[j];
+    let phase = |name: &str| match policy.micro_batches {
+        1 => name.to_string(),
+        k => format!("{name} {}/{k}", j + 1),
+    };
+    be.memory().mark_phase(&phase("forward"));
     // kept[l]: block l's input for l > 0 (block 0's is the micro-batch), while needed.
     let mut kept: Vec<Option<Tensor>> = (0..sh.layers).map(|_| None).collect();
     let mut acts: Vec<Option<Acts>> = (0..sh.layers).map(|_| None).collect();
@@ -468,6 +572,7 @@ fn micro_batch(be: &dyn Backend, st: &mut TrainState, j: usize) -> Result<()> {
     }
     // L = ½·Σy²/numel over the global batch, so micro-batches add up to the full batch.
     let last = last.expect("at least one block");
+    be.memory().mark_phase(&phase("backward"));
     let mut d_res = ctx.work(ctx.dt, last.len(), "d residual")?;
     let scale = 1.0 / (sh.batch * sh.seq * sh.hidden) as f32;
     be.mse_loss(&last, scale, &mut d_res, &mut losses[j])?;
@@ -734,6 +839,62 @@ impl<'a> Ctx<'a> {
             }
         }
         Ok([dq, dk, dv])
+    }
+
+    /// The attention half of a block's forward that keeps nothing for a backward: returns
+    /// x_mid, every intermediate freed at its last use (see [`TrainState::probe_loss`]).
+    fn lean_attention_half(&self, w: &[Tensor], x_in: &Tensor) -> Result<Tensor> {
+        let (t, c, be, dt) = (self.t, self.c, self.be, self.dt);
+        let mut ln1 = self.work(dt, t * c, "probe ln1")?;
+        {
+            let mut st = RowStats {
+                mean: self.work(DType::F32, t, "probe ln1 mean")?,
+                rstd: self.work(DType::F32, t, "probe ln1 rstd")?,
+            };
+            be.layernorm_forward(&self.ln, x_in, &w[LN1_W], &w[LN1_B], &mut ln1, &mut st)?;
+        }
+        let mut heads = Vec::with_capacity(3);
+        for (part, name) in [(Q_W, "q"), (K_W, "k"), (V_W, "v")] {
+            let mut tok = self.work(dt, t * c, &format!("probe {name} (tokens)"))?;
+            self.linear(&ln1, &w[part], &w[part + 1], None, &mut tok)?;
+            let mut h = self.work(dt, t * c, &format!("probe {name}"))?;
+            be.tokens_to_heads(&self.att, 1, &tok, &mut h)?;
+            heads.push(h);
+        }
+        drop(ln1);
+        let qkv: [Tensor; 3] = heads
+            .try_into()
+            .map_err(|_| Error::Invalid("q, k, v".into()))?;
+        let Core { o, stats } = self.attention_forward(&qkv)?;
+        drop((qkv, stats));
+        let mut att = self.work(dt, t * c, "probe attention output (tokens)")?;
+        be.heads_to_tokens(&self.att, 1, &o, &mut att)?;
+        drop(o);
+        let mut x_mid = self.work(dt, t * c, "probe residual after attention")?;
+        self.linear(&att, &w[PROJ_W], &w[PROJ_B], Some(x_in), &mut x_mid)?;
+        Ok(x_mid)
+    }
+
+    /// The MLP half of the same: x_out from x_mid.
+    fn lean_mlp_half(&self, w: &[Tensor], x_mid: Tensor) -> Result<Tensor> {
+        let (t, c, be, dt) = (self.t, self.c, self.be, self.dt);
+        let mut h = self.work(dt, t * 4 * c, "probe fc (pre-GELU)")?;
+        {
+            let mut ln2 = self.work(dt, t * c, "probe ln2")?;
+            let mut st = RowStats {
+                mean: self.work(DType::F32, t, "probe ln2 mean")?,
+                rstd: self.work(DType::F32, t, "probe ln2 rstd")?,
+            };
+            be.layernorm_forward(&self.ln, &x_mid, &w[LN2_W], &w[LN2_B], &mut ln2, &mut st)?;
+            drop(st);
+            self.linear(&ln2, &w[FC_W], &w[FC_B], None, &mut h)?;
+        }
+        let mut g = self.work(dt, t * 4 * c, "probe GELU")?;
+        be.gelu_forward(&h, &mut g)?;
+        drop(h);
+        let mut x_out = self.work(dt, t * c, "probe block output")?;
+        self.linear(&g, &w[FC2_W], &w[FC2_B], Some(&x_mid), &mut x_out)?;
+        Ok(x_out)
     }
 
     /// One block's forward: returns its output and the activations its backward needs.

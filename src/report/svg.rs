@@ -326,19 +326,24 @@ fn render_timeline(
         };
         let peak = tl.peak() as f64 / unit;
         let n = tl.points.len();
+        let top = (peak * 1.05).max(1e-9);
         let mut chart = ChartBuilder::on(&root)
             .caption(
                 format!("{title}: allocated memory over one step"),
                 ("sans-serif", 16),
             )
             .margin(12)
-            .x_label_area_size(36)
+            .x_label_area_size(if tl.phases.is_empty() { 36 } else { 64 })
             .y_label_area_size(64)
-            .build_cartesian_2d(0..n, 0f64..(peak * 1.05).max(1e-9))
+            .build_cartesian_2d(0..n, 0f64..top)
             .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
-            .x_desc("allocation event")
+            .x_desc(if tl.phases.is_empty() {
+                "allocation event"
+            } else {
+                "allocation event (phases of the step marked below the axis)"
+            })
             .y_desc(format!("{unit_name} allocated"))
             .y_label_formatter(&|v| format!("{v:.1}"))
             .draw()
@@ -368,6 +373,26 @@ fn render_timeline(
             .position(SeriesLabelPosition::UpperLeft)
             .draw()
             .map_err(|e| e.to_string())?;
+        // Phase boundaries: a line across the plot where each phase begins, and its name
+        // under the x-axis (below the tick labels, on two alternating rows so that short
+        // phases do not overprint each other).
+        for (k, (at, label)) in tl.phases.iter().enumerate() {
+            let x = (*at).min(n.saturating_sub(1));
+            chart
+                .draw_series(std::iter::once(PathElement::new(
+                    vec![(x, 0.0), (x, top)],
+                    BLACK.mix(0.55).stroke_width(1),
+                )))
+                .map_err(|e| e.to_string())?;
+            let (px, py) = chart.backend_coord(&(x, 0.0));
+            let row = 24 + 14 * (k as i32 % 2);
+            root.draw(&Text::new(
+                format!("| {label}"),
+                (px, py + row),
+                ("sans-serif", 12).into_font(),
+            ))
+            .map_err(|e| e.to_string())?;
+        }
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(out)
@@ -418,5 +443,34 @@ mod tests {
         );
         assert_eq!(family_of(&p("nvidia-h100.json"), "nvidia-h100"), None);
         assert_eq!(family_of(&p("cpu-.svg"), "cpu"), None);
+    }
+
+    #[test]
+    fn a_timeline_marks_its_phases_on_the_x_axis() {
+        let tl = crate::report::Timeline {
+            categories: vec!["weights".into(), "activations".into()],
+            points: vec![vec![4 << 20, 0], vec![4 << 20, 2 << 20], vec![4 << 20, 0]],
+            phases: vec![
+                (0, "forward".into()),
+                (1, "backward".into()),
+                (2, "optimizer".into()),
+            ],
+        };
+        let svg = render_timeline("train/x", &tl).unwrap();
+        for label in [
+            "| forward",
+            "| backward",
+            "| optimizer",
+            "phases of the step",
+        ] {
+            assert!(svg.contains(label), "{label} missing");
+        }
+        let plain = crate::report::Timeline {
+            phases: Vec::new(),
+            ..tl
+        };
+        assert!(!render_timeline("train/x", &plain)
+            .unwrap()
+            .contains("| forward"));
     }
 }
