@@ -3,20 +3,22 @@
 //! events, and writes the report.
 //!
 //! `cargo bench` runs everything; `cargo bench -- attention` only the cases whose id contains
-//! `attention`. Settings: HEADROOM_PROFILE, HEADROOM_BUDGET, HEADROOM_BACKEND, HEADROOM_SEED.
+//! `attention` (criterion's options work beside it: `cargo bench -- --sample-size 20 matmul`);
+//! a filter that matches nothing is an error. Settings: HEADROOM_PROFILE, HEADROOM_BUDGET,
+//! HEADROOM_BACKEND, HEADROOM_SEED.
 
 use std::time::Duration;
 
-use criterion::{Criterion, SamplingMode};
+use criterion::{BenchmarkFilter, Criterion, SamplingMode};
 
 use headroom::backend::{self, BackendKind};
 use headroom::dtype::DType;
-use headroom::harness::{matches_filters, summary_line, Session, Settings};
+use headroom::harness::{summary_line, BenchSelection, Session, Settings};
 use headroom::memory::format_bytes;
 use headroom::report;
 use headroom::rng::Rng;
 use headroom::techniques::attention::headline;
-use headroom::techniques::{registry, Profile};
+use headroom::techniques::Profile;
 
 fn main() {
     if let Err(e) = run() {
@@ -25,23 +27,29 @@ fn main() {
     }
 }
 
+/// Unwinds out of criterion's measurement loop when a timed run fails, so that criterion
+/// records no estimate for the case (`resume_unwind` runs no panic hook: nothing is printed).
+struct TimingFailed;
+
 fn run() -> headroom::Result<()> {
     let settings = Settings::from_env()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let selection = BenchSelection::from_args(&args)?;
     let be = backend::select(settings.budget)?;
-    // Criterion's own arguments (`--bench`, options) start with '-'; the rest are filters.
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
+    let headline_wanted = selection.wants_headline();
+    let cases = selection.cases(settings.profile, be.kind())?;
     let (warm_up, measure) = match settings.profile {
         Profile::Quick => (Duration::from_millis(200), Duration::from_secs(1)),
         Profile::Full => (Duration::from_secs(1), Duration::from_secs(3)),
     };
+    // Criterion reads its options from the command line; its filter is replaced by
+    // headroom's selection above, so it times exactly the cases handed to it.
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(warm_up)
         .measurement_time(measure)
-        .configure_from_args();
+        .configure_from_args()
+        .with_benchmark_filter(BenchmarkFilter::AcceptAll);
     println!(
         "headroom: {} profile on the {} backend ({}){}; seed {}",
         settings.profile.name(),
@@ -59,28 +67,34 @@ fn run() -> headroom::Result<()> {
     session.write_to(dir.clone());
     let mut group = c.benchmark_group("headroom");
     group.sampling_mode(SamplingMode::Flat);
-    for case in registry(settings.profile, be.kind()) {
+    for case in cases {
         let id = case.info().id.clone();
-        if !matches_filters(&id, &filters) {
-            continue;
-        }
         let prepared = session.prepare(case.as_ref());
+        let host_only = prepared.host_only;
         let timer = prepared.instance.map(|inst| {
-            let mut timer = session.timer(inst);
-            group.bench_function(&id, |b| {
-                b.iter_custom(|iters| Duration::from_secs_f64(timer.run(iters)))
-            });
+            let mut timer = session.timer(inst, host_only);
+            if timer.error.is_none() {
+                let timed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    group.bench_function(&id, |b| {
+                        b.iter_custom(|iters| match timer.run(iters) {
+                            Ok(seconds) => Duration::from_secs_f64(seconds),
+                            Err(_) => std::panic::resume_unwind(Box::new(TimingFailed)),
+                        })
+                    });
+                }));
+                if let Err(payload) = timed {
+                    if !payload.is::<TimingFailed>() {
+                        std::panic::resume_unwind(payload);
+                    }
+                }
+            }
             timer
         });
         let record = session.push(prepared.record, timer)?;
         println!("{}", summary_line(record));
     }
     group.finish();
-    if filters.is_empty()
-        || filters
-            .iter()
-            .any(|f| "attention/headline".contains(f.as_str()) || f.contains("headline"))
-    {
+    if headline_wanted && session.fault().is_none() {
         // The longest sequence each attention variant trains under the run's budget (or a
         // default that keeps the flash run to seconds), confirmed at N and N + 1.
         let (budget, heads, head_dim) = match be.kind() {

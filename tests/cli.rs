@@ -135,3 +135,15 @@ fn bad_allocator_is_one_sentence() {
         "{err}"
     );
 }
+
+#[test]
+fn a_check_filter_that_matches_nothing_is_one_sentence() {
+    let (ok, out, err) = headroom(&["check", "NOSUCH"], &[("HEADROOM_BACKEND", "cpu")]);
+    assert!(!ok, "{out}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("'NOSUCH'") && err.contains("no case id"),
+        "{err}"
+    );
+    assert!(!out.contains("PASS"), "{out}");
+}

@@ -52,8 +52,8 @@ fn measured_report() -> Report {
             "{}",
             case.info().id
         );
-        let mut timer = s.timer(prepared.instance.expect("valid"));
-        timer.run(2);
+        let mut timer = s.timer(prepared.instance.expect("valid"), prepared.host_only);
+        timer.run(2).expect("timed");
         s.push(prepared.record, Some(timer)).unwrap();
     }
     s.report.clone()

@@ -43,9 +43,10 @@ fn run_cases(budget: Option<u64>, wanted: &[&str]) -> Report {
             continue;
         }
         let prepared = session.prepare(case.as_ref());
+        let host_only = prepared.host_only;
         let timer = prepared.instance.map(|inst| {
-            let mut t = session.timer(inst);
-            t.run(5);
+            let mut t = session.timer(inst, host_only);
+            t.run(5).expect("timed");
             t
         });
         session.push(prepared.record, timer).unwrap();
@@ -617,17 +618,17 @@ fn reading_refuses_files_that_are_not_reports() {
     assert!(e.to_string().contains("\"schema\""), "{e}");
 
     let mut v: serde_json::Value = serde_json::from_str(&measured().to_json()).unwrap();
-    v["schema"] = "headroom-report/2".into();
+    v["schema"] = "headroom-report/3".into();
     let newer = write_text(&dir, "newer.json", &v.to_string());
     let e = Report::read(&newer).unwrap_err();
     assert_one_sentence_naming(&e, &newer);
     let msg = e.to_string();
     assert!(
-        msg.contains("headroom-report/2") && msg.contains("headroom-report/1"),
+        msg.contains("headroom-report/3") && msg.contains("headroom-report/2"),
         "{msg}"
     );
 
-    v["schema"] = "headroom-report/1".into();
+    v["schema"] = "headroom-report/2".into();
     v["cases"][0]["id"] = 7.into();
     let damaged = write_text(&dir, "damaged.json", &v.to_string());
     let e = Report::read(&damaged).unwrap_err();
@@ -649,5 +650,34 @@ fn reading_ignores_fields_it_does_not_know() {
     let back = serde_json::to_value(Report::read(&p).unwrap()).unwrap();
     let want = serde_json::to_value(measured()).unwrap();
     assert_eq!(json_difference(&want, &back, "report"), None);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A report written before schema 2 (no per-tensor validation, no device peaks, no
+/// warnings) still reads, with those parts empty.
+#[test]
+fn reading_accepts_schema_1() {
+    let dir = temp_dir("schema1");
+    let mut v: serde_json::Value = serde_json::from_str(&measured().to_json()).unwrap();
+    v["schema"] = "headroom-report/1".into();
+    v.as_object_mut().unwrap().remove("warnings");
+    for case in v["cases"].as_array_mut().unwrap() {
+        if let Some(val) = case.get_mut("validation").and_then(|x| x.as_object_mut()) {
+            val.remove("tensors");
+        }
+        if let Some(mem) = case.get_mut("memory").and_then(|x| x.as_object_mut()) {
+            mem.remove("device");
+        }
+    }
+    let p = write_text(&dir, "v1.json", &v.to_string());
+    let r = Report::read(&p).unwrap();
+    assert_eq!(r.schema, "headroom-report/1");
+    assert_eq!(r.cases.len(), measured().cases.len());
+    assert!(r
+        .cases
+        .iter()
+        .filter_map(|c| c.validation.as_ref())
+        .all(|v| v.tensors.is_empty()));
+    assert!(r.warnings.is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }

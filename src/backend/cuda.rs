@@ -21,10 +21,13 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::bindings as k;
 use crate::memory::MemoryTracker;
+use crate::shapes::CUBLAS_WORKSPACE_BYTES;
 
 pub struct CudaBackend {
     dev: CudaDevice,
     tracker: MemoryTracker,
+    /// Buffers that belong to no case (the L2 flush buffer): no budget, in no figure.
+    untracked: MemoryTracker,
     blas: OnceLock<std::result::Result<CudaBlas, String>>,
     /// One pair of timing events, made on first use and reused for every sample: creating
     /// events per sample would put driver calls on the timing loop's path.
@@ -36,6 +39,7 @@ impl CudaBackend {
         CudaBackend {
             dev,
             tracker: MemoryTracker::new(budget),
+            untracked: MemoryTracker::new(None),
             blas: OnceLock::new(),
             events: std::sync::Mutex::new(None),
         }
@@ -60,6 +64,49 @@ impl CudaBackend {
             })
             .as_ref()
             .map_err(|e| Error::Unsupported(e.clone()))
+    }
+
+    /// A device buffer registered with `tracker`: the case's tracker, or the untracked one
+    /// of buffers that belong to no case.
+    fn alloc_with(
+        &self,
+        tracker: &MemoryTracker,
+        dtype: DType,
+        len: usize,
+        tag: &str,
+    ) -> Result<Tensor> {
+        let bytes = (len * dtype.size()) as u64;
+        let id = tracker.admit(bytes, tag)?;
+        let ptr = if bytes == 0 {
+            0
+        } else {
+            self.bind()?;
+            // SAFETY: a plain allocation on our stream; freed by Tensor::drop.
+            let r = unsafe {
+                if self.dev.pool.is_null() {
+                    drv::malloc_sync(bytes as usize)
+                } else {
+                    drv::malloc_async(self.dev.stream.cu_stream(), bytes as usize)
+                }
+            };
+            match r {
+                Ok(p) => p,
+                Err(e) => {
+                    tracker.release(id, bytes, tag);
+                    if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+                        return Err(tracker
+                            .device_oom(bytes, tag, &format!("the GPU refused: {e}"))
+                            .into());
+                    }
+                    return Err(e.into());
+                }
+            }
+        };
+        let storage = Storage::Device {
+            ptr,
+            stream: self.dev.stream.clone(),
+        };
+        Ok(Tensor::new(dtype, len, id, tag, storage, tracker.clone()))
     }
 
     fn sm_major(&self) -> u32 {
@@ -99,46 +146,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, dtype: DType, len: usize, tag: &str) -> Result<Tensor> {
-        let bytes = (len * dtype.size()) as u64;
-        let id = self.tracker.admit(bytes, tag)?;
-        let ptr = if bytes == 0 {
-            0
-        } else {
-            self.bind()?;
-            // SAFETY: a plain allocation on our stream; freed by Tensor::drop.
-            let r = unsafe {
-                if self.dev.pool.is_null() {
-                    drv::malloc_sync(bytes as usize)
-                } else {
-                    drv::malloc_async(self.dev.stream.cu_stream(), bytes as usize)
-                }
-            };
-            match r {
-                Ok(p) => p,
-                Err(e) => {
-                    self.tracker.release(id, bytes, tag);
-                    if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
-                        return Err(self
-                            .tracker
-                            .device_oom(bytes, tag, &format!("the GPU refused: {e}"))
-                            .into());
-                    }
-                    return Err(e.into());
-                }
-            }
-        };
-        let storage = Storage::Device {
-            ptr,
-            stream: self.dev.stream.clone(),
-        };
-        Ok(Tensor::new(
-            dtype,
-            len,
-            id,
-            tag,
-            storage,
-            self.tracker.clone(),
-        ))
+        self.alloc_with(&self.tracker, dtype, len, tag)
     }
 
     fn write(&self, t: &mut Tensor, values: &[f32]) -> Result<()> {
@@ -732,17 +740,58 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn driver_view_begin(&self) -> Result<u64> {
-        self.synchronize()?;
-        self.dev.reset_driver_view()
+    fn sticky_fault(&self) -> Option<String> {
+        use sys::cudaError_enum as E;
+        self.bind().ok()?;
+        // These leave the context unusable: every later call returns the same error until
+        // the process ends (CUDA driver API, "Error Handling").
+        match self.dev.stream.synchronize() {
+            Err(e)
+                if matches!(
+                    e.0,
+                    E::CUDA_ERROR_ILLEGAL_ADDRESS
+                        | E::CUDA_ERROR_LAUNCH_FAILED
+                        | E::CUDA_ERROR_LAUNCH_TIMEOUT
+                        | E::CUDA_ERROR_ASSERT
+                        | E::CUDA_ERROR_HARDWARE_STACK_ERROR
+                        | E::CUDA_ERROR_ILLEGAL_INSTRUCTION
+                        | E::CUDA_ERROR_MISALIGNED_ADDRESS
+                        | E::CUDA_ERROR_INVALID_ADDRESS_SPACE
+                        | E::CUDA_ERROR_INVALID_PC
+                        | E::CUDA_ERROR_ECC_UNCORRECTABLE
+                        | E::CUDA_ERROR_UNKNOWN
+                ) =>
+            {
+                Some(e.to_string())
+            }
+            _ => None,
+        }
     }
 
-    fn driver_view_end(&self, free_before: u64) -> Result<Option<DriverMemoryView>> {
-        Ok(Some(self.dev.driver_view(free_before)?))
+    fn driver_space(&self, capacity: u64) -> Result<Option<Box<dyn crate::alloc::AddressSpace>>> {
+        let space =
+            crate::alloc::driver::DriverSpace::new(self.dev.stream.clone(), Some(capacity))?;
+        Ok(Some(Box::new(space)))
     }
 
-    fn cache_bytes(&self) -> u64 {
-        self.dev.facts.l2_bytes.unwrap_or(0)
+    fn driver_view_begin(&self) -> Result<Option<DriverMemoryView>> {
+        self.bind()?;
+        Ok(Some(self.dev.reset_driver_view()?))
+    }
+
+    fn driver_view_end(&self, start: DriverMemoryView) -> Result<DriverMemoryView> {
+        self.dev.driver_view(start)
+    }
+
+    fn flush_buffer(&self) -> Result<Option<Tensor>> {
+        // Twice the L2 evicts everything the last run left there.
+        let l2 = self.dev.facts.l2_bytes.unwrap_or(0);
+        if l2 == 0 {
+            return Ok(None);
+        }
+        let len = (2 * l2 as usize).div_ceil(4);
+        self.alloc_with(&self.untracked, DType::F32, len, "L2 flush")
+            .map(Some)
     }
 }
 
@@ -786,6 +835,24 @@ impl CudaBackend {
         }
         let blas = self.blas()?;
         let h = *blas.handle();
+        // cuBLAS' workspace comes from the tracked allocator for the call, so it is counted in
+        // the case's figures like any other buffer; it is freed in stream order after the call.
+        let workspace = self.alloc(
+            DType::F32,
+            CUBLAS_WORKSPACE_BYTES as usize / 4,
+            "workspace: cuBLAS",
+        )?;
+        // SAFETY: the workspace holds CUBLAS_WORKSPACE_BYTES bytes on this device and outlives
+        // every use cuBLAS makes of it (it is freed on the same stream after the GEMM).
+        unsafe {
+            blas_sys::cublasSetWorkspace_v2(
+                h,
+                workspace.device_ptr() as *mut c_void,
+                CUBLAS_WORKSPACE_BYTES as usize,
+            )
+        }
+        .result()
+        .map_err(|e| Error::Cuda(format!("cublasSetWorkspace: {e:?}")))?;
         let op = |t: bool| {
             if t {
                 blas_sys::cublasOperation_t::CUBLAS_OP_T

@@ -12,6 +12,7 @@ use crate::device::{DeviceFacts, DriverMemoryView};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::MemoryTracker;
+pub use crate::shapes::{AdamW, AttentionShape, Epilogue, LayerNorm, Matmul, MatmulKernel};
 
 pub mod cpu;
 #[cfg(headroom_cuda)]
@@ -195,14 +196,6 @@ impl Drop for Tensor {
     }
 }
 
-/// Epilogue fused into a matmul (see `kernels/headroom.h`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Epilogue {
-    None,
-    Bias,
-    BiasGelu,
-}
-
 /// The extra inputs of a matmul's fused epilogue.
 #[derive(Clone, Copy, Default)]
 pub struct Epi<'a> {
@@ -224,78 +217,13 @@ impl<'a> Epi<'a> {
     }
 }
 
-/// Which matmul implementation runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MatmulKernel {
-    /// FP32 FFMA on the SIMT cores.
-    Simt,
-    /// BF16 tensor cores through mma.sync (sm_80+).
-    Mma,
-    /// BF16 wgmma + TMA (sm_90a).
-    Wgmma,
-    /// The library baseline (fp32 sgemm with TF32 off, or bf16 GemmEx).
-    Cublas,
-}
-
-impl MatmulKernel {
-    pub fn name(self) -> &'static str {
-        match self {
-            MatmulKernel::Simt => "simt",
-            MatmulKernel::Mma => "mma",
-            MatmulKernel::Wgmma => "wgmma",
-            MatmulKernel::Cublas => "cublas",
-        }
-    }
-}
-
-/// One (batched) matmul: `C = epilogue(alpha * op(A) . op(B)) (+ residual) (+ C)`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Matmul {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub batch: usize,
-    /// Elements between consecutive batch entries; 0 broadcasts one matrix.
-    pub stride_a: usize,
-    pub stride_b: usize,
-    pub stride_c: usize,
-    pub trans_a: bool,
-    pub trans_b: bool,
-    pub epilogue: Epilogue,
-    pub accumulate: bool,
-    pub alpha: f32,
+/// Per-row statistics a layernorm keeps for backward: f32 mean and 1/std, `[tokens]` each.
+pub struct RowStats {
+    pub mean: Tensor,
+    pub rstd: Tensor,
 }
 
 impl Matmul {
-    /// A single `[m,k] x [k,n]` product with no epilogue.
-    pub fn new(m: usize, n: usize, k: usize) -> Self {
-        Matmul {
-            m,
-            n,
-            k,
-            batch: 1,
-            stride_a: m * k,
-            stride_b: k * n,
-            stride_c: m * n,
-            trans_a: false,
-            trans_b: false,
-            epilogue: Epilogue::None,
-            accumulate: false,
-            alpha: 1.0,
-        }
-    }
-
-    pub fn transposed(mut self, trans_a: bool, trans_b: bool) -> Self {
-        self.trans_a = trans_a;
-        self.trans_b = trans_b;
-        self
-    }
-
-    pub fn batched(mut self, batch: usize) -> Self {
-        self.batch = batch;
-        self
-    }
-
     /// Checks the buffers hold what the shape says, so no kernel reads out of bounds.
     pub fn check(&self, a: &Tensor, b: &Tensor, c: &Tensor, epi: Epi<'_>) -> Result<()> {
         let need = |stride: usize, one: usize| (self.batch - 1) * stride + one;
@@ -303,6 +231,13 @@ impl Matmul {
         if m == 0 || n == 0 || k == 0 || self.batch == 0 {
             return Err(Error::Invalid(format!(
                 "matmul sizes must be positive (m={m}, n={n}, k={k}, batch={})",
+                self.batch
+            )));
+        }
+        if self.batch > 1 && self.stride_c == 0 {
+            // Broadcasting A or B is a shared input; a shared C would be a write race.
+            return Err(Error::Invalid(format!(
+                "matmul batch {} with stride_c 0 would write every product into one C",
                 self.batch
             )));
         }
@@ -338,82 +273,6 @@ impl Matmul {
             }
         }
         Ok(())
-    }
-}
-
-/// The shape of an attention problem: Q, K, V are `[batch, heads, seq, head_dim]`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AttentionShape {
-    pub batch: usize,
-    pub heads: usize,
-    pub seq: usize,
-    pub head_dim: usize,
-    pub causal: bool,
-    pub scale: f32,
-}
-
-impl AttentionShape {
-    pub fn new(batch: usize, heads: usize, seq: usize, head_dim: usize, causal: bool) -> Self {
-        AttentionShape {
-            batch,
-            heads,
-            seq,
-            head_dim,
-            causal,
-            scale: 1.0 / (head_dim as f32).sqrt(),
-        }
-    }
-    /// Elements of Q (and K, V, O).
-    pub fn qkv_len(&self) -> usize {
-        self.batch * self.heads * self.seq * self.head_dim
-    }
-    /// Rows of the score matrices (B * H).
-    pub fn rows(&self) -> usize {
-        self.batch * self.heads
-    }
-    /// Elements of the logsumexp / delta vectors.
-    pub fn stats_len(&self) -> usize {
-        self.rows() * self.seq
-    }
-    /// Elements of one materialized score matrix stack (B * H * N * N).
-    pub fn scores_len(&self) -> usize {
-        self.rows() * self.seq * self.seq
-    }
-}
-
-/// A layernorm over `tokens` rows of `channels`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LayerNorm {
-    pub tokens: usize,
-    pub channels: usize,
-    pub eps: f32,
-}
-
-/// Per-row statistics a layernorm keeps for backward: f32 mean and 1/std, `[tokens]` each.
-pub struct RowStats {
-    pub mean: Tensor,
-    pub rstd: Tensor,
-}
-
-/// AdamW's hyper-parameters (Loshchilov & Hutter 2019).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamW {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-}
-
-impl Default for AdamW {
-    fn default() -> Self {
-        AdamW {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        }
     }
 }
 
@@ -577,19 +436,31 @@ pub trait Backend: Send + Sync {
     fn synchronize(&self) -> Result<()>;
     /// Seconds `f` takes: device events around it on the GPU, the wall clock on the CPU.
     fn time(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64>;
-    /// Evict the L2 cache by writing `scratch` (at least twice the L2's size).
+    /// Evict the L2 cache by writing `scratch` (a buffer from [`Backend::flush_buffer`]).
     fn flush_cache(&self, scratch: &mut Tensor) -> Result<()>;
-    /// Start the driver's view of a measured region (returns free bytes).
-    fn driver_view_begin(&self) -> Result<u64> {
-        Ok(0)
-    }
-    /// The driver's view of the region since `driver_view_begin`, where there is one.
-    fn driver_view_end(&self, _free_before: u64) -> Result<Option<DriverMemoryView>> {
+    /// The buffer that evicts the cache between timed runs: allocated once per run, outside
+    /// the tracked allocator (it is in no case's figures and under no budget). `Ok(None)`
+    /// where no flush is needed (the host).
+    fn flush_buffer(&self) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    /// Bytes of cache to flush between cold samples (0: no flush needed).
-    fn cache_bytes(&self) -> u64 {
-        0
+    /// After an error: the sticky fault the device is left in (an illegal address, a failed
+    /// launch), which no later call in this process can clear, if it is in one.
+    fn sticky_fault(&self) -> Option<String> {
+        None
+    }
+    /// The real driver as an allocator's address space of `capacity` bytes (its own
+    /// stream-ordered pool, segments and virtual memory), where there is a GPU.
+    fn driver_space(&self, _capacity: u64) -> Result<Option<Box<dyn crate::alloc::AddressSpace>>> {
+        Ok(None)
+    }
+    /// Start the driver's view of a measured region, where the backend has one.
+    fn driver_view_begin(&self) -> Result<Option<DriverMemoryView>> {
+        Ok(None)
+    }
+    /// The driver's view of the region `start` began.
+    fn driver_view_end(&self, start: DriverMemoryView) -> Result<DriverMemoryView> {
+        Ok(start)
     }
 }
 

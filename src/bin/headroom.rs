@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use headroom::backend;
-use headroom::harness::{matches_filters, summary_line, Session, Settings};
+use headroom::harness::{matches_filters, nothing_matches, summary_line, Session, Settings};
 use headroom::kernels;
 use headroom::memory::format_bytes;
 use headroom::model::ModelShape;
@@ -165,6 +165,13 @@ fn info() -> Outcome {
             "  cuBLAS baseline: {}",
             usable(backend::MatmulKernel::Cublas)
         );
+        // Which copies of the libraries were loaded (cuBLAS was loaded just above).
+        for lib in ["libcuda.so", "libcublas.so", "libcublasLt.so"] {
+            println!(
+                "  {lib}: {}",
+                loaded_library(lib).unwrap_or_else(|| "not loaded".into())
+            );
+        }
     }
     if kernels::built() {
         println!(
@@ -199,9 +206,29 @@ fn info() -> Outcome {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The file a shared library was loaded from, read from the process's memory map.
+fn loaded_library(name: &str) -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|path| {
+            path.rsplit('/')
+                .next()
+                .is_some_and(|file| file.starts_with(name))
+        })
+        .map(str::to_string)
+}
+
 fn check(filters: &[String]) -> Outcome {
     let settings = Settings::from_env()?;
     let be = backend::select(settings.budget)?;
+    let cases: Vec<_> = check_cases(be.kind())
+        .into_iter()
+        .filter(|c| matches_filters(&c.info().id, filters))
+        .collect();
+    if cases.is_empty() {
+        return Err(nothing_matches(filters));
+    }
     println!(
         "checking on the {} backend ({}), seed {} (HEADROOM_SEED replays it)",
         be.kind().name(),
@@ -209,11 +236,9 @@ fn check(filters: &[String]) -> Outcome {
         settings.seed
     );
     let mut session = Session::new(be.clone(), &settings, "check");
+    session.strict_memory(true);
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
-    for case in check_cases(be.kind()) {
-        if !matches_filters(&case.info().id, filters) {
-            continue;
-        }
+    for case in cases {
         let prepared = session.prepare(case.as_ref());
         let record = session.push(prepared.record, None)?;
         match record.status {

@@ -107,6 +107,9 @@ pub struct CudaDevice {
     pub facts: DeviceFacts,
     /// The device's default stream-ordered memory pool (null when pools are unsupported).
     pub pool: sys::CUmemoryPool,
+    /// The device's minimum physical allocation granularity (`cuMemGetAllocationGranularity`,
+    /// 2 MiB on current GPUs): the unit in which the driver maps memory into its pools.
+    pub granularity: u64,
 }
 
 // SAFETY: the pool handle is a driver object valid for the process's lifetime; the driver
@@ -144,13 +147,45 @@ pub fn open() -> std::result::Result<CudaDevice, String> {
         .new_stream()
         .map_err(|e| format!("could not create a stream: {e}"))?;
     let facts = device_facts(&ctx).map_err(|e| format!("could not read the GPU's facts: {e}"))?;
+    check_driver_version(
+        facts.driver_cuda_version.as_deref().unwrap_or(""),
+        kernels::NVCC_VERSION,
+    )?;
     let pool = default_pool(&ctx).map_err(|e| format!("could not set up the memory pool: {e}"))?;
+    let granularity = allocation_granularity(&ctx)
+        .map_err(|e| format!("could not read the allocation granularity: {e}"))?;
     Ok(CudaDevice {
         ctx,
         stream,
         facts,
         pool,
+        granularity,
     })
+}
+
+/// `13.0` from `13.0`, `V13.0.88` or `release 13.0, V13.0.88`: (major, minor).
+fn cuda_version(text: &str) -> Option<(u32, u32)> {
+    let start = text.find(|c: char| c.is_ascii_digit())?;
+    let mut parts = text[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    Some((major, minor))
+}
+
+/// The kernels are linked against the toolkit's runtime, which refuses to start on a driver
+/// older than itself (error 35, "driver version is insufficient") at the first launch; say so
+/// before any case runs, naming both versions.
+pub fn check_driver_version(driver: &str, toolkit: &str) -> std::result::Result<(), String> {
+    match (cuda_version(driver), cuda_version(toolkit)) {
+        (Some(d), Some(t)) if d < t => Err(format!(
+            "the driver supports CUDA {}.{} but the kernels were built with CUDA {}.{}; \
+             install a driver for CUDA {}.{} or newer, or build with an older toolkit",
+            d.0, d.1, t.0, t.1, t.0, t.1
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn device_facts(ctx: &Arc<CudaContext>) -> Result<DeviceFacts> {
@@ -198,14 +233,56 @@ fn default_pool(ctx: &Arc<CudaContext>) -> Result<sys::CUmemoryPool> {
     Ok(pool)
 }
 
-/// The driver's own view of the memory a measured region used: the pool's high-water marks
-/// and the device's free memory, recorded beside the tracked figures as a cross-check.
+/// The minimum granularity of physical device allocations on this device.
+fn allocation_granularity(ctx: &Arc<CudaContext>) -> Result<u64> {
+    // SAFETY: a zeroed prop is a valid "no flags" description; only the type and location
+    // are set, as the driver API asks for a device allocation's granularity.
+    let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+    prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = ctx.cu_device();
+    let mut g: usize = 0;
+    // SAFETY: writes one size_t.
+    unsafe {
+        sys::cuMemGetAllocationGranularity(
+            &mut g,
+            &prop,
+            sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+        )
+    }
+    .result()?;
+    Ok(g as u64)
+}
+
+/// The driver's own view of the memory a measured region used: the pool's use and
+/// reservation when the region started (after the pool was trimmed) and their high-water
+/// marks over it, and the device's free memory, recorded beside the tracked figures.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DriverMemoryView {
     pub pool_used_high: u64,
     pub pool_reserved_high: u64,
+    /// The pool's use and reservation at the region's start (absent before schema 2).
+    #[serde(default)]
+    pub pool_used_start: u64,
+    #[serde(default)]
+    pub pool_reserved_start: u64,
+    /// The physical allocation granularity the pool maps memory in.
+    #[serde(default)]
+    pub granularity: u64,
     pub free_before: u64,
     pub free_after: u64,
+}
+
+impl DriverMemoryView {
+    /// The region's peak of bytes in use, as the driver counts them.
+    pub fn used_peak(&self) -> u64 {
+        self.pool_used_high.saturating_sub(self.pool_used_start)
+    }
+    /// The region's peak of bytes the pool reserved from the device beyond its start.
+    pub fn reserved_peak(&self) -> u64 {
+        self.pool_reserved_high
+            .saturating_sub(self.pool_reserved_start)
+    }
 }
 
 impl CudaDevice {
@@ -217,13 +294,24 @@ impl CudaDevice {
         Ok(v)
     }
 
-    /// Start a measured region in the driver's view: the high-water marks restart from the
-    /// current use (setting them to 0 resets them to the current value, per the driver API).
-    pub fn reset_driver_view(&self) -> Result<u64> {
+    /// Start a measured region in the driver's view. The pool is first trimmed to what is in
+    /// use (its release threshold keeps freed memory otherwise, so an earlier, larger case
+    /// would set every later case's reservation), then the high-water marks are reset, which
+    /// per the driver API sets them to the current values, not to zero; those current values
+    /// are kept as the region's start.
+    pub fn reset_driver_view(&self) -> Result<DriverMemoryView> {
+        use sys::CUmemPool_attribute as P;
+        self.stream.synchronize()?;
+        let mut view = DriverMemoryView {
+            granularity: self.granularity,
+            ..DriverMemoryView::default()
+        };
         if !self.pool.is_null() {
+            // SAFETY: a valid pool; memory in use is never released by a trim.
+            unsafe { sys::cuMemPoolTrimTo(self.pool, 0) }.result()?;
             for attr in [
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+                P::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                P::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
             ] {
                 let mut zero: u64 = 0;
                 // SAFETY: as above.
@@ -232,26 +320,24 @@ impl CudaDevice {
                 }
                 .result()?;
             }
+            view.pool_used_start = self.pool_attr(P::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+            view.pool_reserved_start = self.pool_attr(P::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
         }
-        Ok(self.ctx.mem_get_info()?.0 as u64)
+        view.free_before = self.ctx.mem_get_info()?.0 as u64;
+        Ok(view)
     }
 
-    pub fn driver_view(&self, free_before: u64) -> Result<DriverMemoryView> {
+    /// The region since `reset_driver_view` returned `start`.
+    pub fn driver_view(&self, start: DriverMemoryView) -> Result<DriverMemoryView> {
+        use sys::CUmemPool_attribute as P;
         self.stream.synchronize()?;
-        let (used, reserved) = if self.pool.is_null() {
-            (0, 0)
-        } else {
-            (
-                self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
-                self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
-            )
-        };
-        Ok(DriverMemoryView {
-            pool_used_high: used,
-            pool_reserved_high: reserved,
-            free_before,
-            free_after: self.ctx.mem_get_info()?.0 as u64,
-        })
+        let mut view = start;
+        if !self.pool.is_null() {
+            view.pool_used_high = self.pool_attr(P::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
+            view.pool_reserved_high = self.pool_attr(P::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?;
+        }
+        view.free_after = self.ctx.mem_get_info()?.0 as u64;
+        Ok(view)
     }
 
     /// A pair of timing events (timing enabled: cudarc's default disables it).
@@ -292,4 +378,21 @@ fn error_string(code: i32) -> String {
 #[cfg(not(headroom_cuda))]
 fn error_string(_code: i32) -> String {
     "unknown error (built without CUDA)".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_driver_is_named_with_both_versions() {
+        let e = check_driver_version("12.4", "release 13.0, V13.0.88").unwrap_err();
+        assert!(e.contains("CUDA 12.4") && e.contains("CUDA 13.0"), "{e}");
+        assert!(check_driver_version("13.0", "13.0").is_ok());
+        assert!(check_driver_version("13.1", "13.0").is_ok());
+        assert!(check_driver_version("12.9", "V13.0.88").is_err());
+        // Unknown versions are not a reason to refuse the GPU.
+        assert!(check_driver_version("", "13.0").is_ok());
+        assert!(check_driver_version("13.0", "").is_ok());
+    }
 }

@@ -118,8 +118,13 @@ struct State {
     peak_reserved: u64,
     budget: Option<u64>,
     allocations: u64,
+    /// Buffers alive now, and the most alive at once since the region started.
+    live: u64,
+    peak_live: u64,
     next_id: u64,
     timeline: Option<Vec<MemoryEvent>>,
+    /// Phase marks of the recording: (events recorded before the phase began, its label).
+    phases: Vec<(usize, String)>,
     /// The allocator `HEADROOM_ALLOCATOR` chose, simulated on the requests' sizes: it
     /// decides "reserved" and refuses what its space cannot hold. None: direct allocation,
     /// reserved = allocated.
@@ -145,6 +150,8 @@ pub struct MemoryStats {
     pub peak_allocated: u64,
     pub peak_reserved: u64,
     pub allocations: u64,
+    /// The most buffers alive at once since the region started.
+    pub peak_live: u64,
 }
 
 /// Shared bookkeeping of one backend's allocations. Cloning shares the counters.
@@ -230,6 +237,8 @@ impl MemoryTracker {
             None => s.reserved + bytes,
         };
         s.allocations += 1;
+        s.live += 1;
+        s.peak_live = s.peak_live.max(s.live);
         s.peak_allocated = s.peak_allocated.max(s.allocated);
         s.peak_reserved = s.peak_reserved.max(s.reserved);
         s.next_id = id;
@@ -262,6 +271,7 @@ impl MemoryTracker {
         let mut s = self.lock();
         debug_assert!(s.allocated >= bytes, "released more than allocated");
         s.allocated = s.allocated.saturating_sub(bytes);
+        s.live = s.live.saturating_sub(1);
         let block = s.blocks.remove(&id);
         s.reserved = match (s.allocator.as_mut(), block) {
             (Some(a), Some(b)) => {
@@ -292,6 +302,7 @@ impl MemoryTracker {
         s.peak_allocated = s.allocated;
         s.peak_reserved = s.reserved;
         s.allocations = 0;
+        s.peak_live = s.live;
     }
 
     pub fn stats(&self) -> MemoryStats {
@@ -302,12 +313,29 @@ impl MemoryTracker {
             peak_allocated: s.peak_allocated,
             peak_reserved: s.peak_reserved,
             allocations: s.allocations,
+            peak_live: s.peak_live,
         }
     }
 
     /// Record every allocation and release from now on (replacing any earlier record).
     pub fn start_timeline(&self) {
-        self.lock().timeline = Some(Vec::new());
+        let mut s = self.lock();
+        s.timeline = Some(Vec::new());
+        s.phases.clear();
+    }
+
+    /// Mark the start of a phase (forward, backward, optimizer ...) in the recording; does
+    /// nothing when nothing is being recorded, so schedules can mark their phases always.
+    pub fn mark_phase(&self, label: &str) {
+        let mut s = self.lock();
+        if let Some(at) = s.timeline.as_ref().map(Vec::len) {
+            s.phases.push((at, label.to_string()));
+        }
+    }
+
+    /// The phase marks of the last recording, in order: (events before the phase, label).
+    pub fn take_phases(&self) -> Vec<(usize, String)> {
+        std::mem::take(&mut self.lock().phases)
     }
 
     pub fn take_timeline(&self) -> Vec<MemoryEvent> {

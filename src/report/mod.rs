@@ -1,9 +1,11 @@
 //! The report: one self-contained JSON file per run (schema below), plus a Markdown summary
 //! and SVG plots beside it, so a run on one box can be read and compared on another.
 //!
-//! Schema `headroom-report/1`. Readers accept any report whose major schema number they
-//! know and ignore fields they do not; a report from a newer major version is refused with
-//! a sentence naming both versions.
+//! Schema `headroom-report/2`. Readers accept any report whose major schema number they
+//! know (1 and 2) and ignore fields they do not; a report from a newer major version is
+//! refused with a sentence naming both versions. Version 2 added, per case, the device's own
+//! measured peaks beside the tracked ones (`memory.device`) and the validation of every
+//! output tensor on its own (`validation.tensors`), and per run, `warnings`.
 
 use std::path::{Path, PathBuf};
 
@@ -20,7 +22,7 @@ pub mod plan;
 pub mod svg;
 
 pub const SCHEMA_NAME: &str = "headroom-report";
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The suite's version and the commit it was built from.
 pub fn suite_version() -> String {
@@ -32,7 +34,7 @@ pub fn suite_commit() -> String {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
-    /// `headroom-report/1`
+    /// `headroom-report/2`
     pub schema: String,
     pub suite_version: String,
     pub commit: String,
@@ -53,6 +55,10 @@ pub struct Report {
     /// The longest sequence each attention variant trains under a budget (when measured).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headline: Vec<crate::techniques::attention::Headline>,
+    /// What makes the run's figures less than they should be, one sentence each (for example
+    /// a cache flush buffer that could not be allocated).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// What the run measured as the card's ceilings; every case's rate is also given as a
@@ -145,6 +151,50 @@ pub struct MemoryRecord {
     pub predicted: u64,
     /// The driver's own view (GPU only).
     pub driver: Option<DriverMemoryView>,
+    /// The device's own measured peaks over the same region and their agreement with the
+    /// tracked peak (GPU only; absent before schema 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DevicePeak>,
+}
+
+/// The peak the device itself measured for a case: the stream-ordered pool's used and
+/// reserved high-water marks over the region, less their values at its start (the pool
+/// trimmed to what is in use first). The pool maps memory in units of the device's
+/// allocation granularity, so each live buffer may occupy up to one granule more than it
+/// asked for: the device's used peak must lie in [tracked, tracked + live · granularity],
+/// where live is the most buffers alive at once in the region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicePeak {
+    pub used: u64,
+    pub reserved: u64,
+    /// The granularity (`cuMemGetAllocationGranularity`, minimum) and the most buffers
+    /// alive at once, whose product bounds the difference.
+    pub granularity: u64,
+    pub live_buffers: u64,
+}
+
+impl DevicePeak {
+    /// The largest used peak the tracked peak allows.
+    pub fn bound(&self, tracked: u64) -> u64 {
+        tracked + self.live_buffers * self.granularity
+    }
+    /// Why the device's peak disagrees with the tracked one, if it does.
+    pub fn disagreement(&self, tracked: u64) -> Option<String> {
+        if self.used < tracked || self.used > self.bound(tracked) {
+            Some(format!(
+                "the device's own peak {} ({} bytes) is outside [{}, {}] bytes: the tracked peak \
+                 and at most one granule of {} for each of {} live buffers",
+                crate::memory::format_bytes(self.used),
+                self.used,
+                tracked,
+                self.bound(tracked),
+                crate::memory::format_bytes(self.granularity),
+                self.live_buffers
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,36 +229,60 @@ pub struct CaseRecord {
     pub allocator: Option<crate::alloc::AllocatorMetrics>,
 }
 
-/// A memory timeline: `points[i][c]` is the live bytes of `categories[c]` after event i.
+/// A memory timeline: `points[i][c]` is the live bytes of `categories[c]` at point i, the
+/// first point being the region's start and each later one the state after one event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Timeline {
     pub categories: Vec<String>,
     pub points: Vec<Vec<u64>>,
+    /// Where each phase of the region begins: (index into `points`, label), in order
+    /// (absent in reports written before phases were marked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<(usize, String)>,
+}
+
+/// A tag's category: the part before its ':' (`weights: layer 3 q.weight` -> `weights`).
+fn category(tag: &str) -> &str {
+    tag.split(':').next().unwrap_or("other").trim()
 }
 
 impl Timeline {
     /// Groups a tracker's events by the category before the ':' of their tags, counting from
     /// zero at the region's start.
     pub fn from_events(events: &[crate::memory::MemoryEvent]) -> Timeline {
+        Timeline::recorded(&[], events, &[])
+    }
+
+    /// A recorded region: `start` is what was live when it began (tag, bytes), grouped by
+    /// category like the events; `phases` are the tracker's marks (events recorded before
+    /// each phase began, label), which become indices into the points.
+    pub fn recorded(
+        start: &[(String, u64)],
+        events: &[crate::memory::MemoryEvent],
+        phases: &[(usize, String)],
+    ) -> Timeline {
         let mut categories: Vec<String> = Vec::new();
         let mut live: Vec<i64> = Vec::new();
-        let mut points = Vec::with_capacity(events.len());
-        for e in events {
-            let cat = e
-                .tag
-                .split(':')
-                .next()
-                .unwrap_or("other")
-                .trim()
-                .to_string();
-            let i = match categories.iter().position(|c| *c == cat) {
+        fn index(cat: &str, categories: &mut Vec<String>, live: &mut Vec<i64>) -> usize {
+            match categories.iter().position(|c| c == cat) {
                 Some(i) => i,
                 None => {
-                    categories.push(cat);
+                    categories.push(cat.to_string());
                     live.push(0);
                     categories.len() - 1
                 }
-            };
+            }
+        }
+        for (tag, bytes) in start {
+            let i = index(category(tag), &mut categories, &mut live);
+            live[i] += *bytes as i64;
+        }
+        let mut points = Vec::with_capacity(events.len() + 1);
+        if !start.is_empty() {
+            points.push(live.clone());
+        }
+        for e in events {
+            let i = index(category(&e.tag), &mut categories, &mut live);
             live[i] += e.delta;
             points.push(live.clone());
         }
@@ -220,7 +294,24 @@ impl Timeline {
                 p.into_iter().map(|x| x.max(0) as u64).collect()
             })
             .collect();
-        Timeline { categories, points }
+        // Without a starting point, point i is the state after event i, so a phase that
+        // begins after k events begins at point k - 1 (the last point before it).
+        let offset = |k: usize| {
+            if start.is_empty() {
+                k.saturating_sub(1)
+            } else {
+                k
+            }
+        };
+        let phases = phases
+            .iter()
+            .map(|(k, label)| (offset(*k), label.clone()))
+            .collect();
+        Timeline {
+            categories,
+            points,
+            phases,
+        }
     }
 
     /// The largest total over the timeline.
@@ -275,6 +366,7 @@ impl Report {
             ceilings: Ceilings::default(),
             cases: Vec::new(),
             headline: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
