@@ -7,8 +7,9 @@
 //! - `HEADROOM_CUDA_ARCHS` (default `80;86;89;90a`): the SASS targets; PTX of the newest
 //!   plain target is embedded too, for forward compatibility;
 //! - `HEADROOM_NO_CUDA=1`: build CPU-only even where nvcc exists;
-//! - `HEADROOM_DENY_SPILLS=1`: fail on any register spill not listed in
-//!   `kernels/spills-allowed.txt` (CI sets it);
+//! - `HEADROOM_DENY_SPILLS=1`: fail on any register spill, and on any wgmma pipeline that
+//!   ptxas serialized (its "Potential Performance Loss" advisories), in a kernel not listed
+//!   in `kernels/spills-allowed.txt` (CI sets it);
 //! - `HEADROOM_UPDATE_BINDINGS=1`: rewrite `src/kernels/bindings.rs` from the header.
 
 use std::env;
@@ -203,6 +204,7 @@ fn build_kernels(nvcc: &Path, sources: &[PathBuf], out: &Path) -> Built {
 
     let mut objects = Vec::new();
     let mut resources = Vec::new();
+    let mut serialized = Vec::new();
     let mut log = String::new();
     for src in sources {
         let stem = src.file_stem().unwrap().to_string_lossy().to_string();
@@ -233,10 +235,11 @@ fn build_kernels(nvcc: &Path, sources: &[PathBuf], out: &Path) -> Built {
             }
         }
         resources.extend(parse_ptxas(&stderr, &format!("{stem}.cu")));
+        serialized.extend(parse_serialized(&stderr, &format!("{stem}.cu")));
         objects.push(obj);
     }
     fs::write(out.join("ptxas.log"), &log).expect("write ptxas.log");
-    check_spills(&resources);
+    check_performance(&resources, &serialized);
 
     cc::Build::new()
         .cuda(true)
@@ -322,18 +325,63 @@ fn demangle(name: &str) -> String {
         .unwrap_or_else(|| name.to_string())
 }
 
-fn check_spills(resources: &[Resource]) {
+/// One of ptxas' advisories that it serialized a kernel's wgmma pipeline: every
+/// `wgmma.mma_async` then waits for the one before it, which costs most of what the
+/// asynchronous tensor-core path exists for. ptxas prints them as info lines, e.g.
+/// `ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are
+/// serialized due to insufficient register resources for the wgmma pipeline in the function
+/// '<mangled>'`. The number names the cause (C7511 insufficient registers, C7515 accumulator
+/// registers written between the stages of the pipeline, and others around them), so they are
+/// matched by their wording, whatever the number; ptxas prints them with or without `-v`.
+struct Serialized {
+    file: String,
+    mangled: String,
+    code: String,
+    reason: String,
+}
+
+fn parse_serialized(stderr: &str, file: &str) -> Vec<Serialized> {
+    const MARK: &str = "wgmma.mma_async instructions are serialized";
+    stderr
+        .lines()
+        .filter(|l| l.contains(MARK))
+        .map(|line| {
+            let code = line
+                .split_once("(C")
+                .and_then(|(_, rest)| rest.split_once(')'))
+                .map(|(digits, _)| format!("C{digits}"))
+                .unwrap_or_else(|| "no code".into());
+            let after = line.split_once(MARK).map_or("", |(_, r)| r);
+            let (reason, function) = match after.split_once(" in the function '") {
+                Some((reason, f)) => (reason, f.trim_end().trim_end_matches('\'')),
+                None => (after, ""),
+            };
+            Serialized {
+                file: file.into(),
+                mangled: function.to_string(),
+                code,
+                reason: reason.trim().trim_start_matches("due to ").to_string(),
+            }
+        })
+        .collect()
+}
+
+/// Register spills and serialized wgmma pipelines: both leave a kernel much slower than its
+/// design, silently. With `HEADROOM_DENY_SPILLS=1` (CI) either fails the build unless the
+/// kernel is listed in `kernels/spills-allowed.txt`; otherwise each is a cargo warning.
+fn check_performance(resources: &[Resource], serialized: &[Serialized]) {
     let allowed: Vec<String> = fs::read_to_string("kernels/spills-allowed.txt")
         .unwrap_or_default()
         .lines()
         .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
         .filter(|l| !l.is_empty())
         .collect();
+    let is_allowed = |name: &str| allowed.iter().any(|a| name.contains(a.as_str()));
     let spilling: Vec<String> = resources
         .iter()
         .filter(|r| r.spill_stores + r.spill_loads > 0)
         .map(|r| (r, demangle(&r.mangled)))
-        .filter(|(_, name)| !allowed.iter().any(|a| name.contains(a.as_str())))
+        .filter(|(_, name)| !is_allowed(name))
         .map(|(r, name)| {
             format!(
                 "{name} on {} ({} bytes spill stores, {} bytes spill loads)",
@@ -341,14 +389,37 @@ fn check_spills(resources: &[Resource]) {
             )
         })
         .collect();
-    if spilling.is_empty() {
+    let mut serial: Vec<String> = serialized
+        .iter()
+        .map(|s| (s, demangle(&s.mangled)))
+        .filter(|(_, name)| !is_allowed(name))
+        .map(|(s, name)| format!("{name} in {} ({}: {})", s.file, s.code, s.reason))
+        .collect();
+    serial.sort();
+    serial.dedup();
+    let deny = env::var("HEADROOM_DENY_SPILLS").is_ok_and(|v| v == "1");
+    let mut problems = Vec::new();
+    if !spilling.is_empty() {
+        problems.push(format!("register spills: {}", spilling.join("; ")));
+    }
+    if !serial.is_empty() {
+        problems.push(format!(
+            "ptxas serialized the wgmma pipeline: {}",
+            serial.join("; ")
+        ));
+    }
+    if problems.is_empty() {
         return;
     }
-    let list = spilling.join("; ");
-    if env::var("HEADROOM_DENY_SPILLS").is_ok_and(|v| v == "1") {
-        panic!("register spills in kernels not listed in kernels/spills-allowed.txt: {list}");
+    if deny {
+        panic!(
+            "{} (kernels not listed in kernels/spills-allowed.txt; HEADROOM_DENY_SPILLS=1)",
+            problems.join("; ")
+        );
     }
-    println!("cargo:warning=register spills: {list}");
+    for p in problems {
+        println!("cargo:warning={p}");
+    }
 }
 
 fn write_kernel_table(out: &Path, built: Option<&Built>) {

@@ -48,7 +48,8 @@ int hr_copy(const hr_copy_params *p, hr_stream_t stream);
  *   op(B) is [k, n]: B is stored [k, n] (trans_b = 0) or [n, k] (trans_b = 1)
  *   C is [m, n], stored as float (c_dtype = HR_F32) or bf16 (c_dtype = HR_BF16).
  *   batch >= 1; the stride_* (in elements) separate consecutive matrices; a stride
- *   of 0 broadcasts one matrix to every batch entry.
+ *   of 0 broadcasts A or B to every batch entry (stride_c = 0 with batch > 1 is refused:
+ *   every entry would write the same C).
  *
  * Epilogue, applied to the fp32 accumulator before the store, in this order:
  *   x = alpha * acc; x += bias[col] (HR_EPI_BIAS, HR_EPI_BIAS_GELU; bias is fp32 [n]);

@@ -2,8 +2,9 @@
 //
 // Semantics are those of headroom.h (hr_matmul_params): op(A) is [m, k] (A stored [m, k] or,
 // with trans_a, [k, m]); op(B) is [k, n] (B stored [k, n] or, with trans_b, [n, k]); C is
-// row-major [m, n] in fp32 or bf16; a batch stride of 0 broadcasts that operand; the epilogue
-// runs on the fp32 accumulator in the order alpha -> bias -> gelu_tanh -> residual -> C_old.
+// row-major [m, n] in fp32 or bf16; a batch stride of 0 broadcasts A or B (never C when
+// batch > 1: that would be a write race); the epilogue runs on the fp32 accumulator in the
+// order alpha -> bias -> gelu_tanh -> residual -> C_old.
 //
 // Versions (one line each; details in each section):
 //   matmul_f32_simt_kernel   : FP32 FFMA, 128x128x8 tile, 256 thr, 8x8 micro-tile, 3-stage cp.async ring.
@@ -848,6 +849,9 @@ int prepare(const hr_matmul_params *p, MatmulArgs *a) {
     if (p->epilogue != HR_EPI_NONE && p->bias == nullptr) return kInvalid;
     if (p->c_dtype != HR_F32 && p->c_dtype != HR_BF16) return kInvalid;
     if (p->stride_a < 0 || p->stride_b < 0 || p->stride_c < 0) return kInvalid;
+    // A stride of 0 broadcasts an input, but every batch entry writing one C would be a
+    // write race (and with accumulate, a lost update): refuse it like any bad shape.
+    if (p->batch > 1 && p->stride_c == 0) return kInvalid;
     a->a = p->a;
     a->b = p->b;
     a->c = p->c;
