@@ -1,5 +1,6 @@
-//! Blocks inside segments: best-fit search, splitting and merging. The bookkeeping the caching
-//! and expandable allocators (and the simulated pool's small pages) share.
+//! Blocks inside segments: best-fit search, splitting and merging. The bookkeeping of the
+//! caching allocator and the simulated pool's small pages (expandable segments keep their own,
+//! with unmapped ranges).
 //!
 //! A segment is a contiguous range from the driver; it is tiled by blocks, each free or in use.
 //! Free blocks are indexed by (stream, pool, size, address), the order of PyTorch's
@@ -26,6 +27,9 @@ struct Chunk {
     /// Bytes the caller asked for; 0 when free.
     requested: u64,
     free: bool,
+    /// The pool's `get_free_block` count when the block became free: its age for
+    /// `garbage_collection_threshold` is the count now minus this (PyTorch's `gc_count`).
+    gc_base: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +45,16 @@ pub struct Arena {
     free: BTreeSet<(u32, PoolKind, u64, u64)>,
     segments: BTreeMap<u64, Segment>,
     segment_bytes: u64,
+    /// `get_free_block` calls per pool (small, large) while garbage collection is on
+    /// (PyTorch's `get_free_blocks_call_count`): the clock cached blocks age by.
+    free_block_calls: [u64; 2],
+}
+
+fn pool_index(p: PoolKind) -> usize {
+    match p {
+        PoolKind::Small => 0,
+        PoolKind::Large => 1,
+    }
 }
 
 impl Arena {
@@ -67,11 +81,13 @@ impl Arena {
     }
 
     fn insert_free(&mut self, addr: u64, size: u64, segment: u64) {
+        let gc_base = self.free_block_calls[pool_index(self.segments[&segment].pool)];
         let c = Chunk {
             size,
             segment,
             requested: 0,
             free: true,
+            gc_base,
         };
         let k = self.key(addr, &c);
         self.free.insert(k);
@@ -112,6 +128,16 @@ impl Arena {
             .map(|(_, _, size, addr)| (*addr, *size))
     }
 
+    /// Free blocks of a pool, every stream, in PyTorch's pool order (stream, size, address):
+    /// (address, size).
+    pub fn free_blocks(&self, pool: PoolKind) -> Vec<(u64, u64)> {
+        self.free
+            .iter()
+            .filter(|(_, p, _, _)| *p == pool)
+            .map(|(_, _, size, addr)| (*addr, *size))
+            .collect()
+    }
+
     /// Free blocks of a stream and pool, largest first: (address, size).
     pub fn free_blocks_desc(&self, stream: u32, pool: PoolKind) -> Vec<(u64, u64)> {
         self.free
@@ -140,9 +166,22 @@ impl Arena {
                 segment: c.segment,
                 requested,
                 free: false,
+                gc_base: 0,
             },
         );
         addr
+    }
+
+    /// Counts a `get_free_block` call of `pool` (only while garbage collection is on, as in
+    /// PyTorch).
+    pub fn count_free_block_call(&mut self, pool: PoolKind) {
+        self.free_block_calls[pool_index(pool)] += 1;
+    }
+
+    /// PyTorch's `gc_count` of the free block at `addr`: searches since it was freed.
+    pub fn gc_age(&self, addr: u64) -> u64 {
+        let c = &self.chunks[&addr];
+        self.free_block_calls[pool_index(self.segments[&c.segment].pool)] - c.gc_base
     }
 
     pub fn is_live(&self, addr: u64) -> bool {
@@ -198,43 +237,6 @@ impl Arena {
             .copied()
             .filter(|a| self.whole_free_segment(*a).is_some())
             .collect()
-    }
-
-    /// The last block of a segment if it is free: (address, size).
-    pub fn free_tail(&self, segment: u64) -> Option<(u64, u64)> {
-        let s = &self.segments[&segment];
-        self.chunks
-            .range(segment..segment + s.size)
-            .next_back()
-            .filter(|(_, c)| c.free)
-            .map(|(a, c)| (*a, c.size))
-    }
-
-    /// Adds `extra` bytes at a segment's end, merged into its free tail if it has one.
-    pub fn grow_segment(&mut self, segment: u64, extra: u64) {
-        let end = segment + self.segments[&segment].size;
-        let tail = self.free_tail(segment);
-        self.segments.get_mut(&segment).expect("bug").size += extra;
-        self.segment_bytes += extra;
-        match tail {
-            Some((addr, size)) => {
-                self.remove_free(addr);
-                self.insert_free(addr, size + extra, segment);
-            }
-            None => self.insert_free(end, extra, segment),
-        }
-    }
-
-    /// Cuts `bytes` off a segment's free tail (the caller unmaps them).
-    pub fn shrink_segment(&mut self, segment: u64, bytes: u64) {
-        let (addr, size) = self.free_tail(segment).expect("bug: no free tail");
-        assert!(size >= bytes, "bug: shrinking past the free tail");
-        self.remove_free(addr);
-        if size > bytes {
-            self.insert_free(addr, size - bytes, segment);
-        }
-        self.segments.get_mut(&segment).expect("bug").size -= bytes;
-        self.segment_bytes -= bytes;
     }
 
     /// Live blocks.

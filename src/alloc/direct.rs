@@ -33,8 +33,11 @@ impl Allocator for Direct {
     }
 
     fn allocate(&mut self, size: u64, stream: u32) -> Result<Block> {
-        // The driver refuses 0-byte allocations; a 1-byte segment stands in for an empty tensor.
-        let bytes = size.max(1);
+        // cudaMalloc(0) returns a null pointer and allocates nothing.
+        if size == 0 {
+            return Ok(Block::empty(stream));
+        }
+        let bytes = size;
         let addr = match self.space.alloc_segment(bytes) {
             Ok(a) => a,
             Err(e @ SpaceError::OutOfMemory { .. }) => {
@@ -49,7 +52,7 @@ impl Allocator for Direct {
             Err(e) => return Err(driver_error("direct allocation", e)),
         };
         self.reserved += bytes;
-        self.counters.on_alloc(size, self.reserved);
+        self.counters.on_alloc(size, bytes, self.reserved);
         let b = Block {
             addr,
             size: bytes,
@@ -61,6 +64,9 @@ impl Allocator for Direct {
     }
 
     fn free(&mut self, block: Block) -> Result<()> {
+        if block.is_empty() {
+            return Ok(());
+        }
         let Some(b) = self.live.remove(&block.addr) else {
             return Err(Error::Invalid(format!(
                 "direct: freeing {:#x}, which is not live",
@@ -71,7 +77,7 @@ impl Allocator for Direct {
             .free_segment(b.addr, b.size)
             .map_err(|e| driver_error("direct free", e))?;
         self.reserved -= b.size;
-        self.counters.on_free(b.requested);
+        self.counters.on_free(b.requested, b.size);
         Ok(())
     }
 

@@ -1,7 +1,10 @@
 //! [`DriverSpace`]: the [`AddressSpace`] on the real CUDA driver, so the same allocators run on
 //! a GPU. Segments are `cuMemAlloc`/`cuMemFree`; expandable segments use the virtual memory
 //! API with one physical handle per granule (as PyTorch's ExpandableSegment does, because a
-//! mapping can only be unmapped whole); the pool is the device's default stream-ordered pool.
+//! mapping can only be unmapped whole); the pool is a stream-ordered pool of its own
+//! (`cuMemPoolCreate`), so its reservation counts the replay's allocations alone and not the
+//! suite's other buffers, with the release threshold PyTorch's `cudaMallocAsync` backend sets
+//! (keep everything until a trim), the behaviour the `pool` model assumes.
 //!
 //! A capacity below the device's memory (a budget) is enforced here, before the driver is
 //! asked, so a large card can stand in for a smaller one. Everything still held when the space
@@ -63,9 +66,7 @@ impl DriverSpace {
             )
         }
         .result()?;
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        // SAFETY: writes one pool handle for a valid device.
-        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }.result()?;
+        let pool = private_pool(ordinal)?;
         Ok(DriverSpace {
             stream,
             ordinal,
@@ -113,7 +114,8 @@ impl DriverSpace {
         };
         self.calls.virtual_memory += 2;
         // SAFETY: [addr, addr + granularity) was mapped to `handle` by map(); no live block
-        // uses it (the allocator unmaps only free tails), and the handle is released once.
+        // uses it (the allocator unmaps only whole pages of free blocks), and the handle is
+        // released once.
         unsafe {
             self.check(
                 "cuMemUnmap",
@@ -128,6 +130,29 @@ impl DriverSpace {
 }
 
 /// Pinned device memory on `ordinal`, no shareable handle.
+/// A stream-ordered pool of device memory of its own, keeping what is freed until trimmed.
+fn private_pool(ordinal: i32) -> crate::error::Result<sys::CUmemoryPool> {
+    // SAFETY: all-zero pool properties are valid (no handle types, no size limit); the type
+    // and location are set below.
+    let mut props: sys::CUmemPoolProps = unsafe { std::mem::zeroed() };
+    props.allocType = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    props.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+    props.location.id = ordinal;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: writes one pool handle; the threshold attribute is a 64-bit value.
+    unsafe {
+        sys::cuMemPoolCreate(&mut pool, &props).result()?;
+        let mut threshold: u64 = u64::MAX;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut _,
+        )
+        .result()?;
+    }
+    Ok(pool)
+}
+
 fn allocation_prop(ordinal: i32) -> sys::CUmemAllocationProp {
     // SAFETY: the property is plain data for which all-zero is a valid value (no handle types,
     // no flags); the fields that matter are set below.
@@ -208,6 +233,11 @@ impl AddressSpace for DriverSpace {
                 "bug in an allocator: mapping {size} bytes at {addr:#x}"
             )));
         }
+        if self.pages.range(addr..addr + size).next().is_some() {
+            return Err(SpaceError::Driver(format!(
+                "bug in an allocator: mapping {addr:#x}, part of which is mapped"
+            )));
+        }
         self.admit(size)?;
         self.bind()?;
         let prop = allocation_prop(self.ordinal);
@@ -220,8 +250,8 @@ impl AddressSpace for DriverSpace {
             let created = self.check("cuMemCreate", r, g);
             let mapped = created.and_then(|()| {
                 self.calls.virtual_memory += 1;
-                // SAFETY: [at, at + g) lies in a reservation of ours and is not mapped (the
-                // allocator maps only past its mapped end); handle holds exactly g bytes.
+                // SAFETY: [at, at + g) lies in a reservation of ours and is not mapped (checked
+                // against `pages` above); handle holds exactly g bytes.
                 let r = unsafe { sys::cuMemMap(at, g as usize, 0, handle, 0) };
                 let m = self.check("cuMemMap", r, g);
                 if m.is_err() {
@@ -288,8 +318,15 @@ impl AddressSpace for DriverSpace {
         self.calls.pool += 1;
         let mut ptr: sys::CUdeviceptr = 0;
         // SAFETY: a stream-ordered allocation on our stream; freed by pool_free or Drop.
-        let r = unsafe { sys::cuMemAllocAsync(&mut ptr, size as usize, self.stream.cu_stream()) };
-        self.check("cuMemAllocAsync", r, size)?;
+        let r = unsafe {
+            sys::cuMemAllocFromPoolAsync(
+                &mut ptr,
+                size as usize,
+                self.pool,
+                self.stream.cu_stream(),
+            )
+        };
+        self.check("cuMemAllocFromPoolAsync", r, size)?;
         self.pool_live.insert(ptr, size);
         self.used += size;
         Ok(ptr)
@@ -313,7 +350,7 @@ impl AddressSpace for DriverSpace {
     fn pool_trim(&mut self) -> SpaceResult<()> {
         self.bind()?;
         self.calls.pool += 1;
-        // SAFETY: waits for the frees queued on our stream, then trims the default pool.
+        // SAFETY: waits for the frees queued on our stream, then trims this space's pool.
         unsafe {
             self.check(
                 "cuStreamSynchronize",
@@ -326,8 +363,7 @@ impl AddressSpace for DriverSpace {
 
     fn pool_reserved(&self) -> SpaceResult<u64> {
         let mut v: u64 = 0;
-        // SAFETY: RESERVED_MEM_CURRENT is a 64-bit attribute. It covers the whole default pool,
-        // including the backend's own buffers: a device-wide figure.
+        // SAFETY: RESERVED_MEM_CURRENT is a 64-bit attribute of this space's own pool.
         let r = unsafe {
             sys::cuMemPoolGetAttribute(
                 self.pool,
@@ -364,6 +400,8 @@ impl Drop for DriverSpace {
             for (addr, size) in self.reservations.drain() {
                 let _ = sys::cuMemAddressFree(addr, size as usize);
             }
+            // Every allocation from the pool was freed and synchronized above.
+            let _ = sys::cuMemPoolDestroy(self.pool);
         }
     }
 }

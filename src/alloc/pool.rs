@@ -39,7 +39,11 @@ impl Allocator for Pool {
     }
 
     fn allocate(&mut self, size: u64, stream: u32) -> Result<Block> {
-        let addr = match self.space.pool_alloc(size.max(1), stream) {
+        // cuMemAllocAsync of 0 bytes returns a null pointer and allocates nothing.
+        if size == 0 {
+            return Ok(Block::empty(stream));
+        }
+        let addr = match self.space.pool_alloc(size, stream) {
             Ok(a) => a,
             Err(e @ SpaceError::OutOfMemory { .. }) => {
                 self.counters.ooms += 1;
@@ -54,10 +58,10 @@ impl Allocator for Pool {
             Err(e) => return Err(driver_error("pool allocation", e)),
         };
         let reserved = self.reserved();
-        self.counters.on_alloc(size, reserved);
+        self.counters.on_alloc(size, size, reserved);
         let b = Block {
             addr,
-            size: size.max(1),
+            size,
             requested: size,
             stream,
         };
@@ -66,6 +70,9 @@ impl Allocator for Pool {
     }
 
     fn free(&mut self, block: Block) -> Result<()> {
+        if block.is_empty() {
+            return Ok(());
+        }
         let Some(b) = self.live.remove(&block.addr) else {
             return Err(Error::Invalid(format!(
                 "pool: freeing {:#x}, which is not live",
@@ -75,7 +82,7 @@ impl Allocator for Pool {
         self.space
             .pool_free(b.addr, b.stream)
             .map_err(|e| driver_error("pool free", e))?;
-        self.counters.on_free(b.requested);
+        self.counters.on_free(b.requested, b.size);
         Ok(())
     }
 

@@ -69,6 +69,13 @@ pub fn render(report: &Report) -> String {
         format!("{} (HEADROOM_SEED replays it)", report.seed),
     );
 
+    if !report.warnings.is_empty() {
+        let _ = writeln!(out, "\n## Warnings\n");
+        for w in &report.warnings {
+            let _ = writeln!(out, "- {w}");
+        }
+    }
+
     let c = &report.ceilings;
     let not_measured = || "not measured".to_string();
     let _ = writeln!(out, "\n## Measured ceilings\n");
@@ -137,10 +144,20 @@ pub fn render(report: &Report) -> String {
              capacity. \"Out of memory despite free memory\" means the capacity minus the live \
              requests would have held the request: fragmentation, not size.\n"
         );
-        let _ = writeln!(out, "| trace | allocator | capacity | peak allocated | peak reserved | reserved / allocated | driver calls | alloc p50 / p99 (ns) | out of memory |");
         let _ = writeln!(
             out,
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+            "Peaks in the words of `torch.cuda.memory_stats`: requested is the bytes the trace \
+             asked for; allocated the blocks handed out (rounded, with unsplit slack: \
+             `max_memory_allocated`); active the blocks in use or awaiting a stream (equal to \
+             allocated: the traces have no cross-stream uses); reserved what the allocator holds \
+             from the device (`max_memory_reserved`). The `pool` row is a model of the driver's \
+             stream-ordered pool, whose policy NVIDIA does not document: its assumptions are in \
+             the README.\n"
+        );
+        let _ = writeln!(out, "| trace | allocator | capacity | peak requested | peak allocated | peak active | peak reserved | reserved / allocated | driver calls | alloc p50 / p99 (ns) | out of memory |");
+        let _ = writeln!(
+            out,
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
         );
         for m in shootout {
             let oom = match &m.oom {
@@ -153,11 +170,13 @@ pub fn render(report: &Report) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {:.2} | {} | {:.0} / {:.0} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {:.0} / {:.0} | {} |",
                 cell(&m.trace),
                 cell(&m.allocator),
                 format_bytes(m.capacity),
+                format_bytes(m.peak_requested),
                 format_bytes(m.peak_allocated),
+                format_bytes(m.peak_active),
                 format_bytes(m.peak_reserved),
                 m.reserved_over_allocated,
                 m.driver_calls,
@@ -340,13 +359,22 @@ fn case_row(c: &CaseRecord, all: &[CaseRecord]) -> Vec<String> {
         .as_ref()
         .map(|v| format!("{:.2e} / {:.1e}", v.error, v.tolerance))
         .unwrap_or_else(|| "-".into());
+    // On a GPU the device's own used peak stands beside the tracked one.
+    let allocated = match c.memory.as_ref().and_then(|m| m.device) {
+        Some(d) => format!(
+            "{} (device {})",
+            measured(|m| m.peak_allocated),
+            format_bytes(d.used)
+        ),
+        None => measured(|m| m.peak_allocated),
+    };
     vec![
         name,
         status,
         time,
         rate,
         fraction,
-        measured(|m| m.peak_allocated),
+        allocated,
         predicted,
         measured(|m| m.peak_reserved),
         validation,
@@ -432,6 +460,7 @@ mod tests {
             peak_reserved: peak,
             predicted: peak,
             driver: None,
+            device: None,
         });
         r.time = TimeStats::from_samples(&[ms / 1e3]);
         r
