@@ -55,7 +55,7 @@ impl DriverSpace {
         ctx.bind_to_thread()?;
         let total = ctx.total_mem()? as u64;
         let ordinal = ctx.ordinal() as i32;
-        let prop = allocation_prop(ordinal);
+        let prop = crate::device::device_allocation_prop(ordinal);
         let mut granularity: usize = 0;
         // SAFETY: prop is a fully initialized allocation property; writes one usize.
         unsafe {
@@ -139,28 +139,10 @@ fn private_pool(ordinal: i32) -> crate::error::Result<sys::CUmemoryPool> {
     props.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
     props.location.id = ordinal;
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    // SAFETY: writes one pool handle; the threshold attribute is a 64-bit value.
-    unsafe {
-        sys::cuMemPoolCreate(&mut pool, &props).result()?;
-        let mut threshold: u64 = u64::MAX;
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            &mut threshold as *mut u64 as *mut _,
-        )
-        .result()?;
-    }
+    // SAFETY: writes one pool handle.
+    unsafe { sys::cuMemPoolCreate(&mut pool, &props) }.result()?;
+    crate::device::keep_freed_memory(pool)?;
     Ok(pool)
-}
-
-fn allocation_prop(ordinal: i32) -> sys::CUmemAllocationProp {
-    // SAFETY: the property is plain data for which all-zero is a valid value (no handle types,
-    // no flags); the fields that matter are set below.
-    let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
-    prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
-    prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
-    prop.location.id = ordinal;
-    prop
 }
 
 // SAFETY: the pool handle and device pointers are process-wide driver objects, usable from
@@ -240,7 +222,7 @@ impl AddressSpace for DriverSpace {
         }
         self.admit(size)?;
         self.bind()?;
-        let prop = allocation_prop(self.ordinal);
+        let prop = crate::device::device_allocation_prop(self.ordinal);
         for i in 0..size / g {
             let at = addr + i * g;
             let mut handle: sys::CUmemGenericAllocationHandle = 0;

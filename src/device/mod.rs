@@ -219,28 +219,43 @@ fn default_pool(ctx: &Arc<CudaContext>) -> Result<sys::CUmemoryPool> {
         return Ok(std::ptr::null_mut());
     }
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    // SAFETY: plain driver queries on a valid device.
+    // SAFETY: a plain driver query on a valid device.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }.result()?;
+    keep_freed_memory(pool)?;
+    Ok(pool)
+}
+
+/// Raise a pool's release threshold so it keeps what is freed until it is trimmed, as
+/// PyTorch's `cudaMallocAsync` backend does (the default of 0 returns memory to the driver at
+/// every synchronization).
+pub(crate) fn keep_freed_memory(pool: sys::CUmemoryPool) -> Result<()> {
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: a valid pool; the release threshold is a 64-bit attribute.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
-        let mut threshold: u64 = u64::MAX;
         sys::cuMemPoolSetAttribute(
             pool,
             sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
             &mut threshold as *mut u64 as *mut _,
         )
-        .result()?;
     }
-    Ok(pool)
+    .result()?;
+    Ok(())
+}
+
+/// The properties of a plain physical allocation on device `ordinal`.
+pub fn device_allocation_prop(ordinal: i32) -> sys::CUmemAllocationProp {
+    // SAFETY: the property is plain data for which all-zero is a valid value (no handle types,
+    // no flags); the fields that matter are set below.
+    let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+    prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = ordinal;
+    prop
 }
 
 /// The minimum granularity of physical device allocations on this device.
 fn allocation_granularity(ctx: &Arc<CudaContext>) -> Result<u64> {
-    // SAFETY: a zeroed prop is a valid "no flags" description; only the type and location
-    // are set, as the driver API asks for a device allocation's granularity.
-    let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
-    prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
-    prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
-    prop.location.id = ctx.cu_device();
+    let prop = device_allocation_prop(ctx.cu_device());
     let mut g: usize = 0;
     // SAFETY: writes one size_t.
     unsafe {
