@@ -55,23 +55,13 @@ impl DriverSpace {
         ctx.bind_to_thread()?;
         let total = ctx.total_mem()? as u64;
         let ordinal = ctx.ordinal() as i32;
-        let prop = crate::device::device_allocation_prop(ordinal);
-        let mut granularity: usize = 0;
-        // SAFETY: prop is a fully initialized allocation property; writes one usize.
-        unsafe {
-            sys::cuMemGetAllocationGranularity(
-                &mut granularity,
-                &prop,
-                sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
-            )
-        }
-        .result()?;
+        let granularity = crate::device::allocation_granularity(&ctx)?;
         let pool = private_pool(ordinal)?;
         Ok(DriverSpace {
             stream,
             ordinal,
             capacity: budget.map_or(total, |b| b.min(total)),
-            granularity: granularity.max(1) as u64,
+            granularity: granularity.max(1),
             used: 0,
             calls: DriverCalls::default(),
             segments: HashMap::new(),

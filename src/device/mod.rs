@@ -254,7 +254,7 @@ pub fn device_allocation_prop(ordinal: i32) -> sys::CUmemAllocationProp {
 }
 
 /// The minimum granularity of physical device allocations on this device.
-fn allocation_granularity(ctx: &Arc<CudaContext>) -> Result<u64> {
+pub(crate) fn allocation_granularity(ctx: &Arc<CudaContext>) -> Result<u64> {
     let prop = device_allocation_prop(ctx.cu_device());
     let mut g: usize = 0;
     // SAFETY: writes one size_t.
