@@ -25,6 +25,7 @@ pub mod reference;
 pub mod report;
 pub mod rng;
 pub mod shapes;
+pub mod shard;
 pub mod techniques;
 
 pub use dtype::DType;

@@ -151,6 +151,28 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn copy_range(
+        &self,
+        dst: &mut Tensor,
+        dst_at: usize,
+        src: &Tensor,
+        src_at: usize,
+        len: usize,
+    ) -> Result<()> {
+        crate::backend::check_copy_range(dst, dst_at, src, src_at, len)?;
+        let size = src.dtype().size();
+        let from = src.host_bytes()[src_at * size..(src_at + len) * size].to_vec();
+        dst.host_bytes_mut()[dst_at * size..(dst_at + len) * size].copy_from_slice(&from);
+        Ok(())
+    }
+
+    fn peer(&self, _rank: usize) -> Result<std::sync::Arc<dyn Backend>> {
+        Ok(std::sync::Arc::new(CpuBackend::new(
+            self.memory().budget(),
+            self.facts().fallback_reason.clone(),
+        )))
+    }
+
     fn matmul_available(
         &self,
         kernel: MatmulKernel,

@@ -231,6 +231,29 @@ impl Backend for CudaBackend {
         check_launch("copy", unsafe { k::hr_copy(&p, self.stream()) })
     }
 
+    fn copy_range(
+        &self,
+        dst: &mut Tensor,
+        dst_at: usize,
+        src: &Tensor,
+        src_at: usize,
+        len: usize,
+    ) -> Result<()> {
+        crate::backend::check_copy_range(dst, dst_at, src, src_at, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let size = src.dtype().size() as u64;
+        let p = k::hr_copy_params {
+            src: (ptr(src) as u64 + src_at as u64 * size) as _,
+            dst: (ptr_mut(dst) as u64 + dst_at as u64 * size) as _,
+            bytes: len as u64 * size,
+        };
+        // SAFETY: both ranges were checked to lie inside their buffers on this device.
+        check_launch("copy", unsafe { k::hr_copy(&p, self.stream()) })
+    }
+
     fn matmul_available(
         &self,
         kernel: MatmulKernel,

@@ -76,6 +76,19 @@ impl Backend for DryBackend {
     fn poison(&self, _t: &mut Tensor) -> Result<()> {
         Ok(())
     }
+    fn copy_range(
+        &self,
+        dst: &mut Tensor,
+        dst_at: usize,
+        src: &Tensor,
+        src_at: usize,
+        len: usize,
+    ) -> Result<()> {
+        crate::backend::check_copy_range(dst, dst_at, src, src_at, len)
+    }
+    fn peer(&self, _rank: usize) -> Result<std::sync::Arc<dyn Backend>> {
+        Ok(std::sync::Arc::new(DryBackend::new(self.tracker.budget())))
+    }
     fn copy(&self, dst: &mut Tensor, src: &Tensor) -> Result<()> {
         same_len("copy", dst, src)
     }

@@ -223,6 +223,31 @@ pub struct RowStats {
     pub rstd: Tensor,
 }
 
+/// Checks a [`Backend::copy_range`] stays inside both tensors.
+pub(crate) fn check_copy_range(
+    dst: &Tensor,
+    dst_at: usize,
+    src: &Tensor,
+    src_at: usize,
+    len: usize,
+) -> Result<()> {
+    if dst.dtype() != src.dtype()
+        || dst_at.checked_add(len).is_none_or(|e| e > dst.len())
+        || src_at.checked_add(len).is_none_or(|e| e > src.len())
+    {
+        return Err(Error::Invalid(format!(
+            "copy of {len} elements from {}[{src_at}..] ({} {}) to {}[{dst_at}..] ({} {}) is out of bounds or changes dtype",
+            src.tag(),
+            src.len(),
+            src.dtype().name(),
+            dst.tag(),
+            dst.len(),
+            dst.dtype().name()
+        )));
+    }
+    Ok(())
+}
+
 impl Matmul {
     /// Checks the buffers hold what the shape says, so no kernel reads out of bounds.
     pub fn check(&self, a: &Tensor, b: &Tensor, c: &Tensor, epi: Epi<'_>) -> Result<()> {
@@ -299,6 +324,15 @@ pub trait Backend: Send + Sync {
     /// Every byte 0xFF: NaN in both f32 and bf16, so an element a kernel forgets stays NaN.
     fn poison(&self, t: &mut Tensor) -> Result<()>;
     fn copy(&self, dst: &mut Tensor, src: &Tensor) -> Result<()>;
+    /// `dst[dst_at .. dst_at + len] = src[src_at .. src_at + len]` (same dtype).
+    fn copy_range(
+        &self,
+        dst: &mut Tensor,
+        dst_at: usize,
+        src: &Tensor,
+        src_at: usize,
+        len: usize,
+    ) -> Result<()>;
 
     fn matmul(
         &self,
@@ -453,6 +487,14 @@ pub trait Backend: Send + Sync {
     /// stream-ordered pool, segments and virtual memory), where there is a GPU.
     fn driver_space(&self, _capacity: u64) -> Result<Option<Box<dyn crate::alloc::AddressSpace>>> {
         Ok(None)
+    }
+    /// A backend of the same kind for rank `rank` of a sharded step, with its own tracked
+    /// allocator (the same budget): the host again on the CPU, GPU `rank` on CUDA.
+    fn peer(&self, rank: usize) -> Result<Arc<dyn Backend>> {
+        Err(Error::Unsupported(format!(
+            "the {} backend has no rank {rank}",
+            self.kind().name()
+        )))
     }
     /// Start the driver's view of a measured region, where the backend has one.
     fn driver_view_begin(&self) -> Result<Option<DriverMemoryView>> {

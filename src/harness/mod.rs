@@ -174,12 +174,14 @@ impl Session {
             }
         }
         let mut timeline = None;
+        let mut shard = None;
         let (status, instance, validation) = match outcome {
             Ok((mut inst, v, _)) if v.passed() => {
                 let disagreement = memory
                     .device
                     .and_then(|d| d.disagreement(peak_allocated))
                     .filter(|_| self.strict_memory);
+                shard = inst.shard_record(peak_allocated);
                 match (disagreement, inst.timeline(be)) {
                     (Some(why), _) => (Status::Invalid(why), None, Some(v)),
                     (None, Ok(t)) => {
@@ -193,14 +195,17 @@ impl Session {
                     ),
                 }
             }
-            Ok((_, v, _)) => (
-                Status::Invalid(format!(
-                    "validation failed: {} (error {:.3e}, bound {:.1e})",
-                    v.detail, v.error, v.tolerance
-                )),
-                None,
-                Some(v),
-            ),
+            Ok((inst, v, _)) => {
+                shard = inst.shard_record(peak_allocated);
+                (
+                    Status::Invalid(format!(
+                        "validation failed: {} (error {:.3e}, bound {:.1e})",
+                        v.detail, v.error, v.tolerance
+                    )),
+                    None,
+                    Some(v),
+                )
+            }
             Err(Error::OutOfMemory(oom)) => (Status::Oom(oom.to_string()), None, None),
             Err(Error::Unsupported(why)) => (Status::Skipped(why), None, None),
             Err(e) => (Status::Error(e.to_string()), None, None),
@@ -214,6 +219,7 @@ impl Session {
             record.allocator = crate::techniques::alloc::metrics(&info.id);
         }
         record.timeline = timeline;
+        record.shard = shard;
         record.memory = Some(memory);
         record.validation = validation;
         Prepared {

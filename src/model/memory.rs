@@ -24,13 +24,17 @@ use crate::model::{Checkpoint, ModelShape, Policy};
 use crate::techniques::attention::Variant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cat {
+pub(crate) enum Cat {
     Weights,
     Grads,
     Optimizer,
     Inputs,
     Activations,
     Workspace,
+    /// A sharded step's buckets, gathered parameters and staging shards.
+    Comm,
+    /// Rank 0's extra bytes.
+    Extra,
 }
 
 /// The model's peak and what it is made of at that moment.
@@ -45,15 +49,17 @@ pub struct Breakdown {
     pub workspace: u64,
 }
 
+/// The live bytes of each category as a schedule allocates and frees, and their split at
+/// the highest total so far.
 #[derive(Default)]
-struct Ledger {
-    live: [i64; 6],
-    peak: i64,
-    at_peak: [i64; 6],
+pub(crate) struct Ledger {
+    pub(crate) live: [i64; 8],
+    pub(crate) peak: i64,
+    pub(crate) at_peak: [i64; 8],
 }
 
 impl Ledger {
-    fn alloc(&mut self, cat: Cat, bytes: u64) {
+    pub(crate) fn alloc(&mut self, cat: Cat, bytes: u64) {
         self.live[cat as usize] += bytes as i64;
         let total: i64 = self.live.iter().sum();
         if total > self.peak {
@@ -61,7 +67,7 @@ impl Ledger {
             self.at_peak = self.live;
         }
     }
-    fn free(&mut self, cat: Cat, bytes: u64) {
+    pub(crate) fn free(&mut self, cat: Cat, bytes: u64) {
         self.live[cat as usize] -= bytes as i64;
         debug_assert!(
             self.live[cat as usize] >= 0,
@@ -69,6 +75,19 @@ impl Ledger {
         );
     }
 }
+
+/// What a schedule does around each block (see `model::Units`), in the ledger: nothing for
+/// the single-rank step, gathers and reductions for a sharded one.
+pub(crate) trait LedgerUnits {
+    fn before_forward(&mut self, _l: &mut Ledger, _layer: usize, _recompute: bool) {}
+    fn after_forward(&mut self, _l: &mut Ledger, _layer: usize, _recompute: bool) {}
+    fn before_backward(&mut self, _l: &mut Ledger, _layer: usize) {}
+    /// `micro`: which micro-batch; `last`: whether it is the step's last.
+    fn after_backward(&mut self, _l: &mut Ledger, _layer: usize, _micro: usize, _last: bool) {}
+}
+
+struct NoUnits;
+impl LedgerUnits for NoUnits {}
 
 /// Per-micro-batch sizes of the schedule's buffers.
 struct Sizes {
@@ -178,13 +197,44 @@ pub fn model(shape: &ModelShape, policy: &Policy) -> Breakdown {
     let z = Sizes::new(shape, policy);
     l.alloc(Inputs, z.a * policy.micro_batches as u64);
     l.alloc(Workspace, 4 * policy.micro_batches as u64); // one loss per micro-batch
+    micro_batches(&mut l, shape, policy, &mut NoUnits);
+    let p = l.at_peak;
+    Breakdown {
+        peak: l.peak as u64,
+        weights: p[Weights as usize] as u64,
+        grads: p[Grads as usize] as u64,
+        optimizer: p[Optimizer as usize] as u64,
+        inputs: p[Inputs as usize] as u64,
+        activations: p[Activations as usize] as u64,
+        workspace: p[Workspace as usize] as u64,
+    }
+}
+
+/// Bytes of one micro-batch's input: `shape.batch` is the sequences of the rank.
+pub(crate) fn input_bytes(shape: &ModelShape, policy: &Policy) -> u64 {
+    Sizes::new(shape, policy).a
+}
+
+/// Every micro-batch's forward and backward (`model::micro_batch`) in the ledger, with the
+/// units' hooks where the schedule calls them; `shape.batch` is the sequences of the rank.
+pub(crate) fn micro_batches(
+    l: &mut Ledger,
+    shape: &ModelShape,
+    policy: &Policy,
+    units: &mut dyn LedgerUnits,
+) {
+    use Cat::*;
+    let z = Sizes::new(shape, policy);
     let layers = shape.layers;
     let seg = policy.checkpoint.segment(layers);
     let recompute = policy.checkpoint.recomputes();
     let keep_core = policy.checkpoint != Checkpoint::Selective;
-    for _ in 0..policy.micro_batches {
+    for micro in 0..policy.micro_batches {
+        let last = micro + 1 == policy.micro_batches;
         for b in 0..layers {
-            z.block_forward(&mut l, keep_core);
+            units.before_forward(l, b, false);
+            z.block_forward(l, keep_core);
+            units.after_forward(l, b, false);
             if recompute {
                 l.free(Activations, z.rest(keep_core));
                 if b % seg != 0 {
@@ -199,14 +249,18 @@ pub fn model(shape: &ModelShape, policy: &Policy) -> Breakdown {
             let end = (start + seg).min(layers);
             if recompute {
                 for b in start..end {
-                    z.block_forward(&mut l, true);
+                    units.before_forward(l, b, true);
+                    z.block_forward(l, true);
+                    units.after_forward(l, b, true);
                     if b + 1 == end {
                         l.free(Activations, z.a); // the segment's output is not needed
                     }
                 }
             }
             for b in (start..end).rev() {
-                z.block_backward(&mut l, keep_core);
+                units.before_backward(l, b);
+                z.block_backward(l, keep_core);
+                units.after_backward(l, b, micro, last);
                 if b > 0 {
                     l.free(Activations, z.a); // the block's input
                 }
@@ -217,16 +271,6 @@ pub fn model(shape: &ModelShape, policy: &Policy) -> Breakdown {
             start -= seg;
         }
         l.free(Workspace, z.a); // d residual
-    }
-    let p = l.at_peak;
-    Breakdown {
-        peak: l.peak as u64,
-        weights: p[Weights as usize] as u64,
-        grads: p[Grads as usize] as u64,
-        optimizer: p[Optimizer as usize] as u64,
-        inputs: p[Inputs as usize] as u64,
-        activations: p[Activations as usize] as u64,
-        workspace: p[Workspace as usize] as u64,
     }
 }
 

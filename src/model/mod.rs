@@ -234,12 +234,70 @@ pub struct Params {
 }
 
 impl Params {
-    /// The matrix a matmul reads: the bf16 copy when there is one, else the master.
-    fn matrix(&self, layer: usize, param: usize) -> &Tensor {
-        match self.bf16.get(layer) {
-            Some(copies) => &copies[MATRICES.iter().position(|&p| p == param).expect("a matrix")],
-            None => &self.master[layer][param],
+    /// Block `layer`'s parameters as its forward and backward read them.
+    pub fn layer(&self, layer: usize) -> LayerView<'_> {
+        LayerView {
+            base: &self.master[layer],
+            bf16: self.bf16.get(layer).map(Vec::as_slice),
         }
+    }
+}
+
+/// One block's parameters as the compute reads them: `base` in [`PARAM_NAMES`] order, and
+/// the bf16 copies of the matrices where there are separate ones.
+#[derive(Clone, Copy)]
+pub struct LayerView<'a> {
+    /// Every parameter (vectors in fp32; matrices in the compute dtype unless `bf16` is set).
+    pub base: &'a [Tensor],
+    /// The matrices' bf16 copies, in [`MATRICES`] order.
+    pub bf16: Option<&'a [Tensor]>,
+}
+
+impl<'a> LayerView<'a> {
+    /// The matrix a matmul reads: the bf16 copy when there is one, else `base`'s.
+    fn matrix(&self, param: usize) -> &'a Tensor {
+        match self.bf16 {
+            Some(copies) => &copies[MATRICES.iter().position(|&p| p == param).expect("a matrix")],
+            None => &self.base[param],
+        }
+    }
+}
+
+/// Where a step's block parameters and gradients live, and what happens around each
+/// block's forward and backward. The single-rank step keeps everything resident
+/// ([`Resident`]); a sharded step gathers parameters, reduces gradients and frees them here.
+pub trait Units {
+    /// Block `l` is about to run its forward (`recompute`: again, inside the backward).
+    fn before_forward(&mut self, be: &dyn Backend, l: usize, recompute: bool) -> Result<()>;
+    fn after_forward(&mut self, be: &dyn Backend, l: usize, recompute: bool) -> Result<()>;
+    fn before_backward(&mut self, be: &dyn Backend, l: usize) -> Result<()>;
+    /// Block `l`'s gradients of this micro-batch are complete (`last`: of the step).
+    fn after_backward(&mut self, be: &dyn Backend, l: usize, last: bool) -> Result<()>;
+    /// Block `l`'s parameters, and the gradients its backward accumulates into.
+    fn unit(&mut self, l: usize) -> Result<(LayerView<'_>, &mut [Tensor])>;
+}
+
+/// Every parameter and gradient resident for the whole step: nothing to do around blocks.
+pub struct Resident<'a> {
+    pub params: &'a Params,
+    pub grads: &'a mut [Vec<Tensor>],
+}
+
+impl Units for Resident<'_> {
+    fn before_forward(&mut self, _: &dyn Backend, _: usize, _: bool) -> Result<()> {
+        Ok(())
+    }
+    fn after_forward(&mut self, _: &dyn Backend, _: usize, _: bool) -> Result<()> {
+        Ok(())
+    }
+    fn before_backward(&mut self, _: &dyn Backend, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn after_backward(&mut self, _: &dyn Backend, _: usize, _: bool) -> Result<()> {
+        Ok(())
+    }
+    fn unit(&mut self, l: usize) -> Result<(LayerView<'_>, &mut [Tensor])> {
+        Ok((self.params.layer(l), &mut self.grads[l]))
     }
 }
 
@@ -384,8 +442,18 @@ impl TrainState {
                 be.zero(g)?;
             }
         }
+        let mut units = Resident {
+            params: &self.params,
+            grads: &mut self.grads,
+        };
         for j in 0..self.policy.micro_batches {
-            micro_batch(be, self, j)?;
+            let step = Step {
+                shape: self.shape,
+                policy: self.policy,
+                global_batch: self.shape.batch,
+                micro: j,
+            };
+            micro_batch(be, &step, &mut units, &self.inputs[j], &mut self.losses[j])?;
         }
         Ok(())
     }
@@ -523,21 +591,31 @@ impl TrainState {
     }
 }
 
-/// Forward and backward of micro-batch `j` under the state's policy.
-fn micro_batch(be: &dyn Backend, st: &mut TrainState, j: usize) -> Result<()> {
-    let sh = st.shape;
-    let policy = st.policy;
+/// One micro-batch's place in a step: `shape.batch` is the sequences this rank trains on
+/// (the whole global batch on one rank), `global_batch` the step's over every rank, which
+/// the loss is averaged over so that ranks' gradients add up to the global batch's.
+pub struct Step {
+    pub shape: ModelShape,
+    pub policy: Policy,
+    pub global_batch: usize,
+    /// Which micro-batch of the rank's this is.
+    pub micro: usize,
+}
+
+/// Forward and backward of one micro-batch under the policy, blocks' parameters and
+/// gradients from `units`; the loss goes to `loss`.
+pub fn micro_batch(
+    be: &dyn Backend,
+    step: &Step,
+    units: &mut dyn Units,
+    input: &Tensor,
+    loss: &mut Tensor,
+) -> Result<()> {
+    let (sh, policy, j) = (step.shape, step.policy, step.micro);
     let ctx = Ctx::new(be, sh, policy);
     let seg = policy.checkpoint.segment(sh.layers);
     let recompute = policy.checkpoint.recomputes();
-    let TrainState {
-        params,
-        grads,
-        inputs,
-        losses,
-        ..
-    } = st;
-    let input = &inputs[j];
+    let last_micro = j + 1 == policy.micro_batches;
     let phase = |name: &str| match policy.micro_batches {
         1 => name.to_string(),
         k => format!("{name} {}/{k}", j + 1),
@@ -554,7 +632,9 @@ fn micro_batch(be: &dyn Backend, st: &mut TrainState, j: usize) -> Result<()> {
             kept[l].as_ref().expect("kept input")
         };
         let keep_core = policy.checkpoint != Checkpoint::Selective;
-        let (x_out, rest) = ctx.block_forward(params, l, x_in, keep_core)?;
+        units.before_forward(be, l, false)?;
+        let (x_out, rest) = ctx.block_forward(units.unit(l)?.0, x_in, keep_core)?;
+        units.after_forward(be, l, false)?;
         if recompute {
             // Only segment inputs survive the forward; the rest is recomputed.
             drop(rest);
@@ -570,12 +650,12 @@ fn micro_batch(be: &dyn Backend, st: &mut TrainState, j: usize) -> Result<()> {
             last = Some(x_out);
         }
     }
-    // L = ½·Σy²/numel over the global batch, so micro-batches add up to the full batch.
+    // L = ½·Σy²/numel over the global batch, so micro-batches (and ranks) add up to it.
     let last = last.expect("at least one block");
     be.memory().mark_phase(&phase("backward"));
     let mut d_res = ctx.work(ctx.dt, last.len(), "d residual")?;
-    let scale = 1.0 / (sh.batch * sh.seq * sh.hidden) as f32;
-    be.mse_loss(&last, scale, &mut d_res, &mut losses[j])?;
+    let scale = 1.0 / (step.global_batch * sh.seq * sh.hidden) as f32;
+    be.mse_loss(&last, scale, &mut d_res, loss)?;
     drop(last);
     // Backward, segment by segment from the last.
     let mut start = ((sh.layers - 1) / seg) * seg;
@@ -588,7 +668,9 @@ fn micro_batch(be: &dyn Backend, st: &mut TrainState, j: usize) -> Result<()> {
                 } else {
                     kept[l].as_ref().expect("segment input")
                 };
-                let (x_out, rest) = ctx.block_forward(params, l, x_in, true)?;
+                units.before_forward(be, l, true)?;
+                let (x_out, rest) = ctx.block_forward(units.unit(l)?.0, x_in, true)?;
+                units.after_forward(be, l, true)?;
                 acts[l] = Some(rest);
                 if l + 1 < end {
                     kept[l + 1] = Some(x_out);
@@ -602,7 +684,10 @@ fn micro_batch(be: &dyn Backend, st: &mut TrainState, j: usize) -> Result<()> {
             } else {
                 kept[l].as_ref().expect("block input")
             };
-            ctx.block_backward(params, &mut grads[l], l, x_in, a, &mut d_res)?;
+            units.before_backward(be, l)?;
+            let (view, grads) = units.unit(l)?;
+            ctx.block_backward(view, grads, x_in, a, &mut d_res)?;
+            units.after_backward(be, l, last_micro)?;
             kept[l] = None;
         }
         if start == 0 {
@@ -900,20 +985,19 @@ impl<'a> Ctx<'a> {
     /// One block's forward: returns its output and the activations its backward needs.
     fn block_forward(
         &self,
-        params: &Params,
-        l: usize,
+        params: LayerView<'_>,
         x_in: &Tensor,
         keep_core: bool,
     ) -> Result<(Tensor, Acts)> {
         let (t, c, be, dt) = (self.t, self.c, self.be, self.dt);
-        let w = &params.master[l];
+        let w = params.base;
         let mut ln1 = self.act(dt, t * c, "ln1")?;
         let mut st1 = self.stats("ln1")?;
         be.layernorm_forward(&self.ln, x_in, &w[LN1_W], &w[LN1_B], &mut ln1, &mut st1)?;
         let mut heads = Vec::with_capacity(3);
         for (part, name) in [(Q_W, "q"), (K_W, "k"), (V_W, "v")] {
             let mut tok = self.work(dt, t * c, &format!("{name} (tokens)"))?;
-            self.linear(&ln1, params.matrix(l, part), &w[part + 1], None, &mut tok)?;
+            self.linear(&ln1, params.matrix(part), &w[part + 1], None, &mut tok)?;
             let mut h = self.act(dt, t * c, name)?;
             be.tokens_to_heads(&self.att, 1, &tok, &mut h)?;
             heads.push(h);
@@ -927,7 +1011,7 @@ impl<'a> Ctx<'a> {
         let mut x_mid = self.act(dt, t * c, "residual after attention")?;
         self.linear(
             &att,
-            params.matrix(l, PROJ_W),
+            params.matrix(PROJ_W),
             &w[PROJ_B],
             Some(x_in),
             &mut x_mid,
@@ -938,13 +1022,13 @@ impl<'a> Ctx<'a> {
         let mut st2 = self.stats("ln2")?;
         be.layernorm_forward(&self.ln, &x_mid, &w[LN2_W], &w[LN2_B], &mut ln2, &mut st2)?;
         let mut h = self.act(dt, t * 4 * c, "fc (pre-GELU)")?;
-        self.linear(&ln2, params.matrix(l, FC_W), &w[FC_B], None, &mut h)?;
+        self.linear(&ln2, params.matrix(FC_W), &w[FC_B], None, &mut h)?;
         let mut g = self.act(dt, t * 4 * c, "GELU")?;
         be.gelu_forward(&h, &mut g)?;
         let mut x_out = self.act(dt, t * c, "block output")?;
         self.linear(
             &g,
-            params.matrix(l, FC2_W),
+            params.matrix(FC2_W),
             &w[FC2_B],
             Some(&x_mid),
             &mut x_out,
@@ -967,15 +1051,14 @@ impl<'a> Ctx<'a> {
     /// turns `d_res` from dL/d(x_out) into dL/d(x_in). Gradients accumulate into `gr`.
     fn block_backward(
         &self,
-        params: &Params,
+        params: LayerView<'_>,
         gr: &mut [Tensor],
-        l: usize,
         x_in: &Tensor,
         a: Acts,
         d_res: &mut Tensor,
     ) -> Result<()> {
         let (t, c, be, dt) = (self.t, self.c, self.be, self.dt);
-        let w = &params.master[l];
+        let w = params.base;
         let Acts {
             ln1,
             st1,
@@ -993,7 +1076,7 @@ impl<'a> Ctx<'a> {
         let mut dg = self.work(dt, t * 4 * c, "d GELU")?;
         self.linear_backward(
             &g,
-            params.matrix(l, FC2_W),
+            params.matrix(FC2_W),
             d_res,
             (&mut dg, false),
             (&mut dfc2[0], &mut rest_hi[0]),
@@ -1008,7 +1091,7 @@ impl<'a> Ctx<'a> {
             let (dw, db) = lo[FC_W..FC_B + 1].split_at_mut(1);
             self.linear_backward(
                 &ln2,
-                params.matrix(l, FC_W),
+                params.matrix(FC_W),
                 &dh,
                 (&mut dln2, false),
                 (&mut dw[0], &mut db[0]),
@@ -1036,7 +1119,7 @@ impl<'a> Ctx<'a> {
             let (dw, db) = lo[PROJ_W..PROJ_B + 1].split_at_mut(1);
             self.linear_backward(
                 &att,
-                params.matrix(l, PROJ_W),
+                params.matrix(PROJ_W),
                 d_res,
                 (&mut datt, false),
                 (&mut dw[0], &mut db[0]),
@@ -1057,7 +1140,7 @@ impl<'a> Ctx<'a> {
             let (dw, db) = lo[part..part + 2].split_at_mut(1);
             self.linear_backward(
                 &ln1,
-                params.matrix(l, part),
+                params.matrix(part),
                 &tok,
                 (&mut dln1, i > 0),
                 (&mut dw[0], &mut db[0]),

@@ -227,6 +227,9 @@ pub struct CaseRecord {
     /// The allocator shootout's metrics (allocator cases only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocator: Option<crate::alloc::AllocatorMetrics>,
+    /// Every rank's peak and the collectives' bytes (sharded cases only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<crate::shard::ShardRecord>,
 }
 
 /// A memory timeline: `points[i][c]` is the live bytes of `categories[c]` at point i, the
@@ -344,6 +347,7 @@ impl CaseRecord {
             speed_vs_baseline: None,
             timeline: None,
             allocator: None,
+            shard: None,
         }
     }
 }

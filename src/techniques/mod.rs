@@ -17,6 +17,7 @@ pub mod attention;
 pub mod copy;
 pub mod layers;
 pub mod matmul;
+pub mod shard;
 pub mod train;
 
 /// What a case is, before anything runs.
@@ -437,6 +438,11 @@ pub trait Instance {
     fn timeline(&mut self, _be: &dyn Backend) -> Result<Option<crate::report::Timeline>> {
         Ok(None)
     }
+    /// A sharded case's per-rank figures, given rank 0's measured peak (the suite's
+    /// backend's); other ranks' come from their own backends.
+    fn shard_record(&self, _rank0_peak: u64) -> Option<crate::shard::ShardRecord> {
+        None
+    }
 }
 
 /// One output as read back for validation, before it is compared.
@@ -627,6 +633,7 @@ pub fn registry(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
     cases.extend(matmul::cases(profile, kind));
     cases.extend(attention::cases(profile, kind));
     cases.extend(train::cases(profile, kind));
+    cases.extend(shard::cases(profile, kind));
     cases.extend(alloc::cases(profile, kind));
     cases
 }
@@ -639,6 +646,7 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
     cases.extend(attention::check_cases(kind));
     cases.extend(layers::check_cases());
     cases.extend(train::check_cases());
+    cases.extend(shard::check_cases(kind));
     cases.extend(alloc::check_cases(kind));
     cases
 }

@@ -37,7 +37,7 @@ pub const REFERENCE_LIMIT: usize = 400_000_000;
 /// - 5e-2 for bf16 activations: each stored activation is rounded to 8 significant bits
 ///   (2^-9 relative), and a gradient passes through about ten such roundings per block
 ///   (measured on the CPU over three seeds: at most 1.9e-2).
-fn grad_tolerance(be: BackendKind, policy: &Policy) -> f64 {
+pub(crate) fn grad_tolerance(be: BackendKind, policy: &Policy) -> f64 {
     match policy.dtype {
         DType::Bf16 => 5e-2,
         DType::F32 if be == BackendKind::Cpu && policy.micro_batches == 1 => 0.0,
@@ -217,7 +217,7 @@ fn finite_or_inf(x: f64) -> f64 {
     }
 }
 
-fn loss_check(loss: f32) -> TensorCheck {
+pub(crate) fn loss_check(loss: f32) -> TensorCheck {
     TensorCheck {
         name: "loss".into(),
         compared: 1,
@@ -236,7 +236,7 @@ fn loss_check(loss: f32) -> TensorCheck {
 /// and element by element (see [`grad_elementwise`]). The floor matters for the key bias:
 /// its gradient is zero in exact arithmetic (adding q·b_k to a whole score row leaves the
 /// softmax unchanged), so its reference is rounding noise that no relative error could match.
-fn reference_checks(
+pub(crate) fn reference_checks(
     got: &[Vec<Vec<f32>>],
     want: &[Vec<Vec<f32>>],
     tolerance: f64,
