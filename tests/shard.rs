@@ -401,4 +401,55 @@ mod validation {
             }
         }
     }
+
+    #[test]
+    fn rank_zeros_timeline_is_one_step_and_peaks_at_its_model() {
+        let sh = ModelShape {
+            layers: 2,
+            hidden: 64,
+            heads: 1,
+            seq: 16,
+            batch: 8,
+        };
+        for strategy in Strategy::ALL {
+            let p = policy(Checkpoint::Full, Variant::Flash, DType::Bf16, 2);
+            let mut spec = ShardSpec::new(strategy, 2);
+            spec.rank0_extra = 12345;
+            let case = ShardCase::new(sh, p, spec);
+            let be = CpuBackend::new(None, None);
+            let mut rng = Rng::new(3);
+            let mut inst = case.setup(&be, &mut rng).unwrap();
+            assert!(inst
+                .validate(&be, &mut rng, &mut untouched)
+                .unwrap()
+                .passed());
+            let t = inst.timeline(&be).unwrap().expect("a timeline");
+            let peak = t
+                .points
+                .iter()
+                .map(|p| p.iter().sum::<u64>())
+                .max()
+                .unwrap();
+            assert_eq!(
+                peak,
+                model(&sh, &p, &spec, 0).memory.peak,
+                "{}",
+                case.info().id
+            );
+            for cat in ["weights", "grads", "optimizer", "extra"] {
+                assert!(t.categories.iter().any(|c| c == cat), "{:?}", t.categories);
+            }
+            let phases: Vec<&str> = t.phases.iter().map(|p| p.1.as_str()).collect();
+            assert_eq!(
+                phases,
+                [
+                    "forward 1/2",
+                    "backward 1/2",
+                    "forward 2/2",
+                    "backward 2/2",
+                    "optimizer"
+                ]
+            );
+        }
+    }
 }

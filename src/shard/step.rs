@@ -319,6 +319,25 @@ impl RankState {
         self.units.optimizer(be, &self.adamw, self.step)
     }
 
+    /// Every buffer that lives across the step, as (tag, bytes): what is live when a step
+    /// starts.
+    pub fn live_buffers(&self) -> Vec<(String, u64)> {
+        let u = &self.units;
+        u.full
+            .iter()
+            .flatten()
+            .chain(u.master.iter().flatten().flatten())
+            .chain(u.grads.iter().flatten())
+            .chain(u.m.iter().flatten())
+            .chain(u.v.iter().flatten())
+            .chain(&u.buckets)
+            .chain(&self.inputs)
+            .chain(&self.losses)
+            .chain(&self.extra)
+            .map(|t| (t.tag().to_string(), t.bytes()))
+            .collect()
+    }
+
     /// The bytes this rank handed to collectives since the last call.
     pub fn take_traffic(&mut self) -> Traffic {
         let mut t = std::mem::take(&mut self.units.traffic);

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::model::{
     param_lens, param_rows, Checkpoint, InitialValues, ModelShape, Policy, TrainState, PARAM_NAMES,
 };
+use crate::report::Timeline;
 use crate::rng::Rng;
 use crate::shard::memory::{model, RankBreakdown};
 use crate::shard::step::World;
@@ -364,6 +365,20 @@ impl Instance for ShardInstance {
             v.detail
         );
         Ok(v)
+    }
+
+    /// Rank 0's memory through one optimizer step of the whole world, from what lives across
+    /// steps, with the phases marked.
+    fn timeline(&mut self, be: &dyn Backend) -> Result<Option<Timeline>> {
+        let start = self.world.ranks[0].live_buffers();
+        let tracker = be.memory();
+        tracker.start_timeline();
+        let stepped = self.world.step(be);
+        let events = tracker.take_timeline();
+        let phases = tracker.take_phases();
+        stepped?;
+        self.world.take_traffic();
+        Ok(Some(Timeline::recorded(&start, &events, &phases)))
     }
 
     fn shard_record(&self, rank0_peak: u64) -> Option<ShardRecord> {
