@@ -453,3 +453,28 @@ mod validation {
         }
     }
 }
+
+#[test]
+fn a_rank_out_of_memory_stops_the_world_without_a_hang() {
+    // Rank 0 keeps extra bytes that put it over the budget in the backward; rank 1 fits,
+    // waits for rank 0 at its next collective, and is released by rank 0's failure.
+    let sh = shape(8);
+    let p = policy(Checkpoint::None, Variant::Flash, DType::F32, 1);
+    for strategy in Strategy::ALL {
+        let mut spec = ShardSpec::new(strategy, 2);
+        spec.rank0_extra = 1 << 20;
+        let others = model(&sh, &p, &spec, 1).memory.peak;
+        let zero = model(&sh, &p, &spec, 0).memory.peak;
+        assert!(zero > others + (1 << 19));
+        let be = CpuBackend::new(Some(others + (1 << 19)), None);
+        let mut rng = Rng::new(1);
+        let init = InitialValues::random(&sh, &mut rng);
+        let mut world = World::new(&be, sh, p, spec, &init).expect("the state fits");
+        match world.step(&be) {
+            Err(headroom::Error::OutOfMemory(oom)) => {
+                assert!(oom.to_string().contains("out of memory"), "{oom}")
+            }
+            other => panic!("{}: {:?}", strategy.name(), other.err()),
+        }
+    }
+}

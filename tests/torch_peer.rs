@@ -1,6 +1,7 @@
 //! The PyTorch peer (peers/torch/headroom_torch.py) on the CPU at tiny sizes: its report
 //! must read back as a headroom report with the cases it was given and the statuses the
-//! peer promises. Where PyTorch cannot be imported the test prints why and returns.
+//! peer promises, and its shard cases must run over two ranks under torchrun with gloo.
+//! Where PyTorch cannot be imported the test prints why and returns.
 //!
 //! `HEADROOM_PYTHON` names the interpreter (default `python3`); PYTHONPATH and the rest of
 //! the environment pass through, so a PyTorch installed in a folder of its own works too.
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use headroom::report::{Report, Status};
+use headroom::shard::ShardRecord;
 use headroom::techniques::CaseInfo;
 
 fn python() -> String {
@@ -216,5 +218,192 @@ fn torch_peer_reports_the_cases_it_is_given() {
         String::from_utf8_lossy(&cmp.stderr)
     );
     assert!(String::from_utf8_lossy(&cmp.stdout).contains(&cublas.id));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A hand-written shard case in the form `headroom cases --format json` lists it.
+fn shard_case(technique: &str, dtype: &str, shape: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": format!("shard/{technique}/{dtype}/{shape}"),
+        "family": "shard",
+        "technique": technique,
+        "dtype": dtype,
+        "shape": shape,
+        "flops": 1.0e6,
+        "bytes_moved": 0.0,
+        "predicted_peak_bytes": 0,
+        "tolerance": 1e-4,
+    })
+}
+
+/// Why `torch.distributed` cannot be used here, or None when it can.
+fn distributed_missing(py: &str) -> Option<String> {
+    let probe = "import torch.distributed as d, sys; sys.exit(0 if d.is_available() else 3)";
+    match Command::new(py).args(["-c", probe]).output() {
+        Err(e) => Some(format!("{py} could not be started: {e}")),
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "this PyTorch was built without torch.distributed ({})",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+    }
+}
+
+#[test]
+fn torch_peer_runs_shard_cases_under_torchrun() {
+    let py = python();
+    if let Some(why) = torch_missing(&py) {
+        eprintln!("skipped: PyTorch is not installed ({why})");
+        return;
+    }
+    if let Some(why) = distributed_missing(&py) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = scratch_dir();
+    // Every strategy over two ranks in fp32, the bucket and rank 0's extra bytes given on
+    // some, one bf16 case, and two cases for other worlds, which this launch skips.
+    let shape = "L2-h64-heads2-n16-b4";
+    let cases = vec![
+        shard_case("ddp-none-naive-mb2", "f32", &format!("{shape}-w2-bk8192")),
+        shard_case("zero1-full-flash-mb1", "f32", &format!("{shape}-w2")),
+        shard_case("zero2-selective-naive-mb1", "f32", &format!("{shape}-w2")),
+        shard_case(
+            "fsdp-every1-naive-mb2",
+            "f32",
+            &format!("{shape}-w2-x65536"),
+        ),
+        shard_case(
+            "fsdp-noreshard-none-flash-mb1",
+            "f32",
+            &format!("{shape}-w2"),
+        ),
+        shard_case("fsdp-none-naive-mb1", "bf16", &format!("{shape}-w2")),
+        shard_case("ddp-none-naive-mb1", "f32", &format!("{shape}-w4")),
+        shard_case("ddp-none-naive-mb1", "f32", &format!("{shape}-w1")),
+    ];
+    let cases_json = dir.join("cases.json");
+    std::fs::write(&cases_json, serde_json::to_vec(&cases).expect("json")).expect("written");
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/torch/headroom_torch.py");
+    let out_dir = dir.join("out");
+    // `python -m torch.distributed.run` is torchrun; --standalone picks a free port.
+    let run = Command::new(&py)
+        .args([
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+        ])
+        .arg(&script)
+        .arg("--cases")
+        .arg(&cases_json)
+        .arg("--out")
+        .arg(&out_dir)
+        .args([
+            "--device",
+            "cpu",
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+            "--max-seconds",
+            "20",
+            "--seed",
+            "11",
+            "--dist-timeout",
+            "120",
+        ])
+        .output()
+        .expect("torchrun starts");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "torchrun failed ({}):\n{stdout}\n{stderr}",
+        run.status
+    );
+
+    // Only rank 0 writes, under a name that carries the world size.
+    let path = out_dir.join("cpu-torch-w2.json");
+    assert!(
+        !out_dir.join("cpu-torch.json").exists(),
+        "a torchrun launch writes only its -w<W> report"
+    );
+    let report = Report::read(&path).unwrap_or_else(|e| panic!("{e}\npeer output:\n{stdout}"));
+    assert_eq!(report.schema, "headroom-report/1");
+    assert_eq!(report.device.backend, "torch");
+    assert_eq!(report.seed, 11);
+    let ids: Vec<String> = report.cases.iter().map(|c| c.id.clone()).collect();
+    let want: Vec<String> = cases
+        .iter()
+        .map(|c| c["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ids, want, "every case of the file, in order");
+
+    // The `shard` objects, read as headroom reads them.
+    let raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("readable")).expect("json");
+    let shard_of = |i: usize| -> ShardRecord {
+        serde_json::from_value(raw["cases"][i]["shard"].clone())
+            .unwrap_or_else(|e| panic!("{}: no shard object headroom reads: {e}", ids[i]))
+    };
+    let strategies = ["ddp", "zero1", "zero2", "fsdp", "fsdp-noreshard", "fsdp"];
+    for (i, strategy) in strategies.iter().enumerate() {
+        let r = &report.cases[i];
+        match &r.status {
+            Status::Ok => {}
+            // A strategy this PyTorch lacks is skipped with the reason.
+            Status::Skipped(why) => {
+                assert!(!why.is_empty(), "{}", r.id);
+                continue;
+            }
+            other => panic!("{}: {other:?}\n{stdout}\n{stderr}", r.id),
+        }
+        let t = r.time.as_ref().expect("an ok case is timed");
+        assert!(t.samples >= 1 && t.median_s > 0.0, "{}: {t:?}", r.id);
+        let v = r
+            .validation
+            .as_ref()
+            .expect("compared with the reference step");
+        assert!(v.passed() && v.compared > 0, "{}: {v:?}", r.id);
+        assert_eq!(r.memory, None, "{}: no memory statistics on the CPU", r.id);
+        let s = shard_of(i);
+        assert_eq!(
+            (s.strategy.as_str(), s.world),
+            (*strategy, 2),
+            "{}: {s:?}",
+            r.id
+        );
+        assert!(
+            s.comm.starts_with("torch.distributed/gloo "),
+            "{}: {}",
+            r.id,
+            s.comm
+        );
+        assert!(
+            s.ranks.is_empty(),
+            "{}: no per-rank memory on the CPU",
+            r.id
+        );
+    }
+    assert_eq!(
+        (shard_of(0).bucket_bytes, shard_of(0).rank0_extra),
+        (8192, 0)
+    );
+    assert_eq!(
+        (shard_of(3).bucket_bytes, shard_of(3).rank0_extra),
+        (25 << 20, 65536)
+    );
+    assert_eq!(
+        report.cases[6].status,
+        Status::Skipped("needs 4 ranks; run under torchrun --nproc_per_node 4".into())
+    );
+    assert!(
+        matches!(&report.cases[7].status, Status::Skipped(why) if why.starts_with("needs 1 rank;")),
+        "{:?}",
+        report.cases[7].status
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

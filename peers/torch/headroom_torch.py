@@ -9,6 +9,11 @@ takes its memory from torch.cuda.max_memory_allocated / max_memory_reserved, and
 report in headroom's schema (`headroom-report/1`, backend `torch`) that `headroom compare`
 puts beside headroom's own.
 
+The shard family (one training step data-parallel over W ranks: DDP, ZeRO-1 by
+ZeroRedundancyOptimizer, ZeRO-2 by FSDP's SHARD_GRAD_OP, FSDP2 with and without resharding)
+runs with torch.distributed, one launch per world size:
+`torchrun --nproc_per_node W headroom_torch.py --cases cases.json --out DIR`.
+
 Needs only PyTorch and the standard library. See README.md beside this file.
 """
 
@@ -21,15 +26,19 @@ import gc
 import json
 import math
 import os
+import pickle
 import random
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -494,55 +503,39 @@ class Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
 
 
-class TrainProgram(Program):
-    """One optimizer step of headroom's block stack: zero_grad(set_to_none=True), forward and
-    backward over the micro-batches (gradients accumulated), AdamW (fused where offered)."""
+def make_attention(spec: TrainSpec, dev: torch.device) -> Callable[..., torch.Tensor]:
+    """The causal attention core of a training step: the written-out softmax(QK^T)V, or SDPA
+    with the flash backend (the memory-efficient one standing in where flash has no kernel)."""
+    if spec.attention == "naive":
+        mask = causal_mask(spec.seq, dev)
 
-    def setup(self) -> None:
-        s = self.spec = parse_train(self.info)
-        d = self.dev.dev
-        self.dtype = DTYPES[self.info["dtype"]]
-        mask = causal_mask(s.seq, d) if s.attention == "naive" else None
-        if s.attention == "naive":
-            def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return naive_attention(q, k, v, True, mask)
-        else:
-            if sdpa_kernel is None:
-                raise Skip(f"this PyTorch ({torch.__version__}) has no sdpa_kernel")
-            # fp32 on CUDA has no flash kernel: the memory-efficient one (also linear in N,
-            # also keeps only the logsumexp) stands in, as SDPA itself would choose.
-            backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return naive_attention(q, k, v, True, mask)
+        return naive
+    if sdpa_kernel is None:
+        raise Skip(f"this PyTorch ({torch.__version__}) has no sdpa_kernel")
+    # fp32 on CUDA has no flash kernel: the memory-efficient one (also linear in N, also
+    # keeps only the logsumexp) stands in, as SDPA itself would choose.
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
-            def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return flash_attention(q, k, v, True, backends)
+    def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return flash_attention(q, k, v, True, backends)
+    return flash
+
+
+class Stack(nn.Module):
+    """headroom's block stack with its checkpointing: every k-block segment (the last one
+    too) under non-reentrant `checkpoint`, or the attention core only (`selective`)."""
+
+    def __init__(self, spec: TrainSpec, dev: torch.device, params_on: torch.device) -> None:
+        """`dev` is where it computes (the causal mask lives there), `params_on` where its
+        parameters are made."""
+        super().__init__()
+        self.spec = spec
+        attention = make_attention(spec, dev)
         self.blocks = nn.ModuleList(
-            Block(s, d, attention, s.checkpoint == "selective") for _ in range(s.layers))
-        with torch.no_grad():
-            for name, p in self.blocks.named_parameters():
-                if name.endswith(("ln1.weight", "ln2.weight")):
-                    p.uniform_(0.9, 1.1)
-                elif p.dim() == 2:
-                    p.uniform_(-0.0346, 0.0346)  # std 0.02, as headroom's init
-                else:
-                    p.uniform_(-0.02, 0.02)
-        self.x = uniform((s.batch, s.seq, s.hidden), torch.float32, d)
-        params = list(self.blocks.parameters())
-        kw: dict[str, Any] = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-        # The moments exist from the start, as headroom allocates them in its setup: one
-        # step on zero gradients creates them (it moves the weights only by weight decay).
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        try:
-            self.opt = torch.optim.AdamW(params, fused=True, **kw)
-            self.opt.step()
-        except (RuntimeError, TypeError, ValueError) as e:
-            if is_oom(e):
-                raise
-            # This PyTorch has no fused AdamW for the device: the default (foreach) one.
-            self.opt = torch.optim.AdamW(params, **kw)
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.total: Optional[torch.Tensor] = None
+            Block(spec, params_on, attention, spec.checkpoint == "selective")
+            for _ in range(spec.layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, blocks = self.spec, self.blocks
@@ -564,6 +557,70 @@ class TrainProgram(Program):
         for start in range(0, s.layers, k):
             x = checkpoint(segment(start, min(start + k, s.layers)), x, use_reentrant=False)
         return x
+
+
+def build_stack(spec: TrainSpec, dev: torch.device,
+                move: bool = True) -> tuple[Stack, torch.Tensor]:
+    """The stack with headroom's initialization and the global batch of inputs, drawn from
+    the CPU's generator in a fixed order, so that every rank of a sharded case and the
+    single-process reference draw the same weights and inputs from the same seed; moved to
+    `dev` unless `move` is False (FSDP moves and shards a CPU model block by block, so that
+    no rank ever holds the whole model on its device, as FSDP users initialize)."""
+    cpu = torch.device("cpu")
+    stack = Stack(spec, dev, cpu)
+    with torch.no_grad():
+        for name, p in stack.named_parameters():
+            if name.endswith(("ln1.weight", "ln2.weight")):
+                p.uniform_(0.9, 1.1)
+            elif p.dim() == 2:
+                p.uniform_(-0.0346, 0.0346)  # std 0.02, as headroom's init
+            else:
+                p.uniform_(-0.02, 0.02)
+    x = uniform((spec.batch, spec.seq, spec.hidden), torch.float32, cpu)
+    if move:
+        stack.to(dev)
+        x = x.to(dev)
+    return stack, x
+
+
+ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+def adamw_with_moments(make: Callable[..., Any], params: list[nn.Parameter]) -> Any:
+    """`make(**options)` an AdamW (fused where this PyTorch offers it for the parameters,
+    else the default foreach one) and step it once on zero gradients, so its moments exist
+    from the start as headroom allocates them in its setup (the step moves the weights only
+    by weight decay)."""
+    def warm(opt: Any) -> Any:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return opt
+
+    try:
+        return warm(make(fused=True, **ADAMW))
+    except (RuntimeError, TypeError, ValueError) as e:
+        if is_oom(e):
+            raise
+        return warm(make(**ADAMW))
+
+
+class TrainProgram(Program):
+    """One optimizer step of headroom's block stack: zero_grad(set_to_none=True), forward and
+    backward over the micro-batches (gradients accumulated), AdamW (fused where offered)."""
+
+    def setup(self) -> None:
+        s = self.spec = parse_train(self.info)
+        self.dtype = DTYPES[self.info["dtype"]]
+        self.stack, self.x = build_stack(s, self.dev.dev)
+        self.blocks = self.stack.blocks
+        params = list(self.stack.parameters())
+        self.opt = adamw_with_moments(lambda **kw: torch.optim.AdamW(params, **kw), params)
+        self.total: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack(x)
 
     def run(self) -> None:
         s = self.spec
@@ -589,6 +646,575 @@ class TrainProgram(Program):
         loss = float(self.total)
         if not math.isfinite(loss):
             raise Invalid(f"the loss is {loss}")
+
+
+# ----------------------------------------------------------------------------------------
+# The shard family: one training step data-parallel over W ranks with torch.distributed
+
+STRATEGIES = ("ddp", "zero1", "zero2", "fsdp", "fsdp-noreshard")
+DEFAULT_BUCKET_BYTES = 25 << 20  # DDP's default bucket_cap_mb (25 MiB), headroom's default
+SHARD_ID_FORM = ("shard/<strategy>-<checkpoint>-<attention>-mb<k>/<dtype>/L<layers>-h<hidden>-"
+                 "heads<heads>-n<seq>-b<global batch>-w<world>[-bk<bucket bytes>][-x<bytes>]")
+# The comparison of a sharded step with the single-process reference (max |Δ| / max |ref|
+# over the gradients of the global batch and over the updated weights, each tensor group
+# against its own largest reference magnitude):
+# - fp32: 1e-5. Both compute the same sums in fp32, in another order (per-rank partial sums
+#   averaged by the collective, against one process accumulating the micro-batches); fp32
+#   rounding (2^-24 relative) over a few thousand terms stays two orders of magnitude below.
+# - bf16: 5e-2, headroom's bf16 gradient tolerance. DDP and ZeRO run the same autocast
+#   program as the reference, but the FSDP strategies run MixedPrecisionPolicy, which casts
+#   every parameter and activation to bf16 (LayerNorm, softmax and the residual stream too,
+#   which autocast keeps in fp32), so gradients differ by a few bf16 roundings (2^-9) per
+#   block.
+SHARD_TOLERANCE = {"f32": 1e-5, "bf16": 5e-2}
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    strategy: str  # one of STRATEGIES
+    train: TrainSpec  # the model, policy and GLOBAL batch
+    world: int
+    bucket_bytes: int
+    rank0_extra: int
+
+    @property
+    def local_batch(self) -> int:
+        return self.train.batch // self.world
+
+
+def parse_shard(info: dict[str, Any]) -> ShardSpec:
+    """A shard case's strategy, policy and shape, or Skip with what is wrong with the id."""
+    ident = info.get("id", "?")
+
+    def bad(why: str) -> Skip:
+        return Skip(f"shard case '{ident}' is malformed: {why} (the form is {SHARD_ID_FORM})")
+
+    # The technique is read from the right: checkpoint, attention and mbK are its last three
+    # parts, as the train family's technique; the strategy (which may hold a dash) is before.
+    parts = str(info.get("technique", "")).split("-")
+    if len(parts) < 4:
+        raise bad(f"technique '{info.get('technique')}' is not "
+                  "<strategy>-<checkpoint>-<attention>-mb<k>")
+    strategy = "-".join(parts[:-3])
+    if strategy not in STRATEGIES:
+        raise bad(f"'{strategy}' is not a strategy the peer knows ({', '.join(STRATEGIES)})")
+    t = re.fullmatch(r"(none|full|every[1-9]\d*|selective)-(naive|flash)-mb([1-9]\d*)",
+                     "-".join(parts[-3:]))
+    if not t:
+        raise bad(f"'{'-'.join(parts[-3:])}' is not <none|full|every<k>|selective>-"
+                  "<naive|flash>-mb<k>")
+    s = re.fullmatch(r"L(\d+)-h(\d+)-heads(\d+)-n(\d+)-b(\d+)-w(\d+)(?:-bk(\d+))?(?:-x(\d+))?",
+                     str(info.get("shape", "")))
+    if not s:
+        raise bad(f"shape '{info.get('shape')}' is not L<layers>-h<hidden>-heads<heads>-n<seq>-"
+                  "b<global batch>-w<world>[-bk<bucket bytes>][-x<rank0 extra bytes>]")
+    layers, hidden, heads, seq, batch, world = (int(g) for g in s.groups()[:6])
+    bucket = int(s.group(7)) if s.group(7) is not None else DEFAULT_BUCKET_BYTES
+    extra = int(s.group(8)) if s.group(8) is not None else 0
+    train = TrainSpec(t.group(1), t.group(2), int(t.group(3)), layers, hidden, heads, seq, batch)
+    if min(layers, hidden, heads, seq, batch) == 0:
+        raise bad("layers, hidden, heads, sequence length and batch must all be at least 1")
+    if hidden % heads:
+        raise bad(f"a hidden size of {hidden} does not split into {heads} heads")
+    if world == 0:
+        raise bad("a world of 0 ranks has no one to train")
+    if batch % world:
+        raise bad(f"a global batch of {batch} sequences does not split evenly over {world} ranks")
+    if (batch // world) % train.micro_batches:
+        raise bad(f"a rank's {batch // world} sequences do not split into "
+                  f"{train.micro_batches} micro-batches")
+    if bucket == 0:
+        raise bad("a bucket of 0 bytes holds no gradient")
+    return ShardSpec(strategy, train, world, bucket, extra)
+
+
+def needs_ranks(world: int) -> str:
+    if world == 1:
+        return "needs 1 rank; run without torchrun or under torchrun --nproc_per_node 1"
+    return f"needs {world} ranks; run under torchrun --nproc_per_node {world}"
+
+
+# How a rank that waited at a collective for a failed one reports it (gloo, NCCL).
+WAITED = re.compile(r"timed out|timeout|pair closure|connection (reset|closed)|"
+                    r"NCCL communicator was aborted", re.IGNORECASE)
+
+
+class Fatal(Exception):
+    """The ranks can no longer agree (a control collective failed): the run cannot go on."""
+
+
+class Agreed(Exception):
+    """Every rank agreed that the case ends here with this status and message."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Dist:
+    """The process group this run trains in, and a gloo group of its own for agreeing on
+    every case's outcome (on the CPU, with its own timeout, so that a rank whose step failed
+    can tell the others even while the training group is stuck)."""
+
+    rank: int
+    world: int
+    launched: bool  # under torchrun (WORLD_SIZE/RANK in the environment)
+    backend: str  # nccl on CUDA, gloo on the CPU
+    timeout: float
+    ctrl: Any = None
+    work: Any = None
+    generation: int = 0  # how many times `work` was replaced
+
+    def renew(self) -> None:
+        """A fresh training group, after a case failed: a collective that failed or timed
+        out leaves its group unusable (its ranks are no longer at the same collective). The
+        old one is not destroyed, since objects of the failed case may still name it."""
+        self.work = dist.new_group(backend=self.backend, timeout=timedelta(seconds=self.timeout))
+        self.generation += 1
+
+    def gather(self, item: Any) -> list[Any]:
+        """Every rank's picklable `item`, in rank order, over the control group. (Written
+        out rather than all_gather_object, which needs NumPy in some PyTorch builds: the
+        peer needs only PyTorch.)"""
+        try:
+            data = torch.frombuffer(bytearray(pickle.dumps(item)), dtype=torch.uint8)
+            size = torch.tensor([data.numel()], dtype=torch.int64)
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+            dist.all_gather(sizes, size, group=self.ctrl)
+            longest = max(int(s) for s in sizes)
+            padded = torch.zeros(longest, dtype=torch.uint8)
+            padded[:data.numel()] = data
+            parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world)]
+            dist.all_gather(parts, padded, group=self.ctrl)
+        except Exception as e:  # noqa: BLE001 - a lost rank ends the run, recorded
+            raise Fatal(f"the ranks could not agree (a rank is gone or stuck): {one_line(e)}")
+        return [pickle.loads(bytes(p[:int(n)].tolist()))
+                for p, n in zip(parts, sizes)]
+
+    def share(self, item: Any) -> Any:
+        """Rank 0's `item` on every rank."""
+        return self.gather(item)[0]
+
+    def agree(self, failure: Optional[tuple[str, str]]) -> None:
+        """Raises Agreed on every rank when any rank failed: the root cause first (an OOM or
+        a refusal before an error such as another rank's collective timing out)."""
+        fails = [(r, f) for r, f in enumerate(self.gather(failure)) if f is not None]
+        if not fails:
+            return
+        order = {"oom": 0, "skipped": 1, "invalid": 2, "error": 3}
+
+        def cause(rf: tuple[int, tuple[str, str]]) -> tuple[int, bool, int]:
+            # A rank that waited in vain for one that failed reports a timeout or a closed
+            # connection: the failure it waited for is the one to record.
+            waited = bool(WAITED.search(rf[1][1]))
+            return (order.get(rf[1][0], 4), waited, rf[0])
+
+        r, (status, message) = min(fails, key=cause)
+        if self.world > 1:
+            message = f"rank {r}: {message}"
+        raise Agreed(status, message)
+
+    def phase(self, fn: Callable[[], Any]) -> Any:
+        """Runs fn on this rank, then agrees with the others on whether every rank got
+        through it; every rank leaves a failed phase by the same Agreed exception."""
+        failure: Optional[tuple[str, str]] = None
+        result = None
+        try:
+            result = fn()
+        except Skip as e:
+            failure = ("skipped", str(e))
+        except Invalid as e:
+            failure = ("invalid", str(e))
+        except Exception as e:  # noqa: BLE001 - every failure is agreed on and recorded
+            failure = ("oom" if is_oom(e) else "error", one_line(e))
+        self.agree(failure)
+        return result
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_dist(dev: Device, timeout: float) -> Dist:
+    """The training group: torchrun's (env://) when launched by it, else a world of one in
+    this process (tcp on 127.0.0.1), for the shard cases of w1."""
+    backend = "nccl" if dev.cuda else "gloo"
+    launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    td = timedelta(seconds=timeout)
+    if not dist.is_initialized():
+        if launched:
+            dist.init_process_group(backend, timeout=td)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                                    rank=0, world_size=1, timeout=td)
+    d = Dist(dist.get_rank(), dist.get_world_size(), launched, backend, timeout)
+    # The control group outlives a training collective's timeout, so that a rank stuck in
+    # one still reaches the agreement after it times out.
+    d.ctrl = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout + 60))
+    # The group the shard cases train in, one for all of them until a case fails.
+    d.work = dist.new_group(backend=backend, timeout=td)
+    return d
+
+
+def fsdp2_api() -> tuple[Any, Any]:
+    """fully_shard and MixedPrecisionPolicy: public since PyTorch 2.6, composable before."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import (  # type: ignore[no-redef]
+                MixedPrecisionPolicy, fully_shard)
+        except ImportError:
+            raise Skip(f"this PyTorch ({torch.__version__}) has no FSDP2 fully_shard") from None
+    return fully_shard, MixedPrecisionPolicy
+
+
+def fsdp1_api() -> Optional[tuple[Any, Any, Any, Any]]:
+    """FSDP1's wrapper, ShardingStrategy, MixedPrecision and ModuleWrapPolicy, if present."""
+    try:
+        from torch.distributed.fsdp import (FullyShardedDataParallel, MixedPrecision,
+                                            ShardingStrategy)
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    except ImportError:
+        return None
+    if not hasattr(ShardingStrategy, "SHARD_GRAD_OP"):
+        return None
+    return FullyShardedDataParallel, ShardingStrategy, MixedPrecision, ModuleWrapPolicy
+
+
+def param_name(name: str) -> str:
+    """A parameter's name without the wrappers' prefixes (DDP's `module.`, FSDP1's
+    `_fsdp_wrapped_module.`), as the plain stack names it."""
+    for wrapper in ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+class ShardRun:
+    """One rank's side of a shard case: build, wrap, step, gather for validation."""
+
+    def __init__(self, dev: Device, d: Dist, spec: ShardSpec, dtype: str, seed: int,
+                 group: Any) -> None:
+        self.dev, self.d, self.spec, self.seed, self.group = dev, d, spec, seed, group
+        self.bf16 = dtype == "bf16"
+        self.extra: Optional[torch.Tensor] = None
+        self.model: Any = None
+        self.opt: Any = None
+        self.total: Optional[torch.Tensor] = None
+        self.fsdp1: Any = None  # FSDP1's class, where zero2 runs under it
+        self.implementation = ""
+
+    def build(self) -> None:
+        """Local work only: rank 0's extra bytes, then the stack and this rank's inputs."""
+        s = self.spec
+        if self.d.rank == 0 and s.rank0_extra > 0:
+            # What rank 0 keeps besides the step (metrics, logging): alive through the case.
+            self.extra = torch.empty(s.rank0_extra, dtype=torch.uint8, device=self.dev.dev)
+        torch.manual_seed(self.seed)
+        replicated = s.strategy in ("ddp", "zero1")
+        # DDP replicates the model: it is built on the device. FSDP shards a CPU model.
+        self.stack, x = build_stack(s.train, self.dev.dev, move=replicated)
+        r = self.d.rank
+        self.x = x[r * s.local_batch:(r + 1) * s.local_batch].to(self.dev.dev, copy=True)
+        del x
+
+    def wrap(self) -> None:
+        """The strategy as a PyTorch user writes it (collectives: parameter broadcast,
+        sharding), the optimizer and its warm-up step on zero gradients."""
+        s, d, dev = self.spec, self.d, self.dev.dev
+        bf16 = torch.bfloat16
+        if s.strategy in ("ddp", "zero1"):
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = None
+            if self.dev.cuda:
+                ids = [dev.index if dev.index is not None else torch.cuda.current_device()]
+            self.model = DDP(self.stack, device_ids=ids,
+                             process_group=self.group, bucket_cap_mb=s.bucket_bytes / 2**20)
+            params = list(self.model.parameters())
+            if s.strategy == "ddp":
+                self.opt = adamw_with_moments(lambda **kw: torch.optim.AdamW(params, **kw),
+                                              params)
+                self.implementation = "DistributedDataParallel"
+            else:
+                from torch.distributed.optim import ZeroRedundancyOptimizer
+                self.opt = adamw_with_moments(
+                    lambda **kw: ZeroRedundancyOptimizer(
+                        params, optimizer_class=torch.optim.AdamW, process_group=self.group,
+                        **kw), params)
+                self.implementation = ("DistributedDataParallel + ZeroRedundancyOptimizer"
+                                       "(optimizer_class=AdamW)")
+            self.implementation += (f", bucket_cap_mb={s.bucket_bytes / 2**20:g}, no_sync() "
+                                    "on all but the last micro-batch")
+            if self.bf16:
+                self.implementation += ", bf16 by autocast"
+            return
+        fsdp1 = fsdp1_api() if s.strategy == "zero2" else None
+        if fsdp1 is not None:
+            fsdp, sharding, mixed, wrap_policy = fsdp1
+            mp = mixed(param_dtype=bf16, reduce_dtype=torch.float32) if self.bf16 else None
+            self.model = fsdp(self.stack, process_group=self.group,
+                              sharding_strategy=sharding.SHARD_GRAD_OP,
+                              auto_wrap_policy=wrap_policy({Block}), mixed_precision=mp,
+                              device_id=dev, use_orig_params=True)
+            self.fsdp1 = fsdp
+            self.implementation = ("FSDP1 FullyShardedDataParallel(sharding_strategy="
+                                   "ShardingStrategy.SHARD_GRAD_OP, auto_wrap_policy="
+                                   "ModuleWrapPolicy({Block}), use_orig_params=True)")
+            if self.bf16:
+                self.implementation += (", bf16 by MixedPrecision(param_dtype=bfloat16, "
+                                        "reduce_dtype=float32)")
+        else:
+            fully_shard, policy = fsdp2_api()
+            reshard = s.strategy == "fsdp"
+            kw: dict[str, Any] = {"reshard_after_forward": reshard}
+            if self.group is not None:
+                from torch.distributed.device_mesh import DeviceMesh
+                # DeviceMesh compares equal by its ranks and names, not its group, so DTensor's
+                # caches would hand a mesh of a replaced group to a later case: each
+                # generation of the training group names its mesh dimension apart.
+                kw["mesh"] = DeviceMesh.from_group(self.group, dev.type,
+                                                   mesh_dim_names=(f"dp{d.generation}",))
+            if self.bf16:
+                kw["mp_policy"] = policy(param_dtype=bf16, reduce_dtype=torch.float32)
+            for blk in self.stack.blocks:
+                fully_shard(blk, **kw)
+            self.model = fully_shard(self.stack, **kw)
+            self.fsdp1 = None
+            self.implementation = (f"FSDP2 fully_shard(reshard_after_forward={reshard}) on "
+                                   "every block, then on the root")
+            if s.strategy == "zero2":
+                self.implementation += (" (this PyTorch has no FSDP1 SHARD_GRAD_OP; FSDP2 "
+                                        "without resharding stands in)")
+            if self.bf16:
+                self.implementation += (", bf16 by MixedPrecisionPolicy(param_dtype=bfloat16, "
+                                        "reduce_dtype=float32)")
+        self.implementation += ", gradients reduce-scattered after every micro-batch"
+        params = list(self.model.parameters())
+        self.opt = adamw_with_moments(lambda **kw: torch.optim.AdamW(params, **kw), params)
+
+    def autocast(self) -> Any:
+        if self.bf16 and self.spec.strategy in ("ddp", "zero1"):
+            return torch.autocast(self.dev.dev.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self) -> None:
+        """zero_grad, forward and backward per micro-batch, the optimizer's step. Each rank's
+        loss is W · ½Σy²/numel(global batch): DDP and FSDP average gradients over the ranks,
+        so the average of W times each rank's share is the global batch's gradient."""
+        s = self.spec
+        t = s.train
+        self.opt.zero_grad(set_to_none=True)
+        numel = t.batch * t.seq * t.hidden
+        total = torch.zeros((), device=self.dev.dev)
+        chunks = self.x.chunk(t.micro_batches, dim=0)
+        for j, x in enumerate(chunks):
+            sync = (j == len(chunks) - 1 or s.strategy not in ("ddp", "zero1"))
+            with (contextlib.nullcontext() if sync else self.model.no_sync()):
+                with self.autocast():
+                    y = self.model(x)
+                loss = s.world * 0.5 * y.float().square().sum() / numel
+                loss.backward()
+            total += loss.detach()
+        self.opt.step()
+        self.total = total
+        self.dev.sync()
+
+    def check_loss(self) -> None:
+        assert self.total is not None
+        loss = float(self.total)
+        if not math.isfinite(loss):
+            raise Invalid(f"the loss is {loss}")
+
+    def gather(self) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Every parameter and its gradient of the global batch, full, on the host of rank 0
+        (empty on the others), through the framework's own API: DDP's and ZeRO's replicas
+        are full (ZeroRedundancyOptimizer broadcasts the updated shards itself), FSDP1's by
+        summon_full_params(with_grads=True), FSDP2's DTensors by full_tensor()."""
+        keep = self.d.rank == 0
+        out: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+
+        def host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.detach().to("cpu", copy=True)
+
+        if self.spec.strategy in ("ddp", "zero1"):
+            if keep:
+                for n, p in self.model.named_parameters():
+                    out[param_name(n)] = (host(p), host(p.grad))  # type: ignore[assignment]
+        elif self.fsdp1 is not None:
+            with self.fsdp1.summon_full_params(self.model, with_grads=True, writeback=False):
+                if keep:
+                    for n, p in self.model.named_parameters():
+                        out[param_name(n)] = (host(p), host(p.grad))  # type: ignore[assignment]
+        else:
+            for n, p in self.model.named_parameters():
+                full = p.full_tensor()
+                g = p.grad.full_tensor() if p.grad is not None else None
+                if keep:
+                    out[param_name(n)] = (host(full), host(g))  # type: ignore[assignment]
+        return out
+
+
+def shard_reference(dev: Device, info: dict[str, Any], spec: ShardSpec, seed: int,
+                    got: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]],
+                    rng: random.Random) -> dict[str, Any]:
+    """The single-process step of the train family's program from the same seed over the
+    same global batch, as W·k micro-batches so that its micro-batch is a rank's (the same
+    global gradient, and it fits wherever one rank's DDP step fits); its gradients and
+    updated weights against the gathered ones."""
+    t = spec.train
+    ref_info = dict(info, family="train",
+                    technique=f"{t.checkpoint}-{t.attention}-mb{t.micro_batches * spec.world}",
+                    shape=f"L{t.layers}-h{t.hidden}-heads{t.heads}-n{t.seq}-b{t.batch}")
+    ref_info["id"] = f"train/{ref_info['technique']}/{info['dtype']}/{ref_info['shape']}"
+    torch.manual_seed(seed)
+    prog = TrainProgram(dev, ref_info, rng)
+    prog.setup()
+    prog.run()
+    prog.validate()
+    weights, grads = Comparison(), Comparison()
+    for name, p in prog.stack.named_parameters():
+        if name not in got:
+            raise Invalid(f"the sharded model has no parameter {name}")
+        w, g = got[name]
+        weights.all_finite(name, w)
+        weights.add(w, p, lambda i, n=name: f"{n}[{i}]")
+        if g is None or p.grad is None:
+            raise Invalid(f"{name} has no gradient after the step")
+        grads.all_finite(f"d{name}", g)
+        grads.add(g, p.grad, lambda i, n=name: f"d{n}[{i}]")
+    del prog
+    dev.release()
+    tol = SHARD_TOLERANCE[info["dtype"]]
+    vw, vg = weights.finish(tol), grads.finish(tol)
+    worst = max((vw, vg), key=lambda v: v["error"])
+    return {"error": worst["error"], "tolerance": tol,
+            "compared": vw["compared"] + vg["compared"],
+            "detail": f"gradients {vg['error']:.2e} ({vg['detail']}); updated weights "
+                      f"{vw['error']:.2e} ({vw['detail']})"}
+
+
+def shard_record(info: dict[str, Any], status: str, message: Optional[str],
+                 spec: Optional[ShardSpec], d: Optional[Dist],
+                 implementation: str = "") -> dict[str, Any]:
+    rec = record_of(info, status, message)
+    if spec is not None:
+        rec["shard"] = {
+            "strategy": spec.strategy, "world": spec.world, "bucket_bytes": spec.bucket_bytes,
+            "rank0_extra": spec.rank0_extra,
+            "comm": (f"torch.distributed/{d.backend} {torch.__version__}" if d is not None
+                     else ""),
+            "implementation": implementation, "ranks": [],
+        }
+    return rec
+
+
+def run_shard_case(dev: Device, d: Optional[Dist], info: dict[str, Any], settings: Settings,
+                   seed: int, rng: random.Random,
+                   start_world: Callable[[], Dist]
+                   ) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """One shard case on every rank (all ranks call it with the same case). Returns the record
+    (on rank 0; None elsewhere) and a warning for the report, if any."""
+    try:
+        spec = parse_shard(info)
+        if info["dtype"] not in DTYPES:
+            raise Skip(f"dtype {info['dtype']} is not one the peer knows")
+    except Skip as e:
+        return record_of(info, "skipped", str(e)), None
+    world = d.world if d is not None else 1
+    if spec.world != world:
+        return shard_record(info, "skipped", needs_ranks(spec.world), spec, d), None
+    if d is None:
+        d = start_world()
+    group = d.work
+    run = ShardRun(dev, d, spec, info["dtype"], seed, group)
+    mem: dict[str, Any] = {}
+    status, message = "ok", None
+    validation: Optional[dict[str, Any]] = None
+    samples: list[float] = []
+    warning: Optional[str] = None
+    t_case = time.perf_counter()
+    step_time = 0.0
+    peaks: list[Optional[dict[str, Any]]] = [None] * d.world
+    try:
+        try:
+            with dev.measured(mem):
+                d.phase(run.build)
+                d.phase(run.wrap)
+                t0 = time.perf_counter()
+                d.phase(run.step)
+                step_time = time.perf_counter() - t0
+        finally:
+            # Every rank's peak, whatever happened (the agreement made every rank leave the
+            # region at the same point).
+            peaks = d.gather(mem.get("memory"))
+        d.phase(run.check_loss)
+        got = d.phase(run.gather) or {}
+
+        def judge() -> None:
+            """Rank 0 runs the reference and judges; the others wait at the agreement."""
+            nonlocal validation, warning
+            if d.rank != 0:
+                return
+            try:
+                validation = shard_reference(dev, info, spec, seed, got, rng)
+            except Exception as e:  # noqa: BLE001 - only an OOM is let through, said so
+                if not is_oom(e):
+                    raise
+                dev.release()
+                warning = (f"{info['id']}: not validated: the single-process reference step "
+                           f"did not fit on one device ({one_line(e)})")
+            if validation is not None and not passed(validation):
+                raise Invalid(f"error {validation['error']:.3e} exceeds the tolerance "
+                              f"{validation['tolerance']:.1e} ({validation['detail']})")
+        d.phase(judge)
+        del got
+        # As many warm-up and timed steps as rank 0's budget allows, the same on every rank.
+        est = max(step_time, 1e-6)
+        budget = settings.max_seconds - (time.perf_counter() - t_case)
+        warm = settings.warmup if budget > (settings.warmup + 1) * est else 0
+        iters = max(1, min(settings.iters, int((budget - warm * est) / est)))
+        warm, iters = d.share((warm, iters))
+
+        def timed() -> None:
+            for _ in range(warm):
+                run.step()
+            for _ in range(iters):
+                dist.barrier(group=group)  # the ranks start each timed step together
+                dev.sync()
+                t = dev.time_once(run.step)
+                samples.append(t)
+        d.phase(timed)
+    except Agreed as e:
+        status, message = e.status, e.message
+        if status != "skipped":
+            d.renew()
+    finally:
+        impl = run.implementation
+        del run
+        dev.release()
+    if d.rank != 0:
+        return None, None
+    if impl:
+        impl += (f"; each rank's loss is scaled by W = {spec.world}, since the gradients are "
+                 "averaged over the ranks")
+    rec = shard_record(info, status, message, spec, d, impl)
+    rec["validation"] = validation
+    if status == "ok":
+        rec["time"] = time_stats(samples)
+    mine = peaks[0] if peaks else None
+    if mine is not None and status != "skipped":
+        rec["memory"] = {
+            "peak_allocated": int(mine["peak_allocated"]),
+            "peak_reserved": int(mine["peak_reserved"]),
+            "predicted": int(info.get("predicted_peak_bytes", 0)), "driver": None,
+        }
+    rec["shard"]["ranks"] = [{"rank": r, "peak_allocated": int(p["peak_allocated"])}
+                             for r, p in enumerate(peaks) if p is not None]
+    return rec, warning
 
 
 FAMILIES: dict[str, type[Program]] = {
@@ -863,7 +1489,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", required=True, type=Path,
                     help="the output of `headroom cases --format json`")
-    ap.add_argument("--out", required=True, type=Path, help="folder for <device>-torch.json")
+    ap.add_argument("--out", required=True, type=Path,
+                    help="folder for <device>-torch.json (<device>-torch-w<W>.json under torchrun)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None,
                     help="default: cuda when PyTorch sees a GPU, else cpu")
     ap.add_argument("--filter", nargs="+", default=[], metavar="SUBSTR",
@@ -873,13 +1500,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--max-seconds", type=float, default=60.0,
                     help="time budget of one case; fewer timed runs beyond it (default 60)")
     ap.add_argument("--profile", default=None,
-                    help="the profile to record (default: the case file's, HEADROOM_PROFILE, quick)")
+                    help="the profile to record (default: the case file's, "
+                         "HEADROOM_PROFILE, quick)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the random inputs")
     ap.add_argument("--budget", default=os.environ.get("HEADROOM_BUDGET") or None,
                     help="cap PyTorch's memory (e.g. 24GiB; default HEADROOM_BUDGET), CUDA only")
+    ap.add_argument("--dist-timeout", type=float, default=300.0,
+                    help="seconds a shard case's collective may wait for the other ranks "
+                         "before it fails (default 300)")
     args = ap.parse_args(argv)
 
     cases, meta = load_cases(args.cases)
+    launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
     fallback = None
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -892,16 +1525,35 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.backends.cuda.matmul.fp32_precision = "ieee"  # no TF32 (PyTorch >= 2.9)
     else:
         torch.backends.cuda.matmul.allow_tf32 = False
-    dev = Device(args.device)
+    if args.device == "cuda":
+        # One GPU per rank, by torchrun's LOCAL_RANK (0 outside torchrun).
+        torch.cuda.set_device(local_rank)
+        # A collective that times out aborts its communicator and raises, rather than
+        # killing the process, so the ranks can agree on the failure and go on.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    dev = Device(f"cuda:{local_rank}" if args.device == "cuda" else "cpu")
+    d: Optional[Dist] = init_dist(dev, args.dist_timeout) if launched else None
+    rank = d.rank if d is not None else 0
+    world = d.world if d is not None else 1
+
+    def start_world() -> Dist:
+        """A world of one in this process, made when the first w1 shard case comes."""
+        nonlocal d
+        d = init_dist(dev, args.dist_timeout)
+        return d
+
     budget = None
     if args.budget and dev.cuda:
         budget = parse_bytes(args.budget)
         total = torch.cuda.get_device_properties(dev.dev).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), dev.dev)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**63)
+    if d is not None:
+        seed = d.share(seed)  # every rank draws the same weights and inputs
     settings = Settings(max(1, args.iters), max(0, args.warmup), args.max_seconds)
     facts = device_facts(dev, fallback)
-    out = args.out / f"{'cpu' if not dev.cuda else slug(facts['name'])}-torch.json"
+    name = f"{'cpu' if not dev.cuda else slug(facts['name'])}-torch"
+    out = args.out / (f"{name}-w{world}.json" if launched else f"{name}.json")
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "suite_version": str(meta.get("suite_version", "torch-peer")),
@@ -915,22 +1567,53 @@ def main(argv: Optional[list[str]] = None) -> int:
         "ceilings": {},
         "cases": [],
     }
+    warnings: list[str] = []
     selected = [c for c in cases if not args.filter or any(f in c["id"] for f in args.filter)]
-    print(f"torch {torch.__version__} on {facts['name']} ({args.device}), {len(selected)} "
-          f"cases, seed {seed}", flush=True)
+    if rank == 0:
+        print(f"torch {torch.__version__} on {facts['name']} ({args.device}), {len(selected)} "
+              f"cases, seed {seed}" + (f", rank 0 of {world}" if launched else ""), flush=True)
     warm_libraries(dev)
-    for i, info in enumerate(selected):
-        torch.manual_seed(seed + i)
-        rec = run_case(dev, info, settings, random.Random(seed + i))
-        report["cases"].append(rec)
+
+    def write() -> None:
+        if rank != 0:
+            return
         report["created_unix"] = int(time.time())
+        if warnings:
+            report["warnings"] = warnings
         finalize(report)
         write_atomic(out, json.dumps(json_safe(report), indent=2) + "\n")
-        print(summary(rec), flush=True)
-    finalize(report)
-    write_atomic(out, json.dumps(json_safe(report), indent=2) + "\n")
-    print(f"report: {out}")
-    return 0
+
+    rc = 0
+    for i, info in enumerate(selected):
+        torch.manual_seed(seed + i)
+        rec: Optional[dict[str, Any]]
+        if info.get("family") == "shard":
+            try:
+                rec, warning = run_shard_case(dev, d, info, settings, seed + i,
+                                              random.Random(seed + i), start_world)
+            except Fatal as e:
+                rec, warning, rc = record_of(info, "error", str(e)), None, 1
+            if warning:
+                warnings.append(warning)
+        elif world > 1:
+            rec = record_of(info, "skipped",
+                            f"the {info.get('family')} family runs in one process: run it "
+                            "without torchrun (or with --nproc_per_node 1)")
+        else:
+            rec = run_case(dev, info, settings, random.Random(seed + i))
+        if rank == 0 and rec is not None:
+            report["cases"].append(rec)
+            write()
+            print(summary(rec), flush=True)
+        if rc:
+            break  # the ranks cannot agree any more: what was measured is written
+    write()
+    if rank == 0:
+        print(f"report: {out}")
+    if d is not None:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    return rc
 
 
 def summary(r: dict[str, Any]) -> str:

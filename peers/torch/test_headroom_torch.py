@@ -65,6 +65,76 @@ class Helpers(unittest.TestCase):
         with self.assertRaises(ht.Skip):
             ht.parse_matmul(info("matmul/cublas/f32/m127-n257-k131-nt"))
 
+    def test_shard_ids_parse(self) -> None:
+        base = "L2-h128-heads2-n64-b8"
+        for strategy in ht.STRATEGIES:
+            s = ht.parse_shard(info(f"shard/{strategy}-selective-flash-mb1/bf16/{base}-w4"))
+            self.assertEqual((s.strategy, s.world, s.bucket_bytes, s.rank0_extra, s.local_batch),
+                             (strategy, 4, 25 << 20, 0, 2))
+            t = s.train
+            self.assertEqual((t.checkpoint, t.attention, t.micro_batches, t.layers, t.hidden,
+                              t.heads, t.seq, t.batch),
+                             ("selective", "flash", 1, 2, 128, 2, 64, 8))
+        s = ht.parse_shard(info(f"shard/fsdp-noreshard-every2-naive-mb2/f32/{base}-w2-bk4096"))
+        self.assertEqual((s.strategy, s.train.every, s.train.micro_batches, s.bucket_bytes,
+                          s.rank0_extra), ("fsdp-noreshard", 2, 2, 4096, 0))
+        s = ht.parse_shard(info(f"shard/ddp-full-naive-mb4/f32/{base}-w2-x1000000"))
+        self.assertEqual((s.bucket_bytes, s.rank0_extra, s.train.every), (25 << 20, 1000000, 1))
+        s = ht.parse_shard(info(f"shard/zero1-none-flash-mb1/f32/{base}-w8-bk1048576-x7"))
+        self.assertEqual((s.world, s.local_batch, s.bucket_bytes, s.rank0_extra),
+                         (8, 1, 1 << 20, 7))
+
+    def test_malformed_shard_ids_are_refused_with_the_reason(self) -> None:
+        base = "L2-h128-heads2-n64-b8"
+        for id_, why in (
+            (f"shard/zero3-none-naive-mb1/f32/{base}-w2", "'zero3' is not a strategy"),
+            (f"shard/fsdp-reshard-none-naive-mb1/f32/{base}-w2", "'fsdp-reshard' is not"),
+            (f"shard/none-naive-mb1/f32/{base}-w2", "is not <strategy>-<checkpoint>"),
+            (f"shard/ddp-some-naive-mb1/f32/{base}-w2", "'some-naive-mb1' is not"),
+            (f"shard/ddp-none-naive-mb0/f32/{base}-w2", "'none-naive-mb0' is not"),
+            (f"shard/ddp-none-naive-mb1/f32/{base}", "shape 'L2-h128-heads2-n64-b8' is not"),
+            (f"shard/ddp-none-naive-mb1/f32/{base}-w2-x5-bk9", "is not L<layers>"),
+            (f"shard/ddp-none-naive-mb1/f32/{base}-w3", "does not split evenly over 3 ranks"),
+            (f"shard/ddp-none-naive-mb4/f32/{base}-w4", "do not split into 4 micro-batches"),
+            (f"shard/ddp-none-naive-mb1/f32/{base}-w0", "a world of 0 ranks"),
+            (f"shard/ddp-none-naive-mb1/f32/{base}-w2-bk0", "a bucket of 0 bytes"),
+            ("shard/ddp-none-naive-mb1/f32/L2-h100-heads3-n64-b8-w2",
+             "does not split into 3 heads"),
+        ):
+            with self.subTest(id_), self.assertRaises(ht.Skip) as cm:
+                ht.parse_shard(info(id_))
+            self.assertIn(why, str(cm.exception))
+            self.assertIn(id_, str(cm.exception))
+            self.assertIn("the form is shard/<strategy>", str(cm.exception))
+
+    def test_shard_skips_name_the_ranks_needed(self) -> None:
+        self.assertEqual(ht.needs_ranks(4), "needs 4 ranks; run under torchrun --nproc_per_node 4")
+        self.assertIn("without torchrun", ht.needs_ranks(1))
+
+    def test_ranks_agree_on_the_root_cause(self) -> None:
+        class Told(ht.Dist):
+            """A world whose ranks report `said` (no process group needed)."""
+
+            def __init__(self, said: list[Any]) -> None:
+                super().__init__(rank=0, world=len(said), launched=True, backend="gloo",
+                                 timeout=1.0)
+                self.said = said
+
+            def gather(self, item: Any) -> list[Any]:
+                return self.said
+
+        Told([None, None]).agree(None)  # nobody failed: no exception
+        waited = ("error", "[gloo] Timed out waiting 15000ms for send operation to complete")
+        for said, want in (
+            ([waited, ("error", "injected")], ("error", "rank 1: injected")),
+            ([waited, ("oom", "CUDA out of memory")], ("oom", "rank 1: CUDA out of memory")),
+            ([("error", "a"), ("error", "b")], ("error", "rank 0: a")),
+            ([None, ("skipped", "no FSDP2")], ("skipped", "rank 1: no FSDP2")),
+        ):
+            with self.subTest(said), self.assertRaises(ht.Agreed) as cm:
+                Told(said).agree(said[0])
+            self.assertEqual((cm.exception.status, cm.exception.message), want)
+
     def test_skips(self) -> None:
         self.assertEqual(ht.skip_reason(info("matmul/wgmma/bf16/m1-n1-k1")), ht.SAME_AS_CUBLAS)
         self.assertIsNone(ht.skip_reason(info("matmul/cublas/bf16/m1-n1-k1")))
@@ -101,7 +171,9 @@ class TinyRun(unittest.TestCase):
                  info("matmul/simt/f32/m64-n48-k32"),
                  info("attention/naive/f32/fwd+bwd/b1-h2-n16-d64-causal"),
                  info("train/every2-naive-mb2/f32/L3-h128-heads2-n8-b2"),
-                 info("train/selective-flash-mb1/f32/L2-h128-heads2-n8-b2")]
+                 info("train/selective-flash-mb1/f32/L2-h128-heads2-n8-b2"),
+                 info("shard/fsdp-full-naive-mb2/f32/L2-h128-heads2-n8-b2-w1-x4096"),
+                 info("shard/ddp-none-naive-mb1/f32/L2-h128-heads2-n8-b4-w2")]
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "cases.json"
             path.write_text(json.dumps(cases))
@@ -114,7 +186,18 @@ class TinyRun(unittest.TestCase):
         status = {c["id"]: c["status"] for c in report["cases"]}
         self.assertEqual(list(status), [c["id"] for c in cases])
         self.assertEqual(status["matmul/simt/f32/m64-n48-k32"], "skipped")
-        for c in report["cases"]:
+        # A world of one runs in this process; a case for two ranks says how to run it.
+        self.assertEqual(report["cases"][-1]["status"], "skipped")
+        self.assertEqual(report["cases"][-1]["message"],
+                         "needs 2 ranks; run under torchrun --nproc_per_node 2")
+        shard = report["cases"][-2]["shard"]
+        self.assertEqual((shard["strategy"], shard["world"], shard["rank0_extra"],
+                          shard["ranks"]), ("fsdp", 1, 4096, []))
+        self.assertTrue(shard["comm"].startswith("torch.distributed/gloo "), shard)
+        shard_v = report["cases"][-2]["validation"]
+        self.assertLessEqual(shard_v["error"], shard_v["tolerance"])
+        self.assertGreater(shard_v["compared"], 0)
+        for c in report["cases"][:-1]:
             if c["family"] != "matmul" or c["technique"] == "cublas":
                 self.assertEqual(c["status"], "ok", c)
                 self.assertIsNone(c["memory"])
