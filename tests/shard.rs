@@ -478,3 +478,33 @@ fn a_rank_out_of_memory_stops_the_world_without_a_hang() {
         }
     }
 }
+
+#[test]
+fn every_mutation_of_an_all_reduce_fails_and_names_the_rank() {
+    use headroom::techniques::collective::AllReduceCase;
+    use headroom::techniques::mutation::{self, Mutation};
+    use headroom::techniques::{untouched, Case, Readback};
+    let case = AllReduceCase::new(1001, 3);
+    let run = |tamper: &mut dyn FnMut(Readback<'_>)| {
+        let be = CpuBackend::new(None, None);
+        let mut rng = Rng::new(2);
+        let mut inst = case.setup(&be, &mut rng).unwrap();
+        inst.validate(&be, &mut rng, tamper).unwrap()
+    };
+    let control = run(&mut untouched);
+    assert!(control.passed(), "{}", control.detail);
+    assert_eq!(control.tensors.len(), 3, "one check per rank");
+    for m in Mutation::ALL {
+        let v = run(&mut |mut r: Readback<'_>| {
+            if r.name == "rank 2 sum" {
+                mutation::apply(m, &mut r);
+            }
+        });
+        assert!(!v.passed(), "{m:?} passed: {}", v.detail);
+        assert!(
+            v.detail.starts_with("worst tensor rank 2 sum ("),
+            "{}",
+            v.detail
+        );
+    }
+}

@@ -71,6 +71,10 @@ pub struct Ceilings {
     pub cublas_f32_flops_per_s: Option<f64>,
     /// The best cuBLAS bf16 matmul rate of the run.
     pub cublas_bf16_flops_per_s: Option<f64>,
+    /// The best all-reduce bus bandwidth of the run over two or more ranks (nccl-tests'
+    /// busBW: 2(N−1)/N · size / time), where the box had the GPUs to measure it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus_bytes_per_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -398,6 +402,16 @@ impl Report {
             .cases
             .iter()
             .filter(|c| c.status == Status::Ok && c.family == "copy")
+            .filter_map(|c| c.time.as_ref().map(|t| c.bytes_moved / t.median_s))
+            .fold(None, |acc: Option<f64>, r| {
+                Some(acc.map_or(r, |a| a.max(r)))
+            });
+        self.ceilings.bus_bytes_per_s = self
+            .cases
+            .iter()
+            .filter(|c| {
+                c.status == Status::Ok && c.family == "collective" && c.technique == "all-reduce"
+            })
             .filter_map(|c| c.time.as_ref().map(|t| c.bytes_moved / t.median_s))
             .fold(None, |acc: Option<f64>, r| {
                 Some(acc.map_or(r, |a| a.max(r)))

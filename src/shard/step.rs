@@ -723,19 +723,37 @@ pub fn each_rank(
     ranks: &mut [RankState],
     f: impl Fn(&dyn Backend, &mut RankState) -> Result<()> + Sync,
 ) -> Result<()> {
-    if ranks.len() == 1 {
-        return f(backends[0], &mut ranks[0]);
+    on_every_rank(backends, ranks, f, |st, why| st.units.comm.abandon(why))
+}
+
+/// [`each_rank`] for any per-rank state: `abandon` tells the rank's communicator that the
+/// rank failed.
+pub fn on_every_rank<S: Send>(
+    backends: &[&dyn Backend],
+    states: &mut [S],
+    f: impl Fn(&dyn Backend, &mut S) -> Result<()> + Sync,
+    abandon: impl Fn(&mut S, &str) + Sync,
+) -> Result<()> {
+    if states.len() != backends.len() {
+        return Err(Error::Invalid(format!(
+            "{} rank states for {} backends",
+            states.len(),
+            backends.len()
+        )));
+    }
+    if states.len() == 1 {
+        return f(backends[0], &mut states[0]);
     }
     let results: Vec<Result<()>> = std::thread::scope(|scope| {
         let handles: Vec<_> = backends
             .iter()
-            .zip(ranks.iter_mut())
+            .zip(states.iter_mut())
             .map(|(&be, st)| {
-                let f = &f;
+                let (f, abandon) = (&f, &abandon);
                 scope.spawn(move || {
                     let r = f(be, st);
                     if let Err(e) = &r {
-                        st.units.comm.abandon(&e.to_string());
+                        abandon(st, &e.to_string());
                     }
                     r
                 })

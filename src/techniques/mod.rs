@@ -14,6 +14,7 @@ use crate::rng::Rng;
 
 pub mod alloc;
 pub mod attention;
+pub mod collective;
 pub mod copy;
 pub mod layers;
 pub mod matmul;
@@ -634,6 +635,7 @@ pub fn registry(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
     cases.extend(attention::cases(profile, kind));
     cases.extend(train::cases(profile, kind));
     cases.extend(shard::cases(profile, kind));
+    cases.extend(collective::cases(profile, kind));
     cases.extend(alloc::cases(profile, kind));
     cases
 }
@@ -647,6 +649,7 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
     cases.extend(layers::check_cases());
     cases.extend(train::check_cases());
     cases.extend(shard::check_cases(kind));
+    cases.extend(collective::check_cases());
     cases.extend(alloc::check_cases(kind));
     cases
 }
