@@ -65,6 +65,8 @@ enum Command {
         report: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = ListFormat::Text)]
         format: ListFormat,
+        #[command(flatten)]
+        shard: PlanShardArgs,
     },
     /// The same cases side by side across reports (cards, versions, backends).
     Compare {
@@ -73,6 +75,27 @@ enum Command {
         #[arg(long, value_enum, default_value_t = compare::Format::Table)]
         format: compare::Format,
     },
+}
+
+/// `plan`'s data-parallel options: the budget is then per GPU, `--batch` the global batch.
+#[derive(clap::Args)]
+struct PlanShardArgs {
+    /// Plan data-parallel training over this many GPUs: every sharding strategy, per rank.
+    #[arg(long)]
+    gpus: Option<usize>,
+    /// ddp, zero1, zero2, fsdp (or zero3), fsdp-noreshard, or all.
+    #[arg(long, default_value = "all")]
+    strategy: String,
+    /// Bytes rank 0 keeps besides the step (metrics, logging), e.g. 2GiB.
+    #[arg(long)]
+    rank0_extra: Option<String>,
+    /// DDP's gradient bucket cap (PyTorch's bucket_cap_mb; default 25MiB).
+    #[arg(long)]
+    bucket: Option<String>,
+    /// Bus bandwidth communication is modeled at, e.g. 450GB/s (default: the report's
+    /// measured all-reduce busBW, else 400 GB/s for NVLink within one box).
+    #[arg(long)]
+    bus_bw: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,6 +127,7 @@ fn main() -> ExitCode {
             budget,
             report,
             format,
+            shard,
         } => plan(
             ModelShape {
                 layers,
@@ -115,6 +139,7 @@ fn main() -> ExitCode {
             &budget,
             report,
             format,
+            &shard,
         ),
     };
     match result {
@@ -334,7 +359,13 @@ fn latest_report(dir: &std::path::Path) -> Result<PathBuf, Error> {
         })
 }
 
-fn plan(shape: ModelShape, budget: &str, report: Option<PathBuf>, format: ListFormat) -> Outcome {
+fn plan(
+    shape: ModelShape,
+    budget: &str,
+    report: Option<PathBuf>,
+    format: ListFormat,
+    shard: &PlanShardArgs,
+) -> Outcome {
     shape.check()?;
     let budget = headroom::memory::parse_bytes(budget)
         .map_err(|e| Error::Invalid(format!("--budget: {e}")))?;
@@ -343,6 +374,20 @@ fn plan(shape: ModelShape, budget: &str, report: Option<PathBuf>, format: ListFo
         None => latest_report(&report::report_dir()).ok(),
     };
     let loaded = path.as_ref().map(|p| Report::read(p)).transpose()?;
+    if shard.gpus.is_some() {
+        return plan_gpus(shape, budget, path, loaded, format, shard);
+    }
+    let without = [
+        ("--strategy", shard.strategy != "all"),
+        ("--rank0-extra", shard.rank0_extra.is_some()),
+        ("--bucket", shard.bucket.is_some()),
+        ("--bus-bw", shard.bus_bw.is_some()),
+    ];
+    if let Some((flag, _)) = without.iter().find(|(_, given)| *given) {
+        return usage(Error::Invalid(format!(
+            "{flag} applies to data-parallel plans only; add --gpus N"
+        )));
+    }
     let rows = report::plan::plan(&shape, budget, loaded.as_ref());
     match format {
         ListFormat::Json => println!(
@@ -358,6 +403,90 @@ fn plan(shape: ModelShape, budget: &str, report: Option<PathBuf>, format: ListFo
                 "{}",
                 report::plan::render(&shape, budget, label.as_deref(), &rows)
             );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One sentence on stderr and exit status 2, as clap reports a bad argument.
+fn usage(e: Error) -> Outcome {
+    eprintln!("headroom: {e}");
+    Ok(ExitCode::from(2))
+}
+
+/// `plan --gpus N`: every strategy × policy per rank, fastest first.
+fn plan_gpus(
+    shape: ModelShape,
+    budget: u64,
+    path: Option<PathBuf>,
+    loaded: Option<Report>,
+    format: ListFormat,
+    args: &PlanShardArgs,
+) -> Outcome {
+    use headroom::report::plan::{parse_rate, plan_sharded, render_sharded, ShardOptions};
+    use headroom::shard::Strategy;
+    let mut opts = ShardOptions::new(args.gpus.unwrap_or(1));
+    if !args.strategy.trim().eq_ignore_ascii_case("all") {
+        match Strategy::parse(&args.strategy) {
+            Ok(s) => opts.strategies = vec![s],
+            Err(e) => return usage(Error::Invalid(format!("--strategy: {e}, or all"))),
+        }
+    }
+    let size = |flag: &str, text: &Option<String>| -> Result<Option<u64>, Error> {
+        text.as_deref()
+            .map(|t| {
+                if t.trim().parse::<f64>() == Ok(0.0) {
+                    return Ok(0);
+                }
+                headroom::memory::parse_bytes(t).map_err(|e| Error::Invalid(format!("{flag}: {e}")))
+            })
+            .transpose()
+    };
+    match size("--bucket", &args.bucket) {
+        Ok(Some(b)) => opts.bucket_bytes = b,
+        Ok(None) => {}
+        Err(e) => return usage(e),
+    }
+    match size("--rank0-extra", &args.rank0_extra) {
+        Ok(Some(b)) => opts.rank0_extra = b,
+        Ok(None) => {}
+        Err(e) => return usage(e),
+    }
+    // A CPU run's "collectives" are host copies between threads: no interconnect's rate.
+    let measured = loaded
+        .as_ref()
+        .filter(|r| r.device.backend != "cpu")
+        .and_then(|r| r.ceilings.bus_bytes_per_s);
+    match (&args.bus_bw, measured) {
+        (Some(text), _) => match parse_rate(text) {
+            Ok(rate) => {
+                opts.bus_bytes_per_s = rate;
+                opts.bus_source = "given with --bus-bw".into();
+            }
+            Err(e) => return usage(Error::Invalid(format!("--bus-bw: {e}"))),
+        },
+        (None, Some(rate)) if rate > 0.0 => {
+            opts.bus_bytes_per_s = rate;
+            opts.bus_source =
+                "the report's measured all-reduce busBW; override with --bus-bw".into();
+        }
+        _ => {}
+    }
+    let plan = match plan_sharded(&shape, budget, loaded.as_ref(), &opts) {
+        Ok(p) => p,
+        Err(e) => return usage(e),
+    };
+    match format {
+        ListFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&plan).expect("serializable")
+        ),
+        ListFormat::Text => {
+            let label = path
+                .as_ref()
+                .zip(loaded.as_ref())
+                .map(|(p, r)| format!("{} ({})", p.display(), r.device.name));
+            print!("{}", render_sharded(&plan, label.as_deref()));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -213,7 +213,95 @@ pub fn render(report: &Report) -> String {
         let rows: Vec<Vec<String>> = cases.iter().map(|c| case_row(c, &report.cases)).collect();
         out.push_str(&table(&header, &rows));
     }
+    shard_section(&mut out, report);
     out
+}
+
+/// Every rank of every sharded case, measured beside the per-rank model, and the model's
+/// per-rank peak against world size.
+fn shard_section(out: &mut String, report: &Report) {
+    let sharded: Vec<&CaseRecord> = report.cases.iter().filter(|c| c.shard.is_some()).collect();
+    if sharded.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\n## Sharded steps: every rank\n");
+    let _ = writeln!(
+        out,
+        "Each rank's peak allocated, measured on its own allocator, beside the per-rank \
+         analytic model's peak and what the model holds at that moment (\"model − measured\" \
+         in bytes: 0 is exact).\n"
+    );
+    let header = [
+        "case",
+        "strategy",
+        "world",
+        "rank",
+        "measured peak",
+        "model peak",
+        "model − measured",
+        "weights",
+        "gradients",
+        "optimizer",
+        "inputs",
+        "activations",
+        "workspace",
+        "comm",
+        "extra",
+    ];
+    let mut rows = Vec::new();
+    for c in sharded {
+        let s = c.shard.as_ref().expect("filtered");
+        let name =
+            c.id.strip_prefix(&format!("{}/", c.family))
+                .unwrap_or(&c.id)
+                .to_string();
+        for r in &s.ranks {
+            let mut row = vec![
+                name.clone(),
+                s.strategy.clone(),
+                s.world.to_string(),
+                r.rank.to_string(),
+                format_bytes(r.peak_allocated),
+            ];
+            match &r.model {
+                Some(m) => row.extend([
+                    format_bytes(m.peak),
+                    (m.peak as i128 - r.peak_allocated as i128).to_string(),
+                    format_bytes(m.weights),
+                    format_bytes(m.grads),
+                    format_bytes(m.optimizer),
+                    format_bytes(m.inputs),
+                    format_bytes(m.activations),
+                    format_bytes(m.workspace),
+                    format_bytes(m.comm),
+                    format_bytes(m.extra),
+                ]),
+                None => row.extend(std::iter::repeat_n("-".to_string(), 10)),
+            }
+            rows.push(row);
+        }
+    }
+    out.push_str(&table(&header, &rows));
+    if let Some(sweep) = crate::report::svg::WorldSweep::of(report) {
+        let file = crate::report::svg::world_plot_name(&report.device.slug());
+        let b = sweep.batch_per_rank;
+        let budget = match (report.budget_bytes, report.device.memory_bytes) {
+            (Some(x), _) => format!("the run's budget, {}", format_bytes(x)),
+            (None, Some(x)) => format!("the device's memory, {}", format_bytes(x)),
+            (None, None) => "none: the run had no budget and the device reports no memory".into(),
+        };
+        let _ = writeln!(
+            out,
+            "\n![per-rank peak against world size]({file})\n\n\
+             The model's peak on the rank that peaks, for every strategy, at 1 to {} ranks: \
+             `{} {}` on the shape of `{}` with {b} sequence(s) per rank, so the global batch is \
+             {b} × the number of ranks. Budget line: {budget}.",
+            crate::report::svg::SWEEP_WORLDS[crate::report::svg::SWEEP_WORLDS.len() - 1],
+            sweep.policy.name(),
+            sweep.policy.dtype.name(),
+            sweep.case_id,
+        );
+    }
 }
 
 /// The families in the order their first case appears (the registry's order).

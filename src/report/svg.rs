@@ -41,6 +41,7 @@ pub fn write_plots(report: &Report, dir: &Path, slug: &str) -> Result<()> {
         write_atomic(&path, svg.as_bytes())?;
         plotted.push(family);
     }
+    write_world_plot(report, dir, slug)?;
     // A run filtered to some families (`cargo bench -- attention`) rewrites the report
     // without the others; their old plots would describe a run the report no longer holds.
     for path in family_plots(dir, slug)? {
@@ -230,6 +231,177 @@ where
                 .legend(move |(x, y)| PathElement::new(vec![(x - 8, y), (x + 8, y)], red));
         }
 
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    Ok(svg)
+}
+
+/// The worlds the per-rank plot sweeps: 1, 2, 4, … 1024 ranks.
+pub const SWEEP_WORLDS: [usize; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
+
+/// The per-rank plot's file name beside the report. Two words after the slug, so that it is
+/// never taken for a family's plot (and removed as stale) by [`family_of`].
+pub fn world_plot_name(slug: &str) -> String {
+    format!("{slug}-shard-worlds.svg")
+}
+
+/// What the per-rank plot sweeps: the report's first sharded case with its shape, policy
+/// and sharding read back, and the batch each of its ranks trains on.
+pub struct WorldSweep {
+    pub case_id: String,
+    pub shape: crate::model::ModelShape,
+    pub policy: crate::model::Policy,
+    pub spec: crate::shard::ShardSpec,
+    pub batch_per_rank: usize,
+    /// The report's budget, else the device's memory.
+    pub budget: Option<u64>,
+}
+
+impl WorldSweep {
+    pub fn of(report: &Report) -> Option<WorldSweep> {
+        let (case, (shape, policy, spec)) = report
+            .cases
+            .iter()
+            .filter(|c| c.shard.is_some())
+            .find_map(|c| crate::report::plan::shard_case_setup(c).map(|s| (c, s)))?;
+        Some(WorldSweep {
+            case_id: case.id.clone(),
+            shape,
+            policy,
+            spec,
+            batch_per_rank: shape.batch / spec.world,
+            budget: report.budget_bytes.or(report.device.memory_bytes),
+        })
+    }
+
+    /// The modeled peak of the rank that peaks, for each strategy, at each world of
+    /// [`SWEEP_WORLDS`], the global batch growing with the world.
+    pub fn curves(&self) -> Vec<(crate::shard::Strategy, Vec<(usize, u64)>)> {
+        use crate::shard::{memory::peak_rank, ShardSpec, Strategy};
+        Strategy::ALL
+            .into_iter()
+            .map(|strategy| {
+                let points = SWEEP_WORLDS
+                    .iter()
+                    .map(|&world| {
+                        let shape = crate::model::ModelShape {
+                            batch: self.batch_per_rank * world,
+                            ..self.shape
+                        };
+                        let spec = ShardSpec {
+                            strategy,
+                            world,
+                            ..self.spec
+                        };
+                        (world, peak_rank(&shape, &self.policy, &spec).1.memory.peak)
+                    })
+                    .collect();
+                (strategy, points)
+            })
+            .collect()
+    }
+}
+
+/// Writes the per-rank peak against world size for the report's first sharded case, or
+/// removes a stale one when the report has none.
+fn write_world_plot(report: &Report, dir: &Path, slug: &str) -> Result<()> {
+    let path = dir.join(world_plot_name(slug));
+    let Some(sweep) = WorldSweep::of(report) else {
+        return remove_stale(&path);
+    };
+    let svg = render_worlds(&sweep)
+        .map_err(|e| Error::Io(format!("could not draw {}: {e}", path.display())))?;
+    write_atomic(&path, svg.as_bytes())
+}
+
+fn render_worlds(sweep: &WorldSweep) -> std::result::Result<String, String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let curves = sweep.curves();
+    let peaks = curves
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|&(_, b)| b as f64));
+    let (mut lo, mut hi) = peaks.fold((f64::INFINITY, 0.0f64), |(lo, hi), b| {
+        (lo.min(b), hi.max(b))
+    });
+    if let Some(b) = sweep.budget.filter(|&b| b > 0) {
+        lo = lo.min(b as f64);
+        hi = hi.max(b as f64);
+    }
+    if !(lo > 0.0 && hi >= lo) {
+        return Err("no positive peak to plot".into());
+    }
+    let (y, y_labels) = log_axis(lo, hi);
+    let x_max = *SWEEP_WORLDS.last().expect("not empty") as f64;
+    let x = LogCoord::from((0.7..x_max * 1.4).log_scale().base(2.0));
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let caption = format!(
+            "per-rank peak vs world size (model): {} {} on {}, {} sequence(s) per rank",
+            sweep.policy.name(),
+            sweep.policy.dtype.name(),
+            crate::model::ModelShape {
+                batch: sweep.batch_per_rank,
+                ..sweep.shape
+            }
+            .name(),
+            sweep.batch_per_rank
+        );
+        let mut chart = ChartBuilder::on(&root)
+            .caption(caption, ("sans-serif", 18))
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(72)
+            .build_cartesian_2d(x, y)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc(format!(
+                "ranks (log scale; global batch = {} × ranks)",
+                sweep.batch_per_rank
+            ))
+            .y_desc("peak allocated on the rank that peaks (log scale)")
+            .x_labels(SWEEP_WORLDS.len())
+            .y_labels(y_labels)
+            .x_label_formatter(&|v| format!("{}", v.round() as u64))
+            .y_label_formatter(&|v| format_bytes(v.round() as u64))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, (strategy, points)) in curves.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let xy: Vec<(f64, f64)> = points.iter().map(|&(w, b)| (w as f64, b as f64)).collect();
+            chart
+                .draw_series(LineSeries::new(xy.clone(), color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(strategy.name())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x - 8, y), (x + 8, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(xy.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| err(&e))?;
+        }
+        if let Some(b) = sweep.budget.filter(|&b| b > 0) {
+            let red = RGBColor(200, 30, 30);
+            chart
+                .draw_series(DashedLineSeries::new(
+                    vec![(0.7, b as f64), (x_max * 1.4, b as f64)],
+                    6,
+                    4,
+                    red.stroke_width(2),
+                ))
+                .map_err(|e| err(&e))?
+                .label(format!("budget {}", format_bytes(b)))
+                .legend(move |(x, y)| PathElement::new(vec![(x - 8, y), (x + 8, y)], red));
+        }
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperRight)

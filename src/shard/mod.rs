@@ -193,7 +193,13 @@ pub fn buckets(shape: &ModelShape, cap: u64) -> Vec<Bucket> {
         len: 0,
         lowest_layer: usize::MAX,
     };
-    let limit = |n: usize| if n == 0 { FIRST_BUCKET_BYTES.min(cap) } else { cap };
+    let limit = |n: usize| {
+        if n == 0 {
+            FIRST_BUCKET_BYTES.min(cap)
+        } else {
+            cap
+        }
+    };
     for l in (0..shape.layers).rev() {
         for i in (0..lens.len()).rev() {
             open.members.push((l, i, open.len));
