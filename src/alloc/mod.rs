@@ -30,6 +30,7 @@ pub mod direct;
 pub mod driver;
 pub mod expandable;
 pub mod pool;
+pub mod snapshot;
 pub mod space;
 pub mod trace;
 

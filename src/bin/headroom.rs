@@ -68,6 +68,31 @@ enum Command {
         #[command(flatten)]
         shard: PlanShardArgs,
     },
+    /// A PyTorch memory snapshot (`torch.cuda.memory._dump_snapshot`) replayed through
+    /// every allocator, with the PYTORCH_CUDA_ALLOC_CONF setting that would have avoided its
+    /// out-of-memory error.
+    Replay {
+        snapshot: PathBuf,
+        /// The device's memory (default: what the snapshot's OOM shows the device had, else
+        /// unbounded), e.g. 80GiB.
+        #[arg(long)]
+        capacity: Option<String>,
+        /// Write the results as a report (JSON, Markdown, plots) into this folder.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// One optimizer step of a training case, as the PyTorch memory snapshot its
+    /// allocations would make (for PyTorch's memory viewer, or `headroom replay`).
+    Snapshot {
+        /// A training case id, as `headroom cases` lists them.
+        case: String,
+        /// Where the pickle goes.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// The allocator that serves the step (default: PyTorch's caching allocator).
+        #[arg(long, default_value = "caching")]
+        allocator: String,
+    },
     /// The same cases side by side across reports (cards, versions, backends).
     Compare {
         #[arg(required = true, num_args = 2..)]
@@ -118,6 +143,16 @@ fn main() -> ExitCode {
         Command::Cases { format } => cases(format),
         Command::Report { file } => rebuild_report(file),
         Command::Compare { reports, format } => compare_reports(&reports, format),
+        Command::Replay {
+            snapshot,
+            capacity,
+            out,
+        } => replay(&snapshot, capacity.as_deref(), out),
+        Command::Snapshot {
+            case,
+            out,
+            allocator,
+        } => export_snapshot(&case, &out, &allocator),
         Command::Plan {
             layers,
             hidden,
@@ -498,5 +533,137 @@ fn compare_reports(paths: &[PathBuf], format: compare::Format) -> Outcome {
         .map(|p| Report::read(p).map(|r| (p.display().to_string(), r)))
         .collect::<Result<Vec<_>, _>>()?;
     print!("{}", compare::render(&reports, format));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn replay(path: &std::path::Path, capacity: Option<&str>, out: Option<PathBuf>) -> Outcome {
+    use headroom::alloc::snapshot;
+    let capacity = capacity.map(headroom::memory::parse_bytes).transpose()?;
+    let snap = snapshot::read(path)?;
+    let results = snapshot::replay_snapshot(&snap, capacity)?;
+    for (h, r) in snap.devices.iter().zip(&results) {
+        println!(
+            "{} device {}: {} events{}{}; replayed on {} ({})",
+            path.display(),
+            r.device,
+            h.trace.events.len(),
+            match h.preexisting {
+                0 => String::new(),
+                n => format!(", {n} blocks allocated before recording began (allocated first)"),
+            },
+            match h.unmatched_frees {
+                0 => String::new(),
+                n => format!(", {n} frees of unknown blocks skipped"),
+            },
+            if r.capacity >= snapshot::UNBOUNDED {
+                "an unbounded device".to_string()
+            } else {
+                format!("a device of {}", format_bytes(r.capacity))
+            },
+            match (capacity, &h.oom) {
+                (Some(_), _) => "--capacity".to_string(),
+                (None, Some(o)) => format!(
+                    "the snapshot's OOM: {} reserved + {} free",
+                    format_bytes(o.reserved),
+                    format_bytes(o.device_free)
+                ),
+                (None, None) => {
+                    "no OOM in the snapshot and no --capacity, so nothing can run out".into()
+                }
+            }
+        );
+        if let Some(o) = &h.oom {
+            println!(
+                "the recorded run ran out of memory asking for {} at {}",
+                format_bytes(o.requested),
+                o.frame
+            );
+        }
+        println!(
+            "\n{:<34} {:>12} {:>12} {:>9} {:>8}  first out of memory",
+            "allocator", "allocated", "reserved", "res/alloc", "driver"
+        );
+        for (spec, m) in &r.rows {
+            let oom = match &m.oom {
+                None => "none".to_string(),
+                Some(o) => format!(
+                    "event {} ({}){}",
+                    o.event,
+                    format_bytes(o.requested),
+                    if o.despite_free_memory() {
+                        ", despite enough free memory"
+                    } else {
+                        ""
+                    }
+                ),
+            };
+            println!(
+                "{:<34} {:>12} {:>12} {:>9.3} {:>8}  {oom}",
+                spec.to_string(),
+                format_bytes(m.peak_allocated),
+                format_bytes(m.peak_reserved),
+                m.reserved_over_allocated,
+                m.driver_calls
+            );
+        }
+        let f = &r.fidelity;
+        if f.snapshot_segments == 0 {
+            println!(
+                "\nfidelity: not measured: the snapshot records no segment actions to compare with (the replay through {} made {})",
+                f.allocator, f.replay_segments
+            );
+        } else {
+            println!(
+                "\nfidelity: replayed through {} (the allocator the snapshot was recorded under), {} of {} segment actions match the snapshot's ({:.1}%), reserved bytes within {:.2}% of its peak ({}) at every event",
+                f.allocator,
+                f.matched,
+                f.snapshot_segments.max(f.replay_segments),
+                100.0 * f.matched_fraction(),
+                100.0 * f.reserved_error,
+                format_bytes(f.snapshot_peak_reserved)
+            );
+        }
+        match r.recommendation.as_ref().and_then(|s| {
+            snapshot::alloc_conf(s).map(|c| (s, c))
+        }) {
+            Some((s, conf)) if conf.is_empty() => println!(
+                "recommendation: PyTorch's defaults ({s}) never run out of memory here and reserve the least"
+            ),
+            Some((s, conf)) => println!(
+                "recommendation ({s}, the lowest peak reserved that never runs out of memory):\nPYTORCH_CUDA_ALLOC_CONF={conf}"
+            ),
+            None => println!(
+                "recommendation: none: every allocator PyTorch can be set to runs out of memory on this trace at {}",
+                format_bytes(r.capacity)
+            ),
+        }
+        println!();
+    }
+    if let Some(dir) = out {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Io(format!("could not create {}: {e}", dir.display())))?;
+        let mut report = snapshot::to_report(&results, &snapshot::stem(path));
+        report.finalize();
+        let json = report::write_all(&report, &dir)?;
+        println!("report: {}", json.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export_snapshot(case: &str, out: &std::path::Path, allocator: &str) -> Outcome {
+    use headroom::alloc::{snapshot, AllocatorSpec};
+    let spec = AllocatorSpec::parse(allocator)?;
+    let (shape, policy) = headroom::model::parse_train_id(case)?;
+    let trace = headroom::techniques::alloc::training_trace(case, shape, policy, 1)?;
+    let capacity = trace.capacity.unwrap_or(u64::MAX / 4);
+    let value = snapshot::record(&trace, spec, capacity)?;
+    snapshot::write(out, &value)?;
+    println!(
+        "{}: one step of {case} ({} events, peak of live bytes {}) through {spec} on a {} device",
+        out.display(),
+        trace.events.len(),
+        format_bytes(trace.peak_live_bytes()),
+        format_bytes(capacity)
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -113,6 +113,84 @@ impl Checkpoint {
     }
 }
 
+/// A training case's model and policy from its id, `train/<checkpoint>-<attention>-mb<k>/
+/// <dtype>/L<layers>-h<hidden>-heads<heads>-n<seq>-b<batch>`, or a sentence saying what was
+/// expected.
+pub fn parse_train_id(id: &str) -> Result<(ModelShape, Policy)> {
+    let bad = || {
+        Error::Invalid(format!(
+            "'{id}' is not a training case id: expected train/<checkpoint>-<attention>-mb<k>/<dtype>/L<layers>-h<hidden>-heads<heads>-n<seq>-b<batch>, as `headroom cases` lists them"
+        ))
+    };
+    let parts: Vec<&str> = id.split('/').collect();
+    let [family, technique, dtype, shape] = parts[..] else {
+        return Err(bad());
+    };
+    if family != "train" {
+        return Err(bad());
+    }
+    let dtype = match dtype {
+        "f32" => DType::F32,
+        "bf16" => DType::Bf16,
+        _ => return Err(bad()),
+    };
+    let t: Vec<&str> = technique.split('-').collect();
+    let [checkpoint, attention, mb] = t[..] else {
+        return Err(bad());
+    };
+    let checkpoint = match checkpoint {
+        "none" => Checkpoint::None,
+        "full" => Checkpoint::Full,
+        "selective" => Checkpoint::Selective,
+        k => Checkpoint::EveryK(
+            k.strip_prefix("every")
+                .and_then(|n| n.parse().ok())
+                .filter(|&n: &usize| n > 0)
+                .ok_or_else(bad)?,
+        ),
+    };
+    let attention = match attention {
+        "flash" => Variant::Flash,
+        "naive" => Variant::Naive,
+        _ => return Err(bad()),
+    };
+    let micro_batches = mb
+        .strip_prefix("mb")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(bad)?;
+    let mut sh = ModelShape {
+        layers: 0,
+        hidden: 0,
+        heads: 0,
+        seq: 0,
+        batch: 0,
+    };
+    for part in shape.split('-') {
+        let at = part.find(|c: char| c.is_ascii_digit()).ok_or_else(bad)?;
+        let (k, v) = part.split_at(at);
+        let v: usize = v.parse().map_err(|_| bad())?;
+        match k {
+            "L" => sh.layers = v,
+            "h" => sh.hidden = v,
+            "heads" => sh.heads = v,
+            "n" => sh.seq = v,
+            "b" => sh.batch = v,
+            _ => return Err(bad()),
+        }
+    }
+    sh.check()?;
+    let policy = Policy {
+        checkpoint,
+        attention,
+        dtype,
+        micro_batches,
+    };
+    if micro_batches == 0 || sh.batch % micro_batches != 0 {
+        return Err(bad());
+    }
+    Ok((sh, policy))
+}
+
 /// A training configuration a user can set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Policy {

@@ -1,0 +1,319 @@
+//! `headroom replay`: PyTorch memory snapshots written by the tests themselves in PyTorch's
+//! format (from headroom's own allocators, and by hand for the actions those never take),
+//! read back, replayed through every allocator, with the fidelity figure, the
+//! recommendation, the export of a training case, and bad input.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use headroom::alloc::snapshot::{self, alloc_conf, parse, record, replay_snapshot};
+use headroom::alloc::trace::{
+    fragmenting_trace, replay_simulated, steady_trace, walkthrough_trace, FRAGMENTING_CAPACITY,
+};
+use headroom::alloc::{AllocatorSpec, CachingOptions};
+use serde_pickle::{HashableValue, SerOptions, Value};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("headroom-replay-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn pickle(v: &Value) -> Vec<u8> {
+    serde_pickle::value_to_vec(v, SerOptions::new()).unwrap()
+}
+
+fn headroom(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_headroom"))
+        .args(args)
+        .output()
+        .expect("headroom runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn actions(v: &Value) -> Vec<String> {
+    let Value::Dict(top) = v else { panic!() };
+    let Some(Value::List(traces)) = top.get(&HashableValue::String("device_traces".into())) else {
+        panic!()
+    };
+    let Value::List(entries) = &traces[0] else {
+        panic!()
+    };
+    entries
+        .iter()
+        .map(|e| match e {
+            Value::Dict(d) => match d.get(&HashableValue::String("action".into())) {
+                Some(Value::String(a)) => a.clone(),
+                _ => panic!(),
+            },
+            _ => panic!(),
+        })
+        .collect()
+}
+
+#[test]
+fn fidelity_is_complete_on_snapshots_of_headrooms_own_allocators() {
+    for (trace, spec) in [
+        (
+            steady_trace(),
+            AllocatorSpec::Caching(CachingOptions::default()),
+        ),
+        (
+            walkthrough_trace(),
+            AllocatorSpec::Caching(CachingOptions::max_split(128 << 20)),
+        ),
+        (
+            walkthrough_trace(),
+            AllocatorSpec::Expandable(CachingOptions::default()),
+        ),
+    ] {
+        let capacity = trace.capacity.unwrap();
+        let v = record(&trace, spec, capacity).unwrap();
+        let snap = parse(&pickle(&v), &trace.name).unwrap();
+        let results = replay_snapshot(&snap, Some(capacity)).unwrap();
+        let f = &results[0].fidelity;
+        assert_eq!(f.allocator, spec.to_string(), "{}", trace.name);
+        assert!(f.snapshot_segments > 0);
+        assert_eq!(f.matched_fraction(), 1.0, "{} {spec}: {f:?}", trace.name);
+        assert_eq!(f.reserved_error, 0.0, "{} {spec}: {f:?}", trace.name);
+        // The replay through the recorded allocator has the trace's own peaks.
+        let direct = replay_simulated(&trace, spec, capacity, None).unwrap();
+        let row = &results[0].rows.iter().find(|(s, _)| *s == spec).unwrap().1;
+        assert_eq!(row.peak_reserved, direct.peak_reserved);
+        assert_eq!(row.peak_allocated, direct.peak_allocated);
+    }
+}
+
+#[test]
+fn a_fragmenting_oom_is_avoided_by_the_recommended_setting() {
+    let trace = fragmenting_trace();
+    let v = record(
+        &trace,
+        AllocatorSpec::Caching(CachingOptions::default()),
+        FRAGMENTING_CAPACITY,
+    )
+    .unwrap();
+    let acts = actions(&v);
+    for a in [
+        "alloc",
+        "free_requested",
+        "free_completed",
+        "segment_alloc",
+        "oom",
+    ] {
+        assert!(acts.iter().any(|x| x == a), "no {a} in the fixture");
+    }
+    let snap = parse(&pickle(&v), "fragmenting").unwrap();
+    let h = &snap.devices[0];
+    let oom = h.oom.as_ref().expect("the recorded run ran out of memory");
+    // The device as PyTorch saw it: reserved + free = the card.
+    assert_eq!(oom.capacity(), FRAGMENTING_CAPACITY);
+    let r = &replay_snapshot(&snap, None).unwrap()[0];
+    assert_eq!(r.capacity, FRAGMENTING_CAPACITY);
+    let caching = &r.rows[1];
+    assert_eq!(caching.0, AllocatorSpec::Caching(CachingOptions::default()));
+    let o = caching.1.oom.as_ref().expect("caching runs out again");
+    assert!(o.despite_free_memory(), "{o:?}");
+    let best = r.recommendation.expect("some setting avoids it");
+    let m = &r.rows.iter().find(|(s, _)| *s == best).unwrap().1;
+    assert!(m.oom.is_none());
+    for (s, other) in &r.rows {
+        if other.oom.is_none() && alloc_conf(s).is_some() {
+            assert!(m.peak_reserved <= other.peak_reserved, "{s} reserves less");
+        }
+    }
+    // And the command says so, with the line to paste.
+    let dir = scratch("fragmenting");
+    let path = dir.join("fragmenting.pickle");
+    std::fs::write(&path, pickle(&v)).unwrap();
+    let (ok, out, err) = headroom(&[
+        "replay",
+        path.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let conf = alloc_conf(&best).unwrap();
+    assert!(
+        out.contains(&format!("PYTORCH_CUDA_ALLOC_CONF={conf}")),
+        "{out}"
+    );
+    assert!(out.contains("despite enough free memory"), "{out}");
+    assert!(out.contains("fidelity: replayed through caching"), "{out}");
+    let report = headroom::report::Report::read(&dir.join("replay-fragmenting.json")).unwrap();
+    assert_eq!(report.cases.len(), snapshot::candidates().len());
+    assert!(report.cases.iter().all(|c| c.allocator.is_some()));
+}
+
+/// A snapshot written by hand: blocks allocated before recording began, a `snapshot` and
+/// an `annotate` mark, segment unmaps, a free of a block never seen, two streams.
+#[test]
+fn hand_written_entries_of_every_action_are_read() {
+    let e = |action: &str, addr: i64, size: i64, stream: i64| {
+        let mut d = BTreeMap::new();
+        d.insert(
+            HashableValue::String("action".into()),
+            Value::String(action.into()),
+        );
+        d.insert(HashableValue::String("addr".into()), Value::I64(addr));
+        d.insert(HashableValue::String("size".into()), Value::I64(size));
+        d.insert(HashableValue::String("stream".into()), Value::I64(stream));
+        d.insert(HashableValue::String("frames".into()), Value::List(vec![]));
+        Value::Dict(d)
+    };
+    let entries = vec![
+        e("segment_map", 0x1000_0000, 2 << 20, 0),
+        e("alloc", 0x1000_0000, 1 << 20, 0),
+        e("snapshot", 0, 0, 0),
+        e("free_requested", 0x2000_0000, 4096, 7),
+        e("free_completed", 0x2000_0000, 4096, 7), // allocated before recording began
+        e("annotate", 0x1000_0000, 0, 0),
+        e("free_completed", 0x3000_0000, 0, 0), // unknown, no size
+        e("free_requested", 0x1000_0000, 1 << 20, 0),
+        e("free_completed", 0x1000_0000, 1 << 20, 0),
+        e("segment_unmap", 0x1000_0000, 2 << 20, 0),
+    ];
+    let mut top = BTreeMap::new();
+    top.insert(
+        HashableValue::String("segments".into()),
+        Value::List(vec![]),
+    );
+    top.insert(
+        HashableValue::String("device_traces".into()),
+        Value::List(vec![Value::List(vec![]), Value::List(entries)]),
+    );
+    let snap = parse(&pickle(&Value::Dict(top)), "hand").unwrap();
+    assert_eq!(snap.devices.len(), 1, "the empty device is skipped");
+    let h = &snap.devices[0];
+    assert_eq!(h.device, 1);
+    assert!(h.expandable);
+    assert_eq!(h.preexisting, 1);
+    assert_eq!(h.unmatched_frees, 1);
+    assert_eq!(h.segments, vec![(1, 2 << 20), (4, -(2 << 20))]);
+    assert_eq!(h.trace.events.len(), 4);
+    assert_eq!(h.trace.peak_live_bytes(), (1 << 20) + 4096);
+}
+
+#[test]
+fn pickles_python_writes_are_read() {
+    // PyTorch dumps with Python's default protocol (4, or 5 from Python 3.14).
+    let py = "import pickle,sys\nd={'segments':[],'device_traces':[[{'action':'segment_alloc','addr':1<<40,'size':2097152,'stream':0,'frames':[]},{'action':'alloc','addr':1<<40,'size':512,'stream':0,'frames':[{'filename':'train.py','line':7,'name':'forward'}]},{'action':'free_requested','addr':1<<40,'size':512,'stream':0},{'action':'free_completed','addr':1<<40,'size':512,'stream':0},{'action':'oom','size':1<<34,'stream':0,'device_free':123456789}]],'allocator_settings':{'max_split_size':(1<<64)-1,'expandable_segments':False}}\nfor p in (4,5):\n  open(sys.argv[1]+str(p),'wb').write(pickle.dumps(d,protocol=p))\n";
+    let dir = scratch("python");
+    let base = dir.join("snap.pickle");
+    let status = Command::new("python3")
+        .args(["-c", py, base.to_str().unwrap()])
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        other => {
+            println!("skipped: python3 could not write the fixtures ({other:?})");
+            return;
+        }
+    }
+    for p in [4, 5] {
+        let path = PathBuf::from(format!("{}{p}", base.display()));
+        let snap = snapshot::read(&path).unwrap();
+        let h = &snap.devices[0];
+        assert_eq!(snap.max_split, None, "SIZE_MAX means no max split");
+        let oom = h.oom.as_ref().unwrap();
+        assert_eq!(oom.requested, 1 << 34);
+        assert_eq!(oom.capacity(), (2 << 20) + 123456789);
+        match &h.trace.events[0] {
+            headroom::alloc::trace::TraceEvent::Alloc { tag, .. } => {
+                assert_eq!(tag, "train.py:7 forward")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn an_exported_training_step_round_trips_with_identical_peaks() {
+    let dir = scratch("export");
+    let path = dir.join("step.pickle");
+    let id = "train/selective-flash-mb2/bf16/L2-h128-heads2-n64-b4";
+    let (ok, out, err) = headroom(&["snapshot", id, "-o", path.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("one step of"), "{out}");
+    let snap = snapshot::read(&path).unwrap();
+    let (shape, policy) = headroom::model::parse_train_id(id).unwrap();
+    let trace = headroom::techniques::alloc::training_trace(id, shape, policy, 1).unwrap();
+    let capacity = trace.capacity.unwrap();
+    let r = &replay_snapshot(&snap, Some(capacity)).unwrap()[0];
+    for (spec, m) in &r.rows {
+        let want = replay_simulated(&trace, *spec, capacity, None).unwrap();
+        assert_eq!(m.peak_allocated, want.peak_allocated, "{spec}");
+        assert_eq!(m.peak_reserved, want.peak_reserved, "{spec}");
+        assert_eq!(m.peak_requested, trace.peak_live_bytes(), "{spec}");
+    }
+    assert_eq!(r.fidelity.matched_fraction(), 1.0);
+    // The viewer sees headroom's categories where Python frames would be.
+    let v =
+        serde_pickle::value_from_slice(&std::fs::read(&path).unwrap(), Default::default()).unwrap();
+    assert!(format!("{v:?}").contains("activations"));
+}
+
+fn one_line_error(args: &[&str], expect: &str) {
+    let (ok, out, err) = headroom(args);
+    assert!(!ok, "{args:?} succeeded: {out}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(expect), "{args:?}: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_snapshots_are_one_sentence_each() {
+    let dir = scratch("bad");
+    let write = |name: &str, bytes: &[u8]| -> String {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let text = write("notes.txt", b"this is not a pickle\n");
+    one_line_error(&["replay", &text], "could not be read as a pickle");
+    let list = write("list.pickle", &pickle(&Value::List(vec![Value::I64(1)])));
+    one_line_error(&["replay", &list], "not of a memory snapshot");
+    let good = record(&steady_trace(), AllocatorSpec::Pool, 8 << 30).unwrap();
+    let bytes = pickle(&good);
+    let cut = write("cut.pickle", &bytes[..bytes.len() / 2]);
+    one_line_error(&["replay", &cut], "truncated");
+    let mut empty = BTreeMap::new();
+    empty.insert(
+        HashableValue::String("segments".into()),
+        Value::List(vec![]),
+    );
+    empty.insert(
+        HashableValue::String("device_traces".into()),
+        Value::List(vec![Value::List(vec![])]),
+    );
+    let none = write("none.pickle", &pickle(&Value::Dict(empty)));
+    one_line_error(&["replay", &none], "_record_memory_history()");
+    one_line_error(
+        &[
+            "replay",
+            Path::new("/nonexistent/x.pickle").to_str().unwrap(),
+        ],
+        "could not read",
+    );
+    one_line_error(
+        &["replay", &text, "--capacity", "lots"],
+        "not a memory size",
+    );
+    one_line_error(
+        &[
+            "snapshot",
+            "attention/flash/bf16/x",
+            "-o",
+            &dir.join("o").display().to_string(),
+        ],
+        "not a training case id",
+    );
+}
