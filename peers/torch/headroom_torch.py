@@ -1245,6 +1245,8 @@ class Settings:
     iters: int
     warmup: int
     max_seconds: float
+    # Where each training case's memory snapshot goes (CUDA only), or None.
+    snapshots: Optional[Path] = None
 
 
 def record_of(info: dict[str, Any], status: str, message: Optional[str] = None) -> dict[str, Any]:
@@ -1277,6 +1279,34 @@ def time_stats(samples: list[float]) -> Optional[dict[str, Any]]:
             "p90_s": q(0.9), "samples": len(v)}
 
 
+def snapshot_path(dev: Device, info: dict[str, Any], s: Settings) -> Optional[Path]:
+    """Where a training case's memory snapshot goes: on CUDA with --snapshots only."""
+    if s.snapshots is None or not dev.cuda or info["family"] != "train":
+        return None
+    return s.snapshots / (slug(info["id"]) + ".pickle")
+
+
+@contextlib.contextmanager
+def recorded_history(path: Optional[Path]) -> Iterator[None]:
+    """PyTorch's allocation history over the body, dumped to `path` (also when the body
+    fails: an out-of-memory snapshot is the one worth replaying), as a user records one:
+    `_record_memory_history()` then `_dump_snapshot()`. `headroom replay` reads it."""
+    if path is None:
+        yield
+        return
+    memory = torch.cuda.memory
+    memory._record_memory_history(max_entries=1_000_000)
+    try:
+        yield
+    finally:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            memory._dump_snapshot(str(path))
+        except Exception as e:  # noqa: BLE001 - a snapshot that cannot be written is reported
+            print(f"headroom_torch: could not write {path}: {one_line(e)}", file=sys.stderr)
+        memory._record_memory_history(enabled=None)
+
+
 def run_case(dev: Device, info: dict[str, Any], settings: Settings,
              rng: random.Random) -> dict[str, Any]:
     reason = skip_reason(info)
@@ -1287,9 +1317,10 @@ def run_case(dev: Device, info: dict[str, Any], settings: Settings,
     t0 = time.perf_counter()
     record: Optional[dict[str, Any]] = None
     validation: Optional[dict[str, Any]] = None
+    snapshot = snapshot_path(dev, info, settings)
     try:
         # The memory region: setup and one run, as headroom's (which validates in that run).
-        with dev.measured(mem):
+        with dev.measured(mem), recorded_history(snapshot):
             prog.setup()
             prog.run()
         first = time.perf_counter() - t0
@@ -1312,6 +1343,8 @@ def run_case(dev: Device, info: dict[str, Any], settings: Settings,
         del prog
         dev.release()
     assert record is not None
+    if snapshot is not None and snapshot.exists():
+        record["snapshot"] = snapshot.name
     record["validation"] = validation
     if mem.get("memory") is not None and record["status"] != "skipped":
         m = mem["memory"]
@@ -1505,6 +1538,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="seed of the random inputs")
     ap.add_argument("--budget", default=os.environ.get("HEADROOM_BUDGET") or None,
                     help="cap PyTorch's memory (e.g. 24GiB; default HEADROOM_BUDGET), CUDA only")
+    ap.add_argument("--snapshots", type=Path, default=None, metavar="DIR",
+                    help="on CUDA, record PyTorch's memory history over each training case's "
+                         "setup and first step and dump it as DIR/<case>.pickle, for "
+                         "`headroom replay`")
     ap.add_argument("--dist-timeout", type=float, default=300.0,
                     help="seconds a shard case's collective may wait for the other ranks "
                          "before it fails (default 300)")
@@ -1550,7 +1587,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**63)
     if d is not None:
         seed = d.share(seed)  # every rank draws the same weights and inputs
-    settings = Settings(max(1, args.iters), max(0, args.warmup), args.max_seconds)
+    settings = Settings(max(1, args.iters), max(0, args.warmup), args.max_seconds,
+                        args.snapshots)
     facts = device_facts(dev, fallback)
     name = f"{'cpu' if not dev.cuda else slug(facts['name'])}-torch"
     out = args.out / (f"{name}-w{world}.json" if launched else f"{name}.json")
