@@ -83,6 +83,12 @@ fn fidelity_is_complete_on_snapshots_of_headrooms_own_allocators() {
         assert_eq!(f.reserved_error, 0.0, "{} {spec}: {f:?}", trace.name);
         // The replay through the recorded allocator has the trace's own peaks.
         let direct = replay_simulated(&trace, spec, capacity, None).unwrap();
+        // The timeline of every row keeps its peaks.
+        for ((_, m), series) in results[0].rows.iter().zip(&results[0].series) {
+            let top = series.points.iter().map(|p| p.2).max().unwrap();
+            assert_eq!(top, m.peak_reserved, "{}", trace.name);
+            assert!(series.points.len() <= snapshot::SERIES_POINTS + 1);
+        }
         let row = &results[0].rows.iter().find(|(s, _)| *s == spec).unwrap().1;
         assert_eq!(row.peak_reserved, direct.peak_reserved);
         assert_eq!(row.peak_allocated, direct.peak_allocated);
@@ -145,6 +151,10 @@ fn a_fragmenting_oom_is_avoided_by_the_recommended_setting() {
     );
     assert!(out.contains("despite enough free memory"), "{out}");
     assert!(out.contains("fidelity: replayed through caching"), "{out}");
+    let svg = std::fs::read_to_string(dir.join("replay-fragmenting-replay-dev0.svg")).unwrap();
+    assert!(svg.matches("<polyline").count() >= 2 * snapshot::candidates().len());
+    let md = std::fs::read_to_string(dir.join("replay-fragmenting.md")).unwrap();
+    assert!(md.contains("](replay-fragmenting-replay-dev0.svg)"), "{md}");
     let report = headroom::report::Report::read(&dir.join("replay-fragmenting.json")).unwrap();
     assert_eq!(report.cases.len(), snapshot::candidates().len());
     assert!(report.cases.iter().all(|c| c.allocator.is_some()));

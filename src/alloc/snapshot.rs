@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use serde_pickle::{HashableValue, Value};
 
 use super::space::{DriverCalls, SpaceResult};
-use super::trace::{replay, AllocatorMetrics, Trace, TraceEvent};
+use super::trace::{replay_observed, AllocatorMetrics, Trace, TraceEvent};
 use super::{AddressSpace, AllocatorSpec, CachingOptions, SimulatedSpace};
 use crate::error::{invalid, Error, Result};
 
@@ -524,12 +524,24 @@ pub fn alloc_conf(spec: &AllocatorSpec) -> Option<String> {
 /// The capacity of a replay with no OOM in the snapshot and no `--capacity`.
 pub const UNBOUNDED: u64 = 1 << 50;
 
+/// Allocated and reserved bytes of one allocator over a replay, at most [`SERIES_POINTS`]
+/// points: each the largest values over its window of events, so no peak is lost.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Series {
+    /// (last event of the window, allocated, reserved).
+    pub points: Vec<(usize, u64, u64)>,
+}
+
+pub const SERIES_POINTS: usize = 1500;
+
 /// One device's replay through every candidate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReplayResult {
     pub device: usize,
     pub capacity: u64,
     pub rows: Vec<(AllocatorSpec, AllocatorMetrics)>,
+    /// Each row's allocated and reserved bytes over the replay.
+    pub series: Vec<Series>,
     pub fidelity: Fidelity,
     /// The candidate with PyTorch setting and the lowest peak reserved that never ran out of
     /// memory, if one did not.
@@ -539,14 +551,53 @@ pub struct ReplayResult {
 /// Replays every device of `snapshot` on a device of `capacity` bytes (default: what the
 /// snapshot's OOM shows the device had, else unbounded).
 pub fn replay_snapshot(snapshot: &Snapshot, capacity: Option<u64>) -> Result<Vec<ReplayResult>> {
+    replay_snapshot_with(snapshot, capacity, &mut |_, _| {})
+}
+
+/// [`replay_snapshot`], calling `progress(events done, events in all)` as it goes.
+pub fn replay_snapshot_with(
+    snapshot: &Snapshot,
+    capacity: Option<u64>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<ReplayResult>> {
+    let specs = candidates();
+    let total: u64 = snapshot
+        .devices
+        .iter()
+        .map(|h| (h.trace.events.len() * specs.len()) as u64)
+        .sum();
+    let mut done = 0u64;
     let mut out = Vec::new();
     for h in &snapshot.devices {
         let capacity = capacity.or(h.trace.capacity).unwrap_or(UNBOUNDED);
+        let n = h.trace.events.len();
+        let window = n.div_ceil(SERIES_POINTS).max(1);
         let mut rows = Vec::new();
-        for spec in candidates() {
+        let mut series = Vec::new();
+        for spec in &specs {
             let mut a = spec.build(Box::new(SimulatedSpace::new(capacity)));
-            let m = replay(&h.trace, a.as_mut(), None)?;
-            rows.push((spec, m));
+            let mut s = Series::default();
+            let (mut hi_alloc, mut hi_res) = (0u64, 0u64);
+            let m = replay_observed(&h.trace, a.as_mut(), None, &mut |i, st| {
+                hi_alloc = hi_alloc.max(st.allocated);
+                hi_res = hi_res.max(st.reserved);
+                if (i + 1) % window == 0 || i + 1 == n {
+                    s.points.push((i, hi_alloc, hi_res));
+                    (hi_alloc, hi_res) = (0, 0);
+                }
+                if i % 65536 == 0 {
+                    progress(done + i as u64, total);
+                }
+            })?;
+            if hi_alloc > 0 || hi_res > 0 {
+                // The window an out-of-memory cut short.
+                s.points
+                    .push((m.events_replayed.saturating_sub(1), hi_alloc, hi_res));
+            }
+            done += n as u64;
+            progress(done, total);
+            rows.push((*spec, m));
+            series.push(s);
         }
         let recommendation = rows
             .iter()
@@ -558,6 +609,7 @@ pub fn replay_snapshot(snapshot: &Snapshot, capacity: Option<u64>) -> Result<Vec
             device: h.device,
             capacity,
             rows,
+            series,
             fidelity,
             recommendation,
         });

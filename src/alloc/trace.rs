@@ -339,6 +339,17 @@ pub fn replay(
     alloc: &mut dyn Allocator,
     check_every: Option<usize>,
 ) -> Result<AllocatorMetrics> {
+    replay_observed(trace, alloc, check_every, &mut |_, _| {})
+}
+
+/// [`replay`], handing the allocator's counters to `observe` after every event replayed
+/// (with the event's index), for timelines and progress.
+pub fn replay_observed(
+    trace: &Trace,
+    alloc: &mut dyn Allocator,
+    check_every: Option<usize>,
+    observe: &mut dyn FnMut(usize, &super::AllocatorStats),
+) -> Result<AllocatorMetrics> {
     let capacity = alloc.space().capacity();
     let mut live: HashMap<u64, Block> = HashMap::new();
     let mut latencies: Vec<u64> = Vec::new();
@@ -389,6 +400,7 @@ pub fn replay(
             }
         }
         replayed = i + 1;
+        observe(i, &alloc.stats());
         if violation.is_none() && check_every.is_some_and(|k| k > 0 && (i + 1) % k == 0) {
             violation = check_invariants(alloc, &live).err();
         }

@@ -540,7 +540,22 @@ fn replay(path: &std::path::Path, capacity: Option<&str>, out: Option<PathBuf>) 
     use headroom::alloc::snapshot;
     let capacity = capacity.map(headroom::memory::parse_bytes).transpose()?;
     let snap = snapshot::read(path)?;
-    let results = snapshot::replay_snapshot(&snap, capacity)?;
+    // A bar on a terminal for traces long enough to wait for; nothing otherwise.
+    let total: usize = snap.devices.iter().map(|h| h.trace.events.len()).sum();
+    let bar = if total >= 100_000 {
+        indicatif::ProgressBar::new(1)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("replaying {bar:40} {pos}/{len} events {eta}")
+            .map_err(|e| Error::Invalid(format!("progress bar: {e}")))?,
+    );
+    let results = snapshot::replay_snapshot_with(&snap, capacity, &mut |done, all| {
+        bar.set_length(all);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
     for (h, r) in snap.devices.iter().zip(&results) {
         println!(
             "{} device {}: {} events{}{}; replayed on {} ({})",
@@ -645,7 +660,22 @@ fn replay(path: &std::path::Path, capacity: Option<&str>, out: Option<PathBuf>) 
         let mut report = snapshot::to_report(&results, &snapshot::stem(path));
         report.finalize();
         let json = report::write_all(&report, &dir)?;
-        println!("report: {}", json.display());
+        let slug = report.device.slug();
+        let plots = report::svg::write_replay(&results, &dir, &slug)?;
+        // The report's Markdown links the replay's timelines.
+        let md = dir.join(format!("{slug}.md"));
+        let mut text = std::fs::read_to_string(&md)
+            .map_err(|e| Error::Io(format!("could not read {}: {e}", md.display())))?;
+        text.push_str("\n## Replay timelines\n\n");
+        for p in &plots {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
+            text.push_str(&format!("![{name}]({name})\n\n"));
+        }
+        report::write_atomic(&md, text.as_bytes())?;
+        println!("report: {} (timelines: {})", json.display(), plots.len());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -570,6 +570,114 @@ fn render_timeline(
     Ok(out)
 }
 
+/// Writes `<slug>-replay-dev<d>.svg` for each device of a snapshot's replay: one panel per
+/// allocator with its allocated and reserved bytes over the trace (the largest values of each
+/// window of events, so no peak is lost) and the device's capacity where it is bounded.
+/// Returns the files written.
+pub fn write_replay(
+    results: &[crate::alloc::snapshot::ReplayResult],
+    dir: &Path,
+    slug: &str,
+) -> Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for r in results {
+        let path = dir.join(format!("{slug}-replay-dev{}.svg", r.device));
+        let svg = render_replay(r)
+            .map_err(|e| Error::Io(format!("could not draw {}: {e}", path.display())))?;
+        write_atomic(&path, svg.as_bytes())?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+fn render_replay(r: &crate::alloc::snapshot::ReplayResult) -> std::result::Result<String, String> {
+    let bounded = r.capacity < crate::alloc::snapshot::UNBOUNDED;
+    let peak = r
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.2.max(p.1)))
+        .max()
+        .unwrap_or(0)
+        .max(if bounded { r.capacity } else { 0 });
+    let (unit, unit_name) = if peak >= 1 << 30 {
+        ((1u64 << 30) as f64, "GiB")
+    } else {
+        ((1u64 << 20) as f64, "MiB")
+    };
+    let top = (peak as f64 / unit * 1.05).max(1e-9);
+    let events = r.rows.first().map(|(_, m)| m.events).unwrap_or(1).max(1);
+    let cols = 2usize;
+    let rows = r.rows.len().div_ceil(cols).max(1);
+    let mut out = String::new();
+    {
+        let root =
+            SVGBackend::with_string(&mut out, (1100, 230 * rows as u32 + 40)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let (title, body) = root.split_vertically(40);
+        title
+            .draw_text(
+                &format!(
+                    "device {}: allocated (blue) and reserved (red) over the replayed trace{}",
+                    r.device,
+                    if bounded {
+                        format!(", capacity {} dashed", format_bytes(r.capacity))
+                    } else {
+                        String::new()
+                    }
+                ),
+                &("sans-serif", 16).into_text_style(&title),
+                (12, 12),
+            )
+            .map_err(|e| e.to_string())?;
+        let panels = body.split_evenly((rows, cols));
+        for (((spec, m), s), panel) in r.rows.iter().zip(&r.series).zip(panels) {
+            let caption = match &m.oom {
+                Some(o) => format!("{spec}: out of memory at event {}", o.event),
+                None => format!("{spec}: peak reserved {}", format_bytes(m.peak_reserved)),
+            };
+            let mut chart = ChartBuilder::on(&panel)
+                .caption(caption, ("sans-serif", 13))
+                .margin(8)
+                .x_label_area_size(24)
+                .y_label_area_size(48)
+                .build_cartesian_2d(0..events, 0f64..top)
+                .map_err(|e| e.to_string())?;
+            chart
+                .configure_mesh()
+                .y_desc(unit_name)
+                .y_label_formatter(&|v| format!("{v:.1}"))
+                .x_labels(5)
+                .draw()
+                .map_err(|e| e.to_string())?;
+            let line = |pick: fn(&(usize, u64, u64)) -> u64| -> Vec<(usize, f64)> {
+                s.points
+                    .iter()
+                    .map(|p| (p.0, pick(p) as f64 / unit))
+                    .collect()
+            };
+            chart
+                .draw_series(LineSeries::new(line(|p| p.2), RED.stroke_width(1)))
+                .map_err(|e| e.to_string())?;
+            chart
+                .draw_series(LineSeries::new(line(|p| p.1), BLUE.stroke_width(1)))
+                .map_err(|e| e.to_string())?;
+            if bounded {
+                let c = r.capacity as f64 / unit;
+                chart
+                    .draw_series(DashedLineSeries::new(
+                        vec![(0, c), (events, c)],
+                        4,
+                        3,
+                        BLACK.stroke_width(1),
+                    ))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
