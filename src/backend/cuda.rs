@@ -3,7 +3,7 @@
 //! events for timing. Every launch and driver call is checked.
 
 use std::ffi::c_void;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{result as drv, sys};
@@ -47,6 +47,29 @@ impl CudaBackend {
 
     fn stream(&self) -> k::hr_stream_t {
         self.dev.stream.cu_stream() as k::hr_stream_t
+    }
+
+    /// The GPU this backend runs on (its CUDA device ordinal).
+    pub fn ordinal(&self) -> usize {
+        self.dev.ctx.ordinal()
+    }
+
+    /// The stream every kernel, copy and allocation of this backend is ordered on, for work
+    /// that must be ordered with them (NCCL's collectives).
+    pub fn cu_stream(&self) -> sys::CUstream {
+        self.dev.stream.cu_stream()
+    }
+
+    /// Makes this backend's GPU (its primary context) current on the calling thread.
+    pub fn bind_context(&self) -> Result<()> {
+        self.bind()
+    }
+
+    /// The device's free and total memory (`cuMemGetInfo`): device-wide, so it counts other
+    /// processes and libraries too.
+    pub fn device_free_total(&self) -> Result<(u64, u64)> {
+        let (free, total) = self.dev.ctx.mem_get_info()?;
+        Ok((free as u64, total as u64))
     }
 
     fn bind(&self) -> Result<()> {
@@ -815,6 +838,22 @@ impl Backend for CudaBackend {
         let len = (2 * l2 as usize).div_ceil(4);
         self.alloc_with(&self.untracked, DType::F32, len, "L2 flush")
             .map(Some)
+    }
+
+    fn peer(&self, rank: usize) -> Result<Arc<dyn Backend>> {
+        // Rank r runs on the r-th GPU counted from this one, so HEADROOM_DEVICE=k puts rank 0
+        // on GPU k and rank 1 on GPU k+1: NCCL needs one GPU per rank.
+        let ordinal = self.ordinal() + rank;
+        let dev = crate::device::open_ordinal(ordinal).map_err(|why| {
+            Error::Unsupported(format!(
+                "rank {rank} of a sharded step runs on GPU {ordinal}, but {why}"
+            ))
+        })?;
+        Ok(Arc::new(CudaBackend::new(dev, self.tracker.budget())))
+    }
+
+    fn as_cuda(&self) -> Option<&CudaBackend> {
+        Some(self)
     }
 }
 

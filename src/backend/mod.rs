@@ -496,6 +496,12 @@ pub trait Backend: Send + Sync {
             self.kind().name()
         )))
     }
+    /// The CUDA backend itself, for what works beside the kernels on its GPU and stream
+    /// (NCCL's collectives); `None` on every other backend.
+    #[cfg(headroom_cuda)]
+    fn as_cuda(&self) -> Option<&cuda::CudaBackend> {
+        None
+    }
     /// Start the driver's view of a measured region, where the backend has one.
     fn driver_view_begin(&self) -> Result<Option<DriverMemoryView>> {
         Ok(None)

@@ -117,8 +117,18 @@ pub struct CudaDevice {
 unsafe impl Send for CudaDevice {}
 unsafe impl Sync for CudaDevice {}
 
-/// Why the GPU cannot be used, as one sentence, or the open device.
+/// Why the GPU cannot be used, as one sentence, or the open device: GPU `HEADROOM_DEVICE`
+/// (default 0).
 pub fn open() -> std::result::Result<CudaDevice, String> {
+    let ordinal = std::env::var("HEADROOM_DEVICE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0usize);
+    open_ordinal(ordinal)
+}
+
+/// Why GPU `ordinal` cannot be used, as one sentence, or the open device.
+pub fn open_ordinal(ordinal: usize) -> std::result::Result<CudaDevice, String> {
     if !kernels::built() {
         return Err("this build has no CUDA kernels (nvcc was not found when it was built)".into());
     }
@@ -135,12 +145,13 @@ pub fn open() -> std::result::Result<CudaDevice, String> {
     match cudarc::driver::result::device::get_count() {
         Ok(0) => return Err("the CUDA driver found no GPU".into()),
         Err(e) => return Err(format!("the CUDA driver could not count GPUs: {e}")),
+        Ok(n) if ordinal >= n as usize => {
+            return Err(format!(
+                "there is no GPU {ordinal}: the CUDA driver found {n} (numbered from 0)"
+            ))
+        }
         Ok(_) => {}
     }
-    let ordinal = std::env::var("HEADROOM_DEVICE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0usize);
     let ctx =
         CudaContext::new(ordinal).map_err(|e| format!("could not open GPU {ordinal}: {e}"))?;
     let stream = ctx
