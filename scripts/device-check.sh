@@ -6,8 +6,9 @@
 # Runs, in triage order, each step in its own process under `timeout`: `info`; `headroom
 # check` per family, simple kernels first; compute-sanitizer's memcheck, racecheck and
 # synccheck on one small case per kernel; the quick benchmark profile per family (merged into
-# one report as it goes); the PyTorch peer under `--max-seconds`; a `headroom compare` of the
-# two. A step that fails or hangs is recorded and the next one runs; a step that no longer
+# one report as it goes); the PyTorch peer under `--max-seconds`, dumping a memory snapshot
+# of each training case; `headroom replay` of those snapshots; a `headroom compare` of the
+# two reports. A step that fails or hangs is recorded and the next one runs; a step that no longer
 # fits the time left is listed as not run. Every step's output goes to OUT/logs/ as it
 # happens, and OUT/summary.md (rewritten after every step, so a killed run still leaves it)
 # ends with each step's status, time and headline figures.
@@ -70,6 +71,13 @@ STEPS=(
     "check-attention-bf16       12    5    check      attention/naive/bf16/ attention/flash/bf16/"
     "check-layers               4     5    check      layers/"
     "check-train                8     5    check      train/"
+    # NCCL's all-reduce alone, then sharded steps over NCCL, one GPU per rank: world 1
+    # everywhere (NCCL's collectives on one rank), 2 where the box has the GPUs (skipped
+    # with the reason otherwise).
+    "check-collective           4     5    check      collective/"
+    # The share is for the dry run, whose 60 simulated-rank cases take about 50 s on two
+    # host cores; a GPU box's 30 take seconds.
+    "check-shard                20    5    check      shard/"
     "check-alloc                4     5    check      alloc/"
     # One small case per kernel, odd sizes: vector copy with a tail; each matmul kernel in
     # every form, and the fused epilogue; flash attention (f32 and bf16, d = 64 and 128,
@@ -90,9 +98,14 @@ STEPS=(
     "bench-headline             8     10   bench      headline"
     "bench-attention-naive      10    10   bench      attention/naive/"
     "bench-train                12    10   bench      train/"
-    "bench-alloc                5     10   bench      alloc/"
+    "bench-collective           5     10   bench      collective/"
+    "bench-shard                12    10   bench      shard/"
+    # 25 simulated-allocator cases: about 35 s on two host cores in the dry run.
+    "bench-alloc                10    10   bench      alloc/"
     # Whatever is left (less the compare's share), each case capped at --max-seconds.
     "torch-peer                 100   30   torch"
+    # The peer's memory snapshots of its training cases through every allocator.
+    "replay-snapshots           3     5    replay"
     "compare                    3     5    compare"
 )
 
@@ -132,9 +145,15 @@ step_info() {
     local nvcc
     if nvcc=$(find_tool nvcc); then "$nvcc" --version 2>&1 | tail -n 2; else echo "nvcc: not found (the kernels' toolkit is in headroom info's 'built by nvcc' line)"; fi
     echo
-    echo "== cuBLAS libraries the loader knows (headroom info above names the copy it loaded)"
+    echo "== cuBLAS and NCCL libraries the loader knows (headroom info above names the cuBLAS it loaded)"
     echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
     ldconfig -p 2>/dev/null | grep -E 'libcublas(Lt)?\.so' || echo "ldconfig knows no libcublas"
+    # NCCL (the sharded steps' collectives) is loaded at run time as libnccl.so.2.
+    ldconfig -p 2>/dev/null | grep -E 'libnccl\.so' || echo "ldconfig knows no libnccl"
+    local d
+    for d in ${LD_LIBRARY_PATH//:/ }; do
+        [ -e "$d/libnccl.so.2" ] && echo "libnccl.so.2 in $d"
+    done
     echo
     echo "== SASS"
     local cuobjdump hgmma
@@ -198,7 +217,21 @@ step_torch() {
     [ "$DC_DRY" = 1 ] && device=cpu
     # The report is rewritten after every case: a timeout keeps what was measured.
     "$DC_PYTHON" "$peer" --cases "$DC_OUT/torch/cases.json" --out "$DC_OUT/torch" \
-        --device "$device" --max-seconds "${HEADROOM_TORCH_MAX_SECONDS:-5}"
+        --device "$device" --max-seconds "${HEADROOM_TORCH_MAX_SECONDS:-5}" \
+        --snapshots "$DC_OUT/torch/snapshots"
+}
+
+# Each memory snapshot the peer dumped, replayed through every allocator into its own
+# report folder under OUT/replay.
+step_replay() {
+    local f stem status=0
+    for f in "$DC_OUT"/torch/snapshots/*.pickle; do
+        [ -f "$f" ] || continue
+        stem=$(basename "$f" .pickle)
+        echo "== $stem"
+        "$DC_BINDIR/headroom" replay "$f" --out "$DC_OUT/replay/$stem" || status=1
+    done
+    return $status
 }
 
 step_compare() {
@@ -259,6 +292,7 @@ if [ "${1:-}" = "--run-step" ]; then
     sanitize) step_sanitize "$@" ;;
     bench) step_bench "$@" ;;
     torch) step_torch ;;
+    replay) step_replay ;;
     compare) step_compare "$@" ;;
     merge) merge_reports ;;
     *)
@@ -570,8 +604,8 @@ for s in "${STEPS[@]}"; do
     nn=$(printf '%02d' "$i")
     log="$out/logs/$nn-$name.log"
     left_s=$(((deadline_ms - $(now_ms)) / 1000 - RESERVE_S))
-    # The peer leaves the compare its share.
-    [ "$kind" = torch ] && left_s=$((left_s - budget_s * 3 / 100 - FLOOR_S))
+    # The peer leaves the snapshot replay and the compare their shares.
+    [ "$kind" = torch ] && left_s=$((left_s - 2 * (budget_s * 3 / 100 + FLOOR_S)))
     limit=$((budget_s * share / 100))
     [ "$limit" -ge "$FLOOR_S" ] || limit=$FLOOR_S
     [ "$limit" -le "$left_s" ] || limit=$left_s
@@ -603,6 +637,13 @@ for s in "${STEPS[@]}"; do
         if ! "$DC_PYTHON" -c 'import torch' >/dev/null 2>&1; then
             record "$name" "not run ($DC_PYTHON cannot import torch)" "-" "-" ""
             printf '[%2d/%d] %-24s not run (%s cannot import torch)\n' "$i" "$n_steps" "$name" "$DC_PYTHON"
+            continue
+        fi
+        ;;
+    replay)
+        if ! ls "$out"/torch/snapshots/*.pickle >/dev/null 2>&1; then
+            record "$name" "not run (the PyTorch peer wrote no memory snapshots)" "-" "-" ""
+            printf '[%2d/%d] %-24s not run (no snapshots)\n' "$i" "$n_steps" "$name"
             continue
         fi
         ;;
