@@ -422,6 +422,41 @@ impl InitialValues {
     }
 }
 
+/// One input per micro-batch of `shape.batch` sequences (the sequences of the global
+/// batch's input in `init` from sequence `first` on; zeros where `init` has none), and one
+/// f32 loss per micro-batch.
+pub fn inputs_and_losses(
+    be: &dyn Backend,
+    shape: &ModelShape,
+    policy: &Policy,
+    first: usize,
+    init: &InitialValues,
+) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let per_sequence = shape.seq * shape.hidden;
+    let micro = shape.batch / policy.micro_batches * per_sequence;
+    let at = first * per_sequence;
+    let mut inputs = Vec::new();
+    for j in 0..policy.micro_batches {
+        let mut t = be.alloc(policy.dtype, micro, &format!("inputs: micro-batch {j}"))?;
+        match init.input.get(at + j * micro..at + (j + 1) * micro) {
+            Some(values) => be.write(&mut t, values)?,
+            None => be.zero(&mut t)?,
+        }
+        inputs.push(t);
+    }
+    let mut losses = Vec::new();
+    for j in 0..policy.micro_batches {
+        let mut t = be.alloc(
+            DType::F32,
+            1,
+            &format!("workspace: loss of micro-batch {j}"),
+        )?;
+        be.zero(&mut t)?;
+        losses.push(t);
+    }
+    Ok((inputs, losses))
+}
+
 fn tagged(category: &str, layer: usize, name: &str) -> String {
     format!("{category}: layer {layer} {name}")
 }
@@ -478,26 +513,7 @@ impl TrainState {
         let grads = per_layer("grads", false)?;
         let m = per_layer("optimizer", false)?;
         let v = per_layer("optimizer", false)?;
-        let micro = shape.batch / policy.micro_batches * shape.seq * c;
-        let mut inputs = Vec::new();
-        for j in 0..policy.micro_batches {
-            let mut t = be.alloc(policy.dtype, micro, &format!("inputs: micro-batch {j}"))?;
-            match init.input.get(j * micro..(j + 1) * micro) {
-                Some(values) => be.write(&mut t, values)?,
-                None => be.zero(&mut t)?,
-            }
-            inputs.push(t);
-        }
-        let mut losses = Vec::new();
-        for j in 0..policy.micro_batches {
-            let mut t = be.alloc(
-                DType::F32,
-                1,
-                &format!("workspace: loss of micro-batch {j}"),
-            )?;
-            be.zero(&mut t)?;
-            losses.push(t);
-        }
+        let (inputs, losses) = inputs_and_losses(be, &shape, &policy, 0, init)?;
         Ok(TrainState {
             shape,
             policy,

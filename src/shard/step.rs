@@ -39,8 +39,8 @@ use crate::backend::{AdamW, Backend, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::{
-    micro_batch, param_lens, InitialValues, LayerView, ModelShape, Policy, Step, Units, MATRICES,
-    PARAM_NAMES,
+    inputs_and_losses, micro_batch, param_lens, InitialValues, LayerView, ModelShape, Policy, Step,
+    Units, MATRICES, PARAM_NAMES,
 };
 use crate::shard::{
     buckets, comm_group, owned, shard_len, Bucket, Comm, ShardSpec, Strategy, Traffic,
@@ -219,27 +219,11 @@ impl RankState {
             bucket_tensors.push(t);
         }
         // This rank's sequences: a contiguous share of the global batch, in micro-batches.
-        let micro = local_batch / policy.micro_batches * shape.seq * shape.hidden;
-        let first = rank * local_batch * shape.seq * shape.hidden;
-        let mut inputs = Vec::new();
-        for j in 0..policy.micro_batches {
-            let mut t = be.alloc(policy.dtype, micro, &format!("inputs: micro-batch {j}"))?;
-            match init.input.get(first + j * micro..first + (j + 1) * micro) {
-                Some(values) => be.write(&mut t, values)?,
-                None => be.zero(&mut t)?,
-            }
-            inputs.push(t);
-        }
-        let mut losses = Vec::new();
-        for j in 0..policy.micro_batches {
-            let mut t = be.alloc(
-                DType::F32,
-                1,
-                &format!("workspace: loss of micro-batch {j}"),
-            )?;
-            be.zero(&mut t)?;
-            losses.push(t);
-        }
+        let local = ModelShape {
+            batch: local_batch,
+            ..shape
+        };
+        let (inputs, losses) = inputs_and_losses(be, &local, &policy, rank * local_batch, init)?;
         let reduced = vec![false; bucket_plan.len()];
         Ok(RankState {
             units: RankUnits {
@@ -664,7 +648,8 @@ impl World {
     }
 }
 
-fn with_peers<'a>(be: &'a dyn Backend, peers: &'a [Arc<dyn Backend>]) -> Vec<&'a dyn Backend> {
+/// Every rank's backend: `be` for rank 0, then the peers'.
+pub fn with_peers<'a>(be: &'a dyn Backend, peers: &'a [Arc<dyn Backend>]) -> Vec<&'a dyn Backend> {
     std::iter::once(be)
         .chain(peers.iter().map(|p| p.as_ref()))
         .collect()
@@ -684,35 +669,7 @@ pub fn run_ranks<T: Send>(
             backends.len()
         )));
     }
-    let results: Vec<Result<T>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = backends
-            .iter()
-            .zip(comms)
-            .map(|(&be, comm)| {
-                let f = &f;
-                scope.spawn(move || f(be, comm))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Invalid("a rank's thread panicked".into())))
-            })
-            .collect()
-    });
-    let mut out = Vec::with_capacity(results.len());
-    let mut first = None;
-    for r in results {
-        match r {
-            Ok(t) => out.push(t),
-            Err(e @ Error::OutOfMemory(_)) => return Err(e),
-            Err(e) => {
-                first.get_or_insert(e);
-            }
-        }
-    }
-    first.map_or(Ok(out), Err)
+    first_error(on_threads(backends.iter().copied().zip(comms), &f))
 }
 
 /// Runs `f` on every rank's state on a thread of its own; a rank that fails abandons its
@@ -744,20 +701,28 @@ pub fn on_every_rank<S: Send>(
     if states.len() == 1 {
         return f(backends[0], &mut states[0]);
     }
-    let results: Vec<Result<()>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = backends
-            .iter()
-            .zip(states.iter_mut())
-            .map(|(&be, st)| {
-                let (f, abandon) = (&f, &abandon);
-                scope.spawn(move || {
-                    let r = f(be, st);
-                    if let Err(e) = &r {
-                        abandon(st, &e.to_string());
-                    }
-                    r
-                })
-            })
+    let run = |be: &dyn Backend, st: &mut S| {
+        let r = f(be, st);
+        if let Err(e) = &r {
+            abandon(st, &e.to_string());
+        }
+        r
+    };
+    first_error(on_threads(
+        backends.iter().copied().zip(states.iter_mut()),
+        &run,
+    ))
+    .map(|_| ())
+}
+
+/// `f` on each (backend, item) on a thread of its own; the results in rank order.
+fn on_threads<'a, I: Send, T: Send>(
+    items: impl Iterator<Item = (&'a dyn Backend, I)>,
+    f: &(impl Fn(&dyn Backend, I) -> Result<T> + Sync),
+) -> Vec<Result<T>> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .map(|(be, item)| scope.spawn(move || f(be, item)))
             .collect();
         handles
             .into_iter()
@@ -766,20 +731,22 @@ pub fn on_every_rank<S: Send>(
                     .unwrap_or_else(|_| Err(Error::Invalid("a rank's thread panicked".into())))
             })
             .collect()
-    });
-    first_error(results)
+    })
 }
 
-fn first_error(results: Vec<Result<()>>) -> Result<()> {
+/// Every rank's result, or the first error: an out-of-memory error before any other (the
+/// others are what it caused on the ranks waiting for it).
+fn first_error<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    let mut out = Vec::with_capacity(results.len());
     let mut first = None;
     for r in results {
         match r {
+            Ok(t) => out.push(t),
             Err(e @ Error::OutOfMemory(_)) => return Err(e),
             Err(e) => {
                 first.get_or_insert(e);
             }
-            Ok(()) => {}
         }
     }
-    first.map_or(Ok(()), Err)
+    first.map_or(Ok(out), Err)
 }

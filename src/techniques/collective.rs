@@ -12,7 +12,7 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::rng::Rng;
 use crate::shard::comm_group;
-use crate::shard::step::on_every_rank;
+use crate::shard::step::{on_every_rank, with_peers};
 use crate::shard::Comm;
 use crate::techniques::{
     Case, CaseInfo, Instance, Profile, Readback, Tamper, TensorCheck, Validation,
@@ -67,9 +67,7 @@ impl Case for AllReduceCase {
         let peers = (1..self.world)
             .map(|r| be.peer(r))
             .collect::<Result<Vec<_>>>()?;
-        let backends: Vec<&dyn Backend> = std::iter::once(be)
-            .chain(peers.iter().map(|p| p.as_ref()))
-            .collect();
+        let backends = with_peers(be, &peers);
         let comms = comm_group(&backends)?;
         let mut ranks = Vec::with_capacity(self.world);
         for (r, (b, comm)) in backends.iter().zip(comms).enumerate() {
@@ -93,9 +91,7 @@ impl Case for AllReduceCase {
 
 impl AllReduceInstance {
     fn all_reduce(&mut self, be: &dyn Backend) -> Result<()> {
-        let backends: Vec<&dyn Backend> = std::iter::once(be)
-            .chain(self.peers.iter().map(|p| p.as_ref()))
-            .collect();
+        let backends = with_peers(be, &self.peers);
         on_every_rank(
             &backends,
             &mut self.ranks,
@@ -118,9 +114,7 @@ impl Instance for AllReduceInstance {
         _rng: &mut Rng,
         tamper: &mut Tamper<'_>,
     ) -> Result<Validation> {
-        let backends: Vec<&dyn Backend> = std::iter::once(be)
-            .chain(self.peers.iter().map(|p| p.as_ref()))
-            .collect();
+        let backends = with_peers(be, &self.peers);
         for (b, r) in backends.iter().zip(self.ranks.iter_mut()) {
             b.write(&mut r.buffer, &r.input)?;
         }
@@ -130,9 +124,7 @@ impl Instance for AllReduceInstance {
             .map(|i| self.ranks.iter().map(|r| r.input[i] as f64).sum())
             .collect();
         let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
-        let backends: Vec<&dyn Backend> = std::iter::once(be)
-            .chain(self.peers.iter().map(|p| p.as_ref()))
-            .collect();
+        let backends = with_peers(be, &self.peers);
         let mut checks = Vec::new();
         for (r, (b, rank)) in backends.iter().zip(&self.ranks).enumerate() {
             let mut got = b.read(&rank.buffer)?;
