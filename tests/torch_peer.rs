@@ -113,23 +113,7 @@ fn torch_peer_reports_the_cases_it_is_given() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/torch/headroom_torch.py");
     let out_dir = dir.join("out");
     let mut cmd = Command::new(&py);
-    cmd.arg(&script)
-        .arg("--cases")
-        .arg(&cases_json)
-        .arg("--out")
-        .arg(&out_dir)
-        .args([
-            "--device",
-            "cpu",
-            "--iters",
-            "2",
-            "--warmup",
-            "0",
-            "--max-seconds",
-            "20",
-            "--seed",
-            "7",
-        ])
+    peer_args(&mut cmd, &script, &cases_json, &out_dir, 7)
         .arg("--filter")
         .args(wanted.iter().map(|c| c.id.as_str()));
     let run = cmd.output().expect("the peer starts");
@@ -288,33 +272,16 @@ fn torch_peer_runs_shard_cases_under_torchrun() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/torch/headroom_torch.py");
     let out_dir = dir.join("out");
     // `python -m torch.distributed.run` is torchrun; --standalone picks a free port.
-    let run = Command::new(&py)
-        .args([
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-        ])
-        .arg(&script)
-        .arg("--cases")
-        .arg(&cases_json)
-        .arg("--out")
-        .arg(&out_dir)
-        .args([
-            "--device",
-            "cpu",
-            "--iters",
-            "2",
-            "--warmup",
-            "0",
-            "--max-seconds",
-            "20",
-            "--seed",
-            "11",
-            "--dist-timeout",
-            "120",
-        ])
+    let mut cmd = Command::new(&py);
+    cmd.args([
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]);
+    let run = peer_args(&mut cmd, &script, &cases_json, &out_dir, 11)
+        .args(["--dist-timeout", "120"])
         .output()
         .expect("torchrun starts");
     let stdout = String::from_utf8_lossy(&run.stdout);
@@ -406,4 +373,32 @@ fn torch_peer_runs_shard_cases_under_torchrun() {
         report.cases[7].status
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The peer's script and its common arguments: the case list, the output folder, the CPU,
+/// two timed runs and no warm-up, 20 s a case, and `seed`.
+fn peer_args<'a>(
+    cmd: &'a mut Command,
+    script: &Path,
+    cases: &Path,
+    out: &Path,
+    seed: u64,
+) -> &'a mut Command {
+    cmd.arg(script)
+        .arg("--cases")
+        .arg(cases)
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--device",
+            "cpu",
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+            "--max-seconds",
+            "20",
+        ])
+        .arg("--seed")
+        .arg(seed.to_string())
 }
