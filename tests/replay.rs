@@ -327,3 +327,55 @@ fn bad_snapshots_are_one_sentence_each() {
         "not a training case id",
     );
 }
+
+#[test]
+fn the_fidelity_figure_drops_when_the_snapshot_disagrees_with_the_replay() {
+    // The control: a snapshot of the caching allocator replays to 100% and 0.
+    let trace = steady_trace();
+    let capacity = trace.capacity.unwrap();
+    let spec = AllocatorSpec::Caching(CachingOptions::default());
+    let v = record(&trace, spec, capacity).unwrap();
+    let f = |v: &Value| {
+        let snap = parse(&pickle(v), "steady").unwrap();
+        replay_snapshot(&snap, Some(capacity)).unwrap()[0]
+            .fidelity
+            .clone()
+    };
+    let control = f(&v);
+    assert_eq!(
+        (control.matched_fraction(), control.reserved_error),
+        (1.0, 0.0)
+    );
+    // One segment_alloc twice as large as the allocator made it: that action no longer
+    // matches, and the snapshot's reserved bytes are off from there on.
+    let mut bad = v.clone();
+    let Value::Dict(top) = &mut bad else { panic!() };
+    let Some(Value::List(traces)) = top.get_mut(&HashableValue::String("device_traces".into()))
+    else {
+        panic!()
+    };
+    let Value::List(entries) = &mut traces[0] else {
+        panic!()
+    };
+    let seg = entries
+        .iter_mut()
+        .find_map(|e| match e {
+            Value::Dict(d)
+                if d.get(&HashableValue::String("action".into()))
+                    == Some(&Value::String("segment_alloc".into())) =>
+            {
+                Some(d)
+            }
+            _ => None,
+        })
+        .expect("a segment_alloc");
+    let size = HashableValue::String("size".into());
+    let Some(Value::I64(n)) = seg.get(&size).cloned() else {
+        panic!()
+    };
+    seg.insert(size, Value::I64(2 * n));
+    let off = f(&bad);
+    assert!(off.matched_fraction() < 1.0, "{off:?}");
+    assert_eq!(off.matched, control.matched - 1, "{off:?}");
+    assert!(off.reserved_error > 0.0, "{off:?}");
+}

@@ -368,7 +368,12 @@ mod validation {
                 policy(Checkpoint::Selective, Variant::Naive, DType::Bf16, 2),
             ] {
                 let case = ShardCase::new(sh, p, ShardSpec::new(strategy, 2));
-                for target in [grad_name(1, 12), weight_name(0, 2), grad_name(0, 1)] {
+                let mut targets = vec![grad_name(1, 12), weight_name(0, 2), grad_name(0, 1)];
+                if !strategy.shards_params() {
+                    // Rank 1's replicated compute copy, held bitwise to rank 0's.
+                    targets.push(format!("rank 1 replica of {}", weight_name(1, 14)));
+                }
+                for target in targets {
                     for m in Mutation::ALL {
                         let mut changed = false;
                         let v = validate(&case, &mut |mut r: Readback<'_>| {

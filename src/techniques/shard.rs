@@ -22,7 +22,7 @@ use crate::model::{
 };
 use crate::report::Timeline;
 use crate::rng::Rng;
-use crate::shard::memory::{model, RankBreakdown};
+use crate::shard::memory::model;
 use crate::shard::step::World;
 use crate::shard::{RankRecord, ShardRecord, ShardSpec, Strategy, Traffic};
 use crate::techniques::attention::{self, Pass, Variant};
@@ -63,10 +63,6 @@ impl ShardCase {
             policy,
             spec,
         }
-    }
-
-    pub fn spec(&self) -> &ShardSpec {
-        &self.spec
     }
 }
 
@@ -254,17 +250,20 @@ impl Instance for ShardInstance {
             for (i, &row) in rows.iter().enumerate() {
                 let mut parts = Vec::with_capacity(world);
                 let mut wparts = Vec::with_capacity(world);
+                // A replicated compute copy must be the same bits on every rank as on rank 0.
+                let first = self.world.ranks[0].units.read_full(backends[0], l, i)?;
                 for (r, st) in self.world.ranks.iter().enumerate() {
                     parts.push(st.units.read_grad(backends[r], l, i)?);
                     wparts.push(st.units.read_master(backends[r], l, i)?);
-                    // A replicated compute copy must be the same bits on every rank.
-                    if r > 0 {
-                        if let (Some(mine), Some(first)) = (
-                            st.units.read_full(backends[r], l, i)?,
-                            self.world.ranks[0].units.read_full(backends[0], l, i)?,
-                        ) {
+                    if let (true, Some(first)) = (r > 0, &first) {
+                        if let Some(mut mine) = st.units.read_full(backends[r], l, i)? {
                             let name = format!("rank {r} replica of {}", weight_name(l, i));
-                            checks.push(tensor_check(name, &mine, &first, true, 0.0, 0.0));
+                            tamper(Readback {
+                                name: &name,
+                                values: &mut mine,
+                                row,
+                            });
+                            checks.push(tensor_check(name, &mine, first, true, 0.0, 0.0));
                         }
                     }
                 }
@@ -510,11 +509,4 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
         }
     }
     out
-}
-
-/// Every rank's budget-free peak, for tests and records.
-pub fn rank_models(shape: &ModelShape, policy: &Policy, spec: &ShardSpec) -> Vec<RankBreakdown> {
-    (0..spec.world)
-        .map(|r| model(shape, policy, spec, r).memory)
-        .collect()
 }
