@@ -112,10 +112,6 @@ pub fn check_pair(
     Ok(owned(full.len(), world, rank))
 }
 
-fn bytes(t: &Tensor) -> u64 {
-    t.bytes()
-}
-
 /// The ranks of one process, each driven by its own thread, exchanging host copies of
 /// their tensors through shared slots. Sums are f32 in rank order, so the result is the
 /// same bits on every rank and in every run. On the dry backend nothing is exchanged (there
@@ -216,7 +212,7 @@ impl Comm for InProcess {
     }
 
     fn all_reduce(&mut self, be: &dyn Backend, t: &mut Tensor) -> Result<()> {
-        self.traffic.all_reduce += bytes(t);
+        self.traffic.all_reduce += t.bytes();
         self.traffic.calls += 1;
         let dry = be.kind() == BackendKind::Dry;
         let mine = if dry { Vec::new() } else { be.read(t)? };
@@ -243,7 +239,7 @@ impl Comm for InProcess {
     ) -> Result<()> {
         let (world, rank) = (self.world(), self.rank);
         let (start, count) = check_pair("reduce-scatter", full, shard, world, rank)?;
-        self.traffic.reduce_scatter += bytes(full);
+        self.traffic.reduce_scatter += full.bytes();
         self.traffic.calls += 1;
         let dry = be.kind() == BackendKind::Dry;
         let mine = if dry { Vec::new() } else { be.read(full)? };
@@ -269,7 +265,7 @@ impl Comm for InProcess {
     fn all_gather(&mut self, be: &dyn Backend, shard: &Tensor, full: &mut Tensor) -> Result<()> {
         let world = self.world();
         check_pair("all-gather", full, shard, world, self.rank)?;
-        self.traffic.all_gather += bytes(full);
+        self.traffic.all_gather += full.bytes();
         self.traffic.calls += 1;
         let dry = be.kind() == BackendKind::Dry;
         let mine = if dry { Vec::new() } else { be.read(shard)? };
@@ -338,7 +334,7 @@ impl Comm for Solo {
         "solo (no other rank present)".into()
     }
     fn all_reduce(&mut self, _be: &dyn Backend, t: &mut Tensor) -> Result<()> {
-        self.traffic.all_reduce += bytes(t);
+        self.traffic.all_reduce += t.bytes();
         self.traffic.calls += 1;
         Ok(())
     }
@@ -349,13 +345,13 @@ impl Comm for Solo {
         shard: &mut Tensor,
     ) -> Result<()> {
         check_pair("reduce-scatter", full, shard, self.world, self.rank)?;
-        self.traffic.reduce_scatter += bytes(full);
+        self.traffic.reduce_scatter += full.bytes();
         self.traffic.calls += 1;
         Ok(())
     }
     fn all_gather(&mut self, _be: &dyn Backend, shard: &Tensor, full: &mut Tensor) -> Result<()> {
         check_pair("all-gather", full, shard, self.world, self.rank)?;
-        self.traffic.all_gather += bytes(full);
+        self.traffic.all_gather += full.bytes();
         self.traffic.calls += 1;
         Ok(())
     }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dtype::DType;
 use crate::model::memory::{input_bytes, micro_batches, Cat, Ledger, LedgerUnits};
-use crate::model::{param_lens, ModelShape, Policy, MATRICES};
+use crate::model::{param_lens, ModelShape, Policy};
 use crate::shard::step::compute_dtype;
 use crate::shard::{buckets, shard_len, ShardSpec, Strategy, Traffic};
 
@@ -230,10 +230,7 @@ pub fn model(shape: &ModelShape, policy: &Policy, spec: &ShardSpec, rank: usize)
 /// or any other (they are all alike).
 pub fn peak_rank(shape: &ModelShape, policy: &Policy, spec: &ShardSpec) -> (usize, RankModel) {
     let zero = model(shape, policy, spec, 0);
-    if spec.world > 1 && spec.rank0_extra == 0 {
-        return (0, zero);
-    }
-    if spec.world == 1 {
+    if spec.world == 1 || spec.rank0_extra == 0 {
         return (0, zero);
     }
     let other = model(shape, policy, spec, 1);
@@ -326,11 +323,4 @@ impl LedgerUnits for LedgerRank {
             self.release(l, layer);
         }
     }
-}
-
-/// The matrices' share of a block's parameters, for the README's arithmetic.
-pub fn matrix_fraction(shape: &ModelShape) -> f64 {
-    let lens = param_lens(shape.hidden);
-    let m: usize = MATRICES.iter().map(|&i| lens[i]).sum();
-    m as f64 / lens.iter().sum::<usize>() as f64
 }

@@ -100,7 +100,6 @@ pub struct RankUnits {
     reduced: Vec<bool>,
     /// Which micro-batch runs now.
     micro: usize,
-    traffic: Traffic,
 }
 
 impl RankState {
@@ -243,7 +242,6 @@ impl RankState {
                 unit_grads: (0..shape.layers).map(|_| None).collect(),
                 reduced,
                 micro: 0,
-                traffic: Traffic::default(),
             },
             inputs,
             losses,
@@ -324,9 +322,7 @@ impl RankState {
 
     /// The bytes this rank handed to collectives since the last call.
     pub fn take_traffic(&mut self) -> Traffic {
-        let mut t = std::mem::take(&mut self.units.traffic);
-        t.add(&self.units.comm.take_traffic());
-        t
+        self.units.comm.take_traffic()
     }
 }
 
