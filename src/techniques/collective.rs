@@ -15,7 +15,7 @@ use crate::shard::comm_group;
 use crate::shard::step::{on_every_rank, with_peers};
 use crate::shard::Comm;
 use crate::techniques::{
-    Case, CaseInfo, Instance, Profile, Readback, Tamper, TensorCheck, Validation,
+    tensor_check, Case, CaseInfo, Instance, Profile, Readback, Tamper, Validation,
 };
 use std::sync::Arc;
 
@@ -123,7 +123,6 @@ impl Instance for AllReduceInstance {
         let want: Vec<f64> = (0..self.ranks[0].input.len())
             .map(|i| self.ranks.iter().map(|r| r.input[i] as f64).sum())
             .collect();
-        let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
         let backends = with_peers(be, &self.peers);
         let mut checks = Vec::new();
         for (r, (b, rank)) in backends.iter().zip(&self.ranks).enumerate() {
@@ -134,36 +133,7 @@ impl Instance for AllReduceInstance {
                 values: &mut got,
                 row: 1,
             });
-            let atol = self.tolerance * scale;
-            let (mut err, mut violations, mut worst) = (0f64, 0usize, None);
-            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                let e = if g.is_finite() {
-                    (g as f64 - w).abs()
-                } else {
-                    f64::INFINITY
-                };
-                if e > atol {
-                    violations += 1;
-                }
-                if e > err || (e > atol && worst.is_none()) {
-                    err = err.max(e);
-                    worst = Some(i);
-                }
-            }
-            checks.push(TensorCheck {
-                worst: match worst {
-                    Some(i) => format!("{name}[{i}]: {} vs {:.9e}", got[i], want[i]),
-                    None => "exact".into(),
-                },
-                name,
-                compared: got.len(),
-                error: if scale > 0.0 { err / scale } else { err },
-                tolerance: self.tolerance,
-                scale,
-                atol,
-                rtol: 0.0,
-                violations,
-            });
+            checks.push(tensor_check(name, &got, &want, false, self.tolerance, 0.0));
         }
         Ok(Validation::from_checks(checks))
     }

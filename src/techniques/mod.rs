@@ -166,6 +166,69 @@ impl Validation {
     }
 }
 
+/// `got` against `want` element by element: bitwise (`exact`) or within `rel` of the
+/// tensor's largest reference magnitude (floored at `floor`); NaN never passes. `want` is
+/// f32 (another run's output) or f64 (a reference).
+pub(crate) fn tensor_check<W: Copy + Into<f64> + std::fmt::Display>(
+    name: String,
+    got: &[f32],
+    want: &[W],
+    exact: bool,
+    rel: f64,
+    floor: f64,
+) -> TensorCheck {
+    let scale = want.iter().fold(floor, |m, &x| m.max(x.into().abs()));
+    let atol = rel * scale;
+    let (mut max_err, mut violations, mut worst_at) = (0f64, 0usize, None::<usize>);
+    for (j, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let (g64, w64): (f64, f64) = (g.into(), w.into());
+        // f32 to f64 is exact and one to one, so equal bits here are equal bits there.
+        let bad = if exact {
+            g64.to_bits() != w64.to_bits()
+        } else {
+            !g.is_finite() || (g64 - w64).abs() > atol
+        };
+        let e = if g.is_finite() {
+            (g64 - w64).abs()
+        } else {
+            f64::INFINITY
+        };
+        if bad {
+            violations += 1;
+        }
+        if e > max_err || (bad && worst_at.is_none()) {
+            max_err = max_err.max(e);
+            worst_at = Some(j);
+        }
+    }
+    if got.len() != want.len() {
+        violations += 1;
+    }
+    let error = if scale > 0.0 {
+        max_err / scale
+    } else {
+        max_err
+    };
+    TensorCheck {
+        worst: match worst_at {
+            Some(j) => format!("{name}[{j}]: {} vs {}", got[j], want[j]),
+            None => "exact".into(),
+        },
+        name,
+        compared: got.len(),
+        error: if violations > 0 && error == 0.0 {
+            f64::INFINITY
+        } else {
+            error
+        },
+        tolerance: if exact { 0.0 } else { rel },
+        scale,
+        atol: if exact { 0.0 } else { atol },
+        rtol: 0.0,
+        violations,
+    }
+}
+
 impl Bounds {
     /// Exact equality, element by element (copies and permutations).
     pub const EXACT: Bounds = Bounds {

@@ -30,7 +30,7 @@ use crate::techniques::train::{
     grad_name, grad_tolerance, loss_check, reference_checks, REFERENCE_LIMIT,
 };
 use crate::techniques::{
-    Case, CaseInfo, Instance, Profile, Readback, Tamper, TensorCheck, Validation,
+    tensor_check, Case, CaseInfo, Instance, Profile, Readback, Tamper, Validation,
 };
 
 pub struct ShardCase {
@@ -127,66 +127,6 @@ fn merge(parts: Vec<Vec<f32>>) -> Vec<f32> {
         }
     }
     out
-}
-
-/// `got` against `want` element by element: bitwise (`exact`) or within `rel` of the
-/// tensor's largest reference magnitude (floored at `floor`); NaN never passes.
-fn tensor_check(
-    name: String,
-    got: &[f32],
-    want: &[f32],
-    exact: bool,
-    rel: f64,
-    floor: f64,
-) -> TensorCheck {
-    let scale = want.iter().fold(floor, |m, x| m.max(x.abs() as f64));
-    let atol = rel * scale;
-    let (mut max_err, mut violations, mut worst_at) = (0f64, 0usize, None::<usize>);
-    for (j, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let bad = if exact {
-            g.to_bits() != w.to_bits()
-        } else {
-            !g.is_finite() || (g as f64 - w as f64).abs() > atol
-        };
-        let e = if g.is_finite() {
-            (g as f64 - w as f64).abs()
-        } else {
-            f64::INFINITY
-        };
-        if bad {
-            violations += 1;
-        }
-        if e > max_err || (bad && worst_at.is_none()) {
-            max_err = max_err.max(e);
-            worst_at = Some(j);
-        }
-    }
-    if got.len() != want.len() {
-        violations += 1;
-    }
-    let error = if scale > 0.0 {
-        max_err / scale
-    } else {
-        max_err
-    };
-    TensorCheck {
-        worst: match worst_at {
-            Some(j) => format!("{name}[{j}]: {} vs {}", got[j], want[j]),
-            None => "exact".into(),
-        },
-        name,
-        compared: got.len(),
-        error: if violations > 0 && error == 0.0 {
-            f64::INFINITY
-        } else {
-            error
-        },
-        tolerance: if exact { 0.0 } else { rel },
-        scale,
-        atol: if exact { 0.0 } else { atol },
-        rtol: 0.0,
-        violations,
-    }
 }
 
 /// AdamW's first step from `w` with gradient `g` (moments zero), in f64: the bias
