@@ -191,17 +191,29 @@ pub fn plan(shape: &ModelShape, budget: u64, report: Option<&Report>) -> Vec<Pla
         })
         .collect();
     rows.sort_by(|a, b| {
-        b.fits
-            .cmp(&a.fits)
-            .then_with(|| match (a.predicted_step_s, b.predicted_step_s) {
-                (Some(x), Some(y)) if a.fits => x.total_cmp(&y),
-                (Some(_), None) if a.fits => std::cmp::Ordering::Less,
-                (None, Some(_)) if a.fits => std::cmp::Ordering::Greater,
-                _ => std::cmp::Ordering::Equal,
-            })
+        fits_then_time((a.fits, a.predicted_step_s), (b.fits, b.predicted_step_s))
+            .unwrap_or(std::cmp::Ordering::Equal)
             .then_with(|| a.memory.peak.cmp(&b.memory.peak))
     });
     rows
+}
+
+/// Plans' order: fitting rows first; among them, known times first, fastest first. None
+/// where both fit and neither time is known (the caller breaks that tie its own way).
+fn fits_then_time(
+    (a_fits, a_time): (bool, Option<f64>),
+    (b_fits, b_time): (bool, Option<f64>),
+) -> Option<std::cmp::Ordering> {
+    use std::cmp::Ordering::*;
+    match b_fits.cmp(&a_fits) {
+        Equal if a_fits => match (a_time, b_time) {
+            (Some(x), Some(y)) => Some(x.total_cmp(&y)),
+            (Some(_), None) => Some(Less),
+            (None, Some(_)) => Some(Greater),
+            (None, None) => None,
+        },
+        o => Some(o),
+    }
 }
 
 /// The plan as a terminal table.
@@ -444,15 +456,8 @@ pub fn plan_sharded(
         }
     }
     rows.sort_by(|a, b| {
-        b.fits
-            .cmp(&a.fits)
-            .then_with(|| match (a.predicted_step_s, b.predicted_step_s) {
-                (Some(x), Some(y)) if a.fits => x.total_cmp(&y),
-                (Some(_), None) if a.fits => std::cmp::Ordering::Less,
-                (None, Some(_)) if a.fits => std::cmp::Ordering::Greater,
-                _ if a.fits => a.modeled_comm_s.total_cmp(&b.modeled_comm_s),
-                _ => std::cmp::Ordering::Equal,
-            })
+        fits_then_time((a.fits, a.predicted_step_s), (b.fits, b.predicted_step_s))
+            .unwrap_or_else(|| a.modeled_comm_s.total_cmp(&b.modeled_comm_s))
             .then_with(|| a.memory.peak.cmp(&b.memory.peak))
     });
     Ok(ShardPlan {
