@@ -27,7 +27,7 @@ extern "C" {
 typedef struct CUstream_st *hr_stream_t;
 
 /* Storage dtypes. */
-typedef enum hr_dtype { HR_F32 = 0, HR_BF16 = 1 } hr_dtype;
+typedef enum hr_dtype { HR_F32 = 0, HR_BF16 = 1, HR_I32 = 2 } hr_dtype;
 
 /* ----------------------------------------------------------------------------------
  * Utility: copy and fill (the harness's bandwidth probe and output poisoning)
@@ -244,6 +244,12 @@ int hr_adamw(const hr_adamw_params *p, hr_stream_t stream);
 
 /* The message for a CUDA error code returned by a launcher. */
 const char *hr_error_string(int code);
+
+/* -- loss ops (head + cross-entropy) -- */
+
+/* -- norm, MLP and embedding ops (RMSNorm, SwiGLU, token embedding) -- */
+
+/* -- grouped-query attention ops -- */
 
 #ifdef __cplusplus
 }

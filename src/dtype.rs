@@ -9,12 +9,15 @@ use serde::{Deserialize, Serialize};
 pub enum DType {
     F32,
     Bf16,
+    /// Token ids and targets: integers, never computed with as floats. Written and read as
+    /// f32 values, exact below 2^24 (every vocabulary in use is far smaller).
+    I32,
 }
 
 impl DType {
     pub fn size(self) -> usize {
         match self {
-            DType::F32 => 4,
+            DType::F32 | DType::I32 => 4,
             DType::Bf16 => 2,
         }
     }
@@ -24,6 +27,7 @@ impl DType {
         match self {
             DType::F32 => "f32",
             DType::Bf16 => "bf16",
+            DType::I32 => "i32",
         }
     }
 
@@ -32,13 +36,14 @@ impl DType {
         match self {
             DType::F32 => x,
             DType::Bf16 => bf16::from_f32(x).to_f32(),
+            DType::I32 => x.round(),
         }
     }
 
     /// Unit roundoff of the storage type: the relative error of one rounding.
     pub fn epsilon(self) -> f64 {
         match self {
-            DType::F32 => f32::EPSILON as f64 / 2.0,
+            DType::F32 | DType::I32 => f32::EPSILON as f64 / 2.0,
             DType::Bf16 => 1.0 / 256.0,
         }
     }

@@ -664,6 +664,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    // -- loss ops (head + cross-entropy) --
+
+    // -- norm, MLP and embedding ops (RMSNorm, SwiGLU, token embedding) --
+
+    // -- grouped-query attention ops --
+
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }

@@ -150,10 +150,18 @@ fn ptr_mut(t: &mut Tensor) -> *mut c_void {
     t.device_ptr() as *mut c_void
 }
 
+/// The error for token ids (i32) handed to an op that computes in floating point.
+fn not_float(what: &str) -> Error {
+    Error::Invalid(format!(
+        "{what}: an i32 tensor (token ids) where floating-point values are needed"
+    ))
+}
+
 fn dtype_code(d: DType) -> i32 {
     match d {
         DType::F32 => k::hr_dtype::HR_F32 as i32,
         DType::Bf16 => k::hr_dtype::HR_BF16 as i32,
+        DType::I32 => k::hr_dtype::HR_I32 as i32,
     }
 }
 
@@ -194,6 +202,12 @@ impl Backend for CudaBackend {
                 self.dev.stream.synchronize()?;
                 return Ok(());
             }
+            DType::I32 => {
+                let v: Vec<i32> = values.iter().map(|x| x.round() as i32).collect();
+                unsafe { drv::memcpy_htod_async(dst, &v, s)? };
+                self.dev.stream.synchronize()?;
+                return Ok(());
+            }
         }
         self.dev.stream.synchronize()?;
         Ok(())
@@ -217,6 +231,12 @@ impl Backend for CudaBackend {
                     drv::memcpy_dtoh_async(&mut v, src, s)?;
                     self.dev.stream.synchronize()?;
                     Ok(v.iter().map(|x| x.to_f32()).collect())
+                }
+                DType::I32 => {
+                    let mut v = vec![0i32; t.len()];
+                    drv::memcpy_dtoh_async(&mut v, src, s)?;
+                    self.dev.stream.synchronize()?;
+                    Ok(v.iter().map(|&x| x as f32).collect())
                 }
             }
         }
@@ -389,6 +409,7 @@ impl Backend for CudaBackend {
             match dt {
                 DType::F32 => k::hr_flash_attention_forward_f32(&p, self.stream()),
                 DType::Bf16 => k::hr_flash_attention_forward_bf16(&p, self.stream()),
+                DType::I32 => return Err(not_float("flash attention forward")),
             }
         };
         check_launch("flash attention forward", code)
@@ -429,6 +450,7 @@ impl Backend for CudaBackend {
             match dt {
                 DType::F32 => k::hr_flash_attention_backward_f32(&p, self.stream()),
                 DType::Bf16 => k::hr_flash_attention_backward_bf16(&p, self.stream()),
+                DType::I32 => return Err(not_float("flash attention backward")),
             }
         };
         check_launch("flash attention backward", code)
@@ -444,6 +466,7 @@ impl Backend for CudaBackend {
             match scores.dtype() {
                 DType::F32 => k::hr_softmax_forward_f32(&p, self.stream()),
                 DType::Bf16 => k::hr_softmax_forward_bf16(&p, self.stream()),
+                DType::I32 => return Err(not_float("softmax forward")),
             }
         };
         check_launch("softmax forward", code)
@@ -469,6 +492,7 @@ impl Backend for CudaBackend {
             match pr.dtype() {
                 DType::F32 => k::hr_softmax_backward_f32(&p, self.stream()),
                 DType::Bf16 => k::hr_softmax_backward_bf16(&p, self.stream()),
+                DType::I32 => return Err(not_float("softmax backward")),
             }
         };
         check_launch("softmax backward", code)
@@ -493,6 +517,7 @@ impl Backend for CudaBackend {
             match o.dtype() {
                 DType::F32 => k::hr_attention_delta_f32(&p, self.stream()),
                 DType::Bf16 => k::hr_attention_delta_bf16(&p, self.stream()),
+                DType::I32 => return Err(not_float("attention delta")),
             }
         };
         check_launch("attention delta", code)
@@ -755,6 +780,12 @@ impl Backend for CudaBackend {
         check_launch("adamw", unsafe { k::hr_adamw(&p, self.stream()) })
     }
 
+    // -- loss ops (head + cross-entropy) --
+
+    // -- norm, MLP and embedding ops (RMSNorm, SwiGLU, token embedding) --
+
+    // -- grouped-query attention ops --
+
     fn synchronize(&self) -> Result<()> {
         Ok(self.dev.stream.synchronize()?)
     }
@@ -874,6 +905,7 @@ impl CudaBackend {
         let op = match dtype {
             DType::F32 => f32_op,
             DType::Bf16 => bf16_op,
+            DType::I32 => return Err(not_float(what)),
         };
         // SAFETY: the launcher reads a parameter struct of the type it declares; buffer sizes
         // were checked by the caller.

@@ -248,6 +248,12 @@ impl Backend for DryBackend {
     ) -> Result<()> {
         check_adamw(param, grad, m, v, param_bf16.as_deref())
     }
+    // -- loss ops (head + cross-entropy) --
+
+    // -- norm, MLP and embedding ops (RMSNorm, SwiGLU, token embedding) --
+
+    // -- grouped-query attention ops --
+
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }

@@ -136,11 +136,22 @@ impl Tensor {
         bytemuck::cast_slice_mut(self.host_bytes_mut())
     }
 
+    /// The elements of a host i32 tensor (token ids).
+    pub(crate) fn host_i32(&self) -> &[i32] {
+        debug_assert_eq!(self.dtype, DType::I32);
+        bytemuck::cast_slice(self.host_bytes())
+    }
+    pub(crate) fn host_i32_mut(&mut self) -> &mut [i32] {
+        debug_assert_eq!(self.dtype, DType::I32);
+        bytemuck::cast_slice_mut(self.host_bytes_mut())
+    }
+
     /// A host tensor's elements widened to f32.
     pub(crate) fn host_values(&self) -> Vec<f32> {
         match self.dtype {
             DType::F32 => self.host_f32().to_vec(),
             DType::Bf16 => self.host_bf16().iter().map(|x| x.to_f32()).collect(),
+            DType::I32 => self.host_i32().iter().map(|&x| x as f32).collect(),
         }
     }
 
@@ -151,6 +162,11 @@ impl Tensor {
             DType::Bf16 => {
                 for (d, s) in self.host_bf16_mut().iter_mut().zip(values) {
                     *d = bf16::from_f32(*s);
+                }
+            }
+            DType::I32 => {
+                for (d, s) in self.host_i32_mut().iter_mut().zip(values) {
+                    *d = s.round() as i32;
                 }
             }
         }
@@ -466,6 +482,12 @@ pub trait Backend: Send + Sync {
         v: &mut Tensor,
         param_bf16: Option<&mut Tensor>,
     ) -> Result<()>;
+
+    // -- loss ops (head + cross-entropy) --
+
+    // -- norm, MLP and embedding ops (RMSNorm, SwiGLU, token embedding) --
+
+    // -- grouped-query attention ops --
 
     fn synchronize(&self) -> Result<()>;
     /// Seconds `f` takes: device events around it on the GPU, the wall clock on the CPU.

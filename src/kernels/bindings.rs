@@ -15,6 +15,7 @@ pub type hr_stream_t = *mut CUstream_st;
 pub enum hr_dtype {
     HR_F32 = 0,
     HR_BF16 = 1,
+    HR_I32 = 2,
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -35,7 +35,12 @@ pub(crate) enum Cat {
     Comm,
     /// Rank 0's extra bytes.
     Extra,
+    /// The LM head's logits, their softmax statistics and their gradient.
+    Logits,
 }
+
+/// How many categories a [`Ledger`] counts.
+pub(crate) const CATEGORIES: usize = 9;
 
 /// The model's peak and what it is made of at that moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,15 +52,18 @@ pub struct Breakdown {
     pub inputs: u64,
     pub activations: u64,
     pub workspace: u64,
+    /// The LM head's logits (or their chunks), statistics and gradient.
+    #[serde(default)]
+    pub logits: u64,
 }
 
 /// The live bytes of each category as a schedule allocates and frees, and their split at
 /// the highest total so far.
 #[derive(Default)]
 pub(crate) struct Ledger {
-    pub(crate) live: [i64; 8],
+    pub(crate) live: [i64; CATEGORIES],
     pub(crate) peak: i64,
-    pub(crate) at_peak: [i64; 8],
+    pub(crate) at_peak: [i64; CATEGORIES],
 }
 
 impl Ledger {
@@ -207,6 +215,7 @@ pub fn model(shape: &ModelShape, policy: &Policy) -> Breakdown {
         inputs: p[Inputs as usize] as u64,
         activations: p[Activations as usize] as u64,
         workspace: p[Workspace as usize] as u64,
+        logits: p[Logits as usize] as u64,
     }
 }
 

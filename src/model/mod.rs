@@ -605,7 +605,7 @@ impl TrainState {
             // Under an fp32 policy the stored input is already fp32; otherwise an fp32 copy
             // of the stored (bf16) values, freed once the first block no longer needs it.
             let mut copy = match self.policy.dtype {
-                DType::F32 => None,
+                DType::F32 | DType::I32 => None,
                 DType::Bf16 => {
                     let host = inputs.get(j).ok_or_else(|| {
                         Error::Invalid(format!(
@@ -792,6 +792,34 @@ pub fn micro_batch(
     Ok(())
 }
 
+/// The training step's matmul in compute dtype `dt`: bf16 runs wgmma where the card has it
+/// (mma.sync for shapes it does not take), else mma.sync; fp32 the SIMT kernel.
+pub(crate) fn matmul_in(
+    be: &dyn Backend,
+    dt: DType,
+    mm: &Matmul,
+    a: &Tensor,
+    b: &Tensor,
+    epi: Epi<'_>,
+    c: &mut Tensor,
+) -> Result<()> {
+    match dt {
+        DType::F32 | DType::I32 => be.matmul(MatmulKernel::Simt, mm, a, b, epi, c),
+        DType::Bf16 => {
+            if be
+                .matmul_available(MatmulKernel::Wgmma, DType::Bf16)
+                .is_ok()
+            {
+                match be.matmul(MatmulKernel::Wgmma, mm, a, b, epi, c) {
+                    Err(Error::Unsupported(_)) => {}
+                    other => return other,
+                }
+            }
+            be.matmul(MatmulKernel::Mma, mm, a, b, epi, c)
+        }
+    }
+}
+
 /// The activations one block keeps for its backward.
 pub struct Acts {
     ln1: Tensor,
@@ -861,8 +889,6 @@ impl<'a> Ctx<'a> {
         })
     }
 
-    /// bf16: wgmma where the card has it (mma.sync for shapes it does not take), else
-    /// mma.sync; fp32: the SIMT kernel.
     fn matmul(
         &self,
         mm: &Matmul,
@@ -871,22 +897,7 @@ impl<'a> Ctx<'a> {
         epi: Epi<'_>,
         c: &mut Tensor,
     ) -> Result<()> {
-        match self.dt {
-            DType::F32 => self.be.matmul(MatmulKernel::Simt, mm, a, b, epi, c),
-            DType::Bf16 => {
-                if self
-                    .be
-                    .matmul_available(MatmulKernel::Wgmma, DType::Bf16)
-                    .is_ok()
-                {
-                    match self.be.matmul(MatmulKernel::Wgmma, mm, a, b, epi, c) {
-                        Err(Error::Unsupported(_)) => {}
-                        other => return other,
-                    }
-                }
-                self.be.matmul(MatmulKernel::Mma, mm, a, b, epi, c)
-            }
-        }
+        matmul_in(self.be, self.dt, mm, a, b, epi, c)
     }
 
     /// y[T, n] = x[T, k] · W[k, n] + bias (+ residual).

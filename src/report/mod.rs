@@ -441,7 +441,7 @@ impl Report {
             c.flops_per_s = (c.flops > 0.0).then(|| c.flops / t.median_s);
             c.bytes_per_s = (c.bytes_moved > 0.0).then(|| c.bytes_moved / t.median_s);
             let flop_ceiling = match c.dtype {
-                DType::F32 => ceilings.cublas_f32_flops_per_s,
+                DType::F32 | DType::I32 => ceilings.cublas_f32_flops_per_s,
                 DType::Bf16 => ceilings.cublas_bf16_flops_per_s,
             };
             c.fraction_of_ceiling = match (

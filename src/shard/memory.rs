@@ -34,6 +34,9 @@ pub struct RankBreakdown {
     pub comm: u64,
     /// Rank 0's extra bytes (zero on the other ranks).
     pub extra: u64,
+    /// The LM head's logits, statistics and gradient.
+    #[serde(default)]
+    pub logits: u64,
 }
 
 impl RankBreakdown {
@@ -49,6 +52,7 @@ impl RankBreakdown {
             workspace: p[Cat::Workspace as usize],
             comm: p[Cat::Comm as usize],
             extra: p[Cat::Extra as usize],
+            logits: p[Cat::Logits as usize],
         }
     }
 

@@ -234,6 +234,7 @@ fn nccl_dtype(d: DType) -> ncclDataType_t {
     match d {
         DType::F32 => ncclDataType_t::ncclFloat32,
         DType::Bf16 => ncclDataType_t::ncclBfloat16,
+        DType::I32 => ncclDataType_t::ncclInt32,
     }
 }
 

@@ -248,7 +248,7 @@ impl Case for AttentionCase {
 
 fn matmul_kernel(dtype: DType) -> MatmulKernel {
     match dtype {
-        DType::F32 => MatmulKernel::Simt,
+        DType::F32 | DType::I32 => MatmulKernel::Simt,
         DType::Bf16 => MatmulKernel::Mma,
     }
 }

@@ -249,6 +249,7 @@ impl Instance for MatmulInstance {
 fn kernels_for(dtype: DType) -> &'static [MatmulKernel] {
     match dtype {
         DType::F32 => &[MatmulKernel::Simt, MatmulKernel::Cublas],
+        DType::I32 => &[],
         DType::Bf16 => &[MatmulKernel::Mma, MatmulKernel::Wgmma, MatmulKernel::Cublas],
     }
 }

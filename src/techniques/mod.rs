@@ -257,7 +257,7 @@ impl Bounds {
     /// (or of the RMS, if smaller) fails, which the mutation tests hold to.
     pub fn of(dtype: DType) -> Bounds {
         match dtype {
-            DType::F32 => Bounds {
+            DType::F32 | DType::I32 => Bounds {
                 relative: 1e-4,
                 atol_of_rms: 1e-4,
                 rtol: 2e-4,

@@ -92,7 +92,7 @@ impl Case for ShardCase {
             ));
         }
         let kernel = match self.policy.dtype {
-            DType::F32 => crate::backend::MatmulKernel::Simt,
+            DType::F32 | DType::I32 => crate::backend::MatmulKernel::Simt,
             DType::Bf16 => crate::backend::MatmulKernel::Mma,
         };
         be.matmul_available(kernel, self.policy.dtype).err()

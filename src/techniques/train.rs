@@ -40,8 +40,8 @@ pub const REFERENCE_LIMIT: usize = 400_000_000;
 pub(crate) fn grad_tolerance(be: BackendKind, policy: &Policy) -> f64 {
     match policy.dtype {
         DType::Bf16 => 5e-2,
-        DType::F32 if be == BackendKind::Cpu && policy.micro_batches == 1 => 0.0,
-        DType::F32 => 1e-4,
+        DType::F32 | DType::I32 if be == BackendKind::Cpu && policy.micro_batches == 1 => 0.0,
+        DType::F32 | DType::I32 => 1e-4,
     }
 }
 
@@ -56,7 +56,7 @@ fn grad_elementwise(tolerance: f64, dtype: DType) -> (f64, f64) {
         return (0.0, 0.0);
     }
     match dtype {
-        DType::F32 => (1e-4, 1e-4),
+        DType::F32 | DType::I32 => (1e-4, 1e-4),
         DType::Bf16 => (0.2, 1.6e-2),
     }
 }
@@ -120,7 +120,7 @@ const PROBE_LOOSEST: f64 = 0.5;
 
 fn probe_gradient_precision(dtype: DType) -> f64 {
     match dtype {
-        DType::F32 => 1e-5,
+        DType::F32 | DType::I32 => 1e-5,
         DType::Bf16 => 5e-3,
     }
 }
@@ -379,7 +379,7 @@ pub fn directional_checks(
 ) -> Result<Vec<TensorCheck>> {
     let sh = st.shape;
     let host_inputs = match st.policy.dtype {
-        DType::F32 => Vec::new(),
+        DType::F32 | DType::I32 => Vec::new(),
         DType::Bf16 => st
             .inputs
             .iter()
