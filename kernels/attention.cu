@@ -2,8 +2,11 @@
 // its backward, delta) and fused FlashAttention-2 forward/backward kernels (Dao 2023,
 // "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning").
 //
-// Layouts (see headroom.h): Q, K, V, O, dO, dQ, dK, dV are [B, H, N, d] row-major in the
-// function's dtype; lse and delta are fp32 [B, H, N]; naive scores are [B*H, N, N].
+// Layouts (see headroom.h): Q, O, dO, dQ are [B, H, N, d] row-major in the function's dtype,
+// K, V, dK, dV [B, Hkv, N, d] with G = H / Hkv query heads per kv head (grouped-query
+// attention, Ainslie et al. 2023; G = 1 is multi-head attention): query head bh of the B*H
+// grid reads kv head bh / G of the B*Hkv grid (b*Hkv + h/G = (b*H + h)/G as H = Hkv*G).
+// lse and delta are fp32 [B, H, N]; naive scores are [B*H, N, N].
 // All math is fp32 (bf16 kernels: bf16 tensor-core operands, fp32 accumulators/statistics).
 //
 // Kernels:
@@ -26,6 +29,13 @@
 //                                  are cp.async double-buffered; dK/dV in registers.
 //   flash_bwd_dq_bf16_kernel<D>    mma.sync: one block per 64-row Q tile (4 warps x 16 rows),
 //                                  loops over K/V tiles (64 keys for d=64, 32 for d=128).
+//   repeat_kv_kernel<T>            K/V [B,Hkv,N,d] -> [B,H,N,d] for the naive path (grid-stride).
+//   reduce_kv_kernel<T>            its backward: one thread per dK/dV element sums its group's
+//                                  G query heads in head order (fp32, deterministic).
+// GQA: the forward and dQ kernels run one block per query head and read its kv head; the
+// dK/dV kernels run one block per kv head and walk the G query heads of its group in head
+// order inside (the accumulators stay in registers across them), so a kv head's gradient is
+// one thread's fixed-order sum, never atomics.
 // D (head_dim) is 64 or 128; causal is a runtime flag. The backward launchers first run
 // attn_delta_kernel into p->delta, then the dK/dV kernel, then the dQ kernel: P is
 // recomputed twice instead of reducing dQ with atomics, so every output element is summed
@@ -230,11 +240,11 @@ constexpr size_t f32_dq_smem() {
 template <int D>
 __global__ void __launch_bounds__(kSimtThreads)
 flash_fwd_f32_kernel(const float *__restrict__ q,  // [B,H,N,D]
-                     const float *__restrict__ k,  // [B,H,N,D]
-                     const float *__restrict__ v,  // [B,H,N,D]
+                     const float *__restrict__ k,  // [B,Hkv,N,D]
+                     const float *__restrict__ v,  // [B,Hkv,N,D]
                      float *__restrict__ o,        // [B,H,N,D]
                      float *__restrict__ lse,      // [B,H,N] or nullptr
-                     int N, int causal, float scale_log2) {
+                     int N, int causal, float scale_log2, int group) {
     constexpr int BM = kF32FwdBM, BN = kF32FwdBN, R = 2, LDS = D + 1, LDP = BN + 1;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float *sQ = reinterpret_cast<float *>(smem_raw); // [BM][LDS]
@@ -245,10 +255,10 @@ flash_fwd_f32_kernel(const float *__restrict__ q,  // [B,H,N,D]
     const int n_qt = (N + BM - 1) / BM;
     const int q0 = (n_qt - 1 - (int)blockIdx.y) * BM;
     const int64_t bh = blockIdx.x;
-    const int64_t off = bh * N * D;
+    const int64_t off = bh * N * D, kv_off = (bh / group) * N * D; // kv head of query head bh
     q += off;
-    k += off;
-    v += off;
+    k += kv_off;
+    v += kv_off;
     o += off;
     const int tid = threadIdx.x, rg = tid >> 3, cg = tid & 7;
     // Causal: key tiles wholly above the diagonal of this Q tile are skipped (sec. 3.1.1).
@@ -339,18 +349,19 @@ flash_fwd_f32_kernel(const float *__restrict__ q,  // [B,H,N,D]
 // FA2 Algorithm 2 (sec. 3.1.2), dK/dV half: the block owns 32 keys and walks the Q tiles
 // that can see them (causal: from the diagonal tile on). It computes the transposed tiles
 // directly - S^T = K Q^T, dP^T = V dO^T - so every product reads smem rows, no transposes.
-// grid = (B*H, ceil(N/32)).
+// GQA: the block's kv head is read by G query heads; it walks them in head order, the Q
+// tiles of each in turn, into the same accumulators. grid = (B*Hkv, ceil(N/32)).
 template <int D>
 __global__ void __launch_bounds__(kSimtThreads)
 flash_bwd_dkdv_f32_kernel(const float *__restrict__ q,     // [B,H,N,D]
-                          const float *__restrict__ k,     // [B,H,N,D]
-                          const float *__restrict__ v,     // [B,H,N,D]
+                          const float *__restrict__ k,     // [B,Hkv,N,D]
+                          const float *__restrict__ v,     // [B,Hkv,N,D]
                           const float *__restrict__ d_o,   // [B,H,N,D]
                           const float *__restrict__ lse,   // [B,H,N]
                           const float *__restrict__ delta, // [B,H,N]
-                          float *__restrict__ dk,          // [B,H,N,D]
-                          float *__restrict__ dv,          // [B,H,N,D]
-                          int N, int causal, float scale, float scale_log2) {
+                          float *__restrict__ dk,          // [B,Hkv,N,D]
+                          float *__restrict__ dv,          // [B,Hkv,N,D]
+                          int N, int causal, float scale, float scale_log2, int group) {
     constexpr int T = kF32BwdT, LDS = D + 1, LDP = T + 1;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float *sK = reinterpret_cast<float *>(smem_raw); // [T][LDS]
@@ -362,16 +373,12 @@ flash_bwd_dkdv_f32_kernel(const float *__restrict__ q,     // [B,H,N,D]
     float *sL = sdSt + T * LDP;                      // [T] lse * log2(e)
     float *sDl = sL + T;                             // [T] delta
 
-    const int64_t bh = blockIdx.x;
-    const int64_t off = bh * N * D;
-    q += off;
-    k += off;
-    v += off;
-    d_o += off;
-    dk += off;
-    dv += off;
-    lse += bh * N;
-    delta += bh * N;
+    const int64_t bkv = blockIdx.x, bh0 = bkv * group; // kv head; its group's first query head
+    const int64_t kv_off = bkv * N * D;
+    k += kv_off;
+    v += kv_off;
+    dk += kv_off;
+    dv += kv_off;
     const int n0 = blockIdx.y * T;
     const int tid = threadIdx.x, rg = tid >> 3, cg = tid & 7;
     const int key = n0 + rg;
@@ -385,15 +392,20 @@ flash_bwd_dkdv_f32_kernel(const float *__restrict__ q,     // [B,H,N,D]
 
     const int n_qt = (N + T - 1) / T;
     const int it0 = causal ? n0 / T : 0; // Q tiles before the diagonal see none of these keys
-    for (int it = it0; it < n_qt; ++it) {
+    const int per = n_qt - it0; // step x: query head x / per of the group, Q tile it0 + x % per
+    for (int x = 0; x < group * per; ++x) {
+        const int it = it0 + x % per;
+        const int64_t bh = bh0 + x / per;
+        const float *qh = q + bh * N * D, *doh = d_o + bh * N * D;
+        const float *lh = lse + bh * N, *dlh = delta + bh * N;
         const int q0 = it * T;
         __syncthreads();
-        simt_load_tile<D, T>(sQ, q, q0, N);
-        simt_load_tile<D, T>(sdO, d_o, q0, N);
+        simt_load_tile<D, T>(sQ, qh, q0, N);
+        simt_load_tile<D, T>(sdO, doh, q0, N);
         if (tid < T) {
             const int row = q0 + tid;
-            sL[tid] = row < N ? lse[row] * kLog2e : 0.f;
-            sDl[tid] = row < N ? delta[row] : 0.f;
+            sL[tid] = row < N ? lh[row] * kLog2e : 0.f;
+            sDl[tid] = row < N ? dlh[row] : 0.f;
         }
         __syncthreads();
 
@@ -427,13 +439,13 @@ flash_bwd_dkdv_f32_kernel(const float *__restrict__ q,     // [B,H,N,D]
 template <int D>
 __global__ void __launch_bounds__(kSimtThreads)
 flash_bwd_dq_f32_kernel(const float *__restrict__ q,     // [B,H,N,D]
-                        const float *__restrict__ k,     // [B,H,N,D]
-                        const float *__restrict__ v,     // [B,H,N,D]
+                        const float *__restrict__ k,     // [B,Hkv,N,D]
+                        const float *__restrict__ v,     // [B,Hkv,N,D]
                         const float *__restrict__ d_o,   // [B,H,N,D]
                         const float *__restrict__ lse,   // [B,H,N]
                         const float *__restrict__ delta, // [B,H,N]
                         float *__restrict__ dq,          // [B,H,N,D]
-                        int N, int causal, float scale, float scale_log2) {
+                        int N, int causal, float scale, float scale_log2, int group) {
     constexpr int T = kF32BwdT, LDS = D + 1, LDP = T + 1;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float *sQ = reinterpret_cast<float *>(smem_raw); // [T][LDS]
@@ -445,10 +457,10 @@ flash_bwd_dq_f32_kernel(const float *__restrict__ q,     // [B,H,N,D]
     const int n_qt = (N + T - 1) / T;
     const int q0 = (n_qt - 1 - (int)blockIdx.y) * T;
     const int64_t bh = blockIdx.x;
-    const int64_t off = bh * N * D;
+    const int64_t off = bh * N * D, kv_off = (bh / group) * N * D; // kv head of query head bh
     q += off;
-    k += off;
-    v += off;
+    k += kv_off;
+    v += kv_off;
     d_o += off;
     dq += off;
     const int tid = threadIdx.x, rg = tid >> 3, cg = tid & 7;
@@ -720,11 +732,11 @@ constexpr size_t bf_dq_smem() {
 template <int D>
 __global__ void __launch_bounds__(kMmaThreads)
 flash_fwd_bf16_kernel(const bf16 *__restrict__ q, // [B,H,N,D]
-                      const bf16 *__restrict__ k, // [B,H,N,D]
-                      const bf16 *__restrict__ v, // [B,H,N,D]
+                      const bf16 *__restrict__ k, // [B,Hkv,N,D]
+                      const bf16 *__restrict__ v, // [B,Hkv,N,D]
                       bf16 *__restrict__ o,       // [B,H,N,D]
                       float *__restrict__ lse,    // [B,H,N] or nullptr
-                      int N, int causal, float scale_log2) {
+                      int N, int causal, float scale_log2, int group) {
     constexpr int BM = kBfFwdBM, BN = kBfFwdBN, STR = D + 8, KS = D / 16;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *sQ = reinterpret_cast<bf16 *>(smem_raw); // [BM][STR] (reused to stage O)
@@ -736,10 +748,10 @@ flash_fwd_bf16_kernel(const bf16 *__restrict__ q, // [B,H,N,D]
     const int n_qt = (N + BM - 1) / BM;
     const int q0 = (n_qt - 1 - (int)blockIdx.y) * BM;
     const int64_t bh = blockIdx.x;
-    const int64_t off = bh * N * D;
+    const int64_t off = bh * N * D, kv_off = (bh / group) * N * D; // kv head of query head bh
     q += off;
-    k += off;
-    v += off;
+    k += kv_off;
+    v += kv_off;
     o += off;
     const int kv_end = causal ? min(N, q0 + BM) : N; // skip tiles above the diagonal
     const int n_kv = (kv_end + BN - 1) / BN;
@@ -854,19 +866,21 @@ flash_fwd_bf16_kernel(const bf16 *__restrict__ q, // [B,H,N,D]
 // transposed tiles S^T = K Q^T and dP^T = V dO^T put keys on the fragment rows, so P^T and
 // dS^T are A fragments of dV += P^T dO and dK += dS^T Q with no shuffles. K and V stay in
 // smem (A fragments re-read per Q tile: fewer registers for d = 128); Q/dO/lse/delta tiles
-// are double-buffered. grid = (B*H, ceil(N/64)); causal blocks near 0 are the long ones and
+// are double-buffered. GQA: the block walks the G query heads of its kv head in head order,
+// their Q tiles flattened into one stream (head-major) so the double buffer prefetches across
+// a head boundary too. grid = (B*Hkv, ceil(N/64)); causal blocks near 0 are the long ones and
 // launch first.
 template <int D>
 __global__ void __launch_bounds__(kMmaThreads)
 flash_bwd_dkdv_bf16_kernel(const bf16 *__restrict__ q,      // [B,H,N,D]
-                           const bf16 *__restrict__ k,      // [B,H,N,D]
-                           const bf16 *__restrict__ v,      // [B,H,N,D]
+                           const bf16 *__restrict__ k,      // [B,Hkv,N,D]
+                           const bf16 *__restrict__ v,      // [B,Hkv,N,D]
                            const bf16 *__restrict__ d_o,    // [B,H,N,D]
                            const float *__restrict__ lse,   // [B,H,N]
                            const float *__restrict__ delta, // [B,H,N]
-                           bf16 *__restrict__ dk,           // [B,H,N,D]
-                           bf16 *__restrict__ dv,           // [B,H,N,D]
-                           int N, int causal, float scale, float scale_log2) {
+                           bf16 *__restrict__ dk,           // [B,Hkv,N,D]
+                           bf16 *__restrict__ dv,           // [B,Hkv,N,D]
+                           int N, int causal, float scale, float scale_log2, int group) {
     constexpr int BN = kBfBwdBN, BQ = BfBwdInner<D>::value, STR = D + 8, KS = D / 16;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *sK = reinterpret_cast<bf16 *>(smem_raw); // [BN][STR] (reused to stage dK)
@@ -878,19 +892,21 @@ flash_bwd_dkdv_bf16_kernel(const bf16 *__restrict__ q,      // [B,H,N,D]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int64_t bh = blockIdx.x;
-    const int64_t off = bh * N * D;
-    q += off;
-    k += off;
-    v += off;
-    d_o += off;
-    dk += off;
-    dv += off;
-    lse += bh * N;
-    delta += bh * N;
+    const int64_t bkv = blockIdx.x, bh0 = bkv * group; // kv head; its group's first query head
+    const int64_t kv_off = bkv * N * D, hs = (int64_t)N * D; // hs: one head's elements
+    q += bh0 * hs;
+    d_o += bh0 * hs;
+    lse += bh0 * N;
+    delta += bh0 * N;
+    k += kv_off;
+    v += kv_off;
+    dk += kv_off;
+    dv += kv_off;
     const int n0 = blockIdx.y * BN;
     const int n_qt = (N + BQ - 1) / BQ;
     const int it0 = causal ? n0 / BQ : 0; // earlier Q tiles see none of these keys
+    const int per = n_qt - it0;           // Q tiles of one query head that see these keys
+    const int steps = group * per;        // step x: query head x / per, tile it0 + x % per
 
     bf16_load_tile_async<D, BN>(sK, k, n0, N);
     bf16_load_tile_async<D, BN>(sV, v, n0, N);
@@ -907,14 +923,14 @@ flash_bwd_dkdv_bf16_kernel(const bf16 *__restrict__ q,      // [B,H,N,D]
         for (int e = 0; e < 4; ++e) dka[nb][e] = dva[nb][e] = 0.f;
     const int key_g = n0 + warp * 16 + g; // this lane's keys: key_g, key_g + 8
 
-    for (int it = it0; it < n_qt; ++it) {
-        const int buf = (it - it0) & 1, qs = it * BQ;
-        if (it + 1 < n_qt) {
-            const int nb_ = buf ^ 1, qn = qs + BQ;
-            bf16_load_tile_async<D, BQ>(sQ + nb_ * BQ * STR, q, qn, N);
-            bf16_load_tile_async<D, BQ>(sdO + nb_ * BQ * STR, d_o, qn, N);
-            f32_load_vec_async<BQ>(sL + nb_ * BQ, lse, qn, N);
-            f32_load_vec_async<BQ>(sDl + nb_ * BQ, delta, qn, N);
+    for (int x = 0; x < steps; ++x) {
+        const int buf = x & 1, qs = (it0 + x % per) * BQ;
+        if (x + 1 < steps) {
+            const int nb_ = buf ^ 1, hn = (x + 1) / per, qn = (it0 + (x + 1) % per) * BQ;
+            bf16_load_tile_async<D, BQ>(sQ + nb_ * BQ * STR, q + hn * hs, qn, N);
+            bf16_load_tile_async<D, BQ>(sdO + nb_ * BQ * STR, d_o + hn * hs, qn, N);
+            f32_load_vec_async<BQ>(sL + nb_ * BQ, lse + (int64_t)hn * N, qn, N);
+            f32_load_vec_async<BQ>(sDl + nb_ * BQ, delta + (int64_t)hn * N, qn, N);
         }
         cp_async_commit();
         cp_async_wait<1>();
@@ -965,13 +981,13 @@ flash_bwd_dkdv_bf16_kernel(const bf16 *__restrict__ q,      // [B,H,N,D]
 template <int D>
 __global__ void __launch_bounds__(kMmaThreads)
 flash_bwd_dq_bf16_kernel(const bf16 *__restrict__ q,      // [B,H,N,D]
-                         const bf16 *__restrict__ k,      // [B,H,N,D]
-                         const bf16 *__restrict__ v,      // [B,H,N,D]
+                         const bf16 *__restrict__ k,      // [B,Hkv,N,D]
+                         const bf16 *__restrict__ v,      // [B,Hkv,N,D]
                          const bf16 *__restrict__ d_o,    // [B,H,N,D]
                          const float *__restrict__ lse,   // [B,H,N]
                          const float *__restrict__ delta, // [B,H,N]
                          bf16 *__restrict__ dq,           // [B,H,N,D]
-                         int N, int causal, float scale, float scale_log2) {
+                         int N, int causal, float scale, float scale_log2, int group) {
     constexpr int BM = kBfBwdBM, BKV = BfBwdInner<D>::value, STR = D + 8, KS = D / 16;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *sQ = reinterpret_cast<bf16 *>(smem_raw); // [BM][STR] (reused to stage dQ)
@@ -984,10 +1000,10 @@ flash_bwd_dq_bf16_kernel(const bf16 *__restrict__ q,      // [B,H,N,D]
     const int n_qt = (N + BM - 1) / BM;
     const int q0 = (n_qt - 1 - (int)blockIdx.y) * BM;
     const int64_t bh = blockIdx.x;
-    const int64_t off = bh * N * D;
+    const int64_t off = bh * N * D, kv_off = (bh / group) * N * D; // kv head of query head bh
     q += off;
-    k += off;
-    v += off;
+    k += kv_off;
+    v += kv_off;
     d_o += off;
     dq += off;
     const int kv_end = causal ? min(N, q0 + BM) : N;
@@ -1063,6 +1079,38 @@ flash_bwd_dq_bf16_kernel(const bf16 *__restrict__ q,      // [B,H,N,D]
 }
 
 // ====================================================================================
+// Grouped-query attention: K/V between kv-head and query-head layouts (naive path)
+// ====================================================================================
+// dst [B*H, per] = src [B*Hkv, per] with row bh of dst = row bh / G of src (per = N*d).
+// What eager GQA does before its matmuls (e.g. Llama's repeat_kv), so its memory is real.
+template <typename T>
+__global__ void __launch_bounds__(256)
+repeat_kv_kernel(const T *__restrict__ src, T *__restrict__ dst, int64_t total, int64_t per,
+                 int group) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int64_t bh = e / per, r = e - bh * per;
+        dst[e] = src[(bh / group) * per + r];
+    }
+}
+
+// dst [B*Hkv, per] = sum_{g < G} src [kv*G + g, per]: one thread per output element, fp32 in
+// head order, one rounding to T (deterministic; the backward of repeat_kv_kernel).
+template <typename T>
+__global__ void __launch_bounds__(256)
+reduce_kv_kernel(const T *__restrict__ src, T *__restrict__ dst, int64_t total, int64_t per,
+                 int group) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int64_t kv = e / per, r = e - kv * per;
+        const T *s = src + kv * group * per + r;
+        float acc = 0.f;
+        for (int g = 0; g < group; ++g) acc += hr::to_f32(s[g * per]);
+        dst[e] = hr::from_f32<T>(acc);
+    }
+}
+
+// ====================================================================================
 // Launch helpers
 // ====================================================================================
 
@@ -1072,6 +1120,7 @@ inline bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 
 // (<= 65535 for the smallest tile, 32 rows).
 inline bool attn_shape_ok(const hr_attention_params *p) {
     if (p->batch < 1 || p->heads < 1 || p->seq < 1) return false;
+    if (p->kv_heads < 1 || p->heads % p->kv_heads != 0) return false;
     if (p->head_dim != 64 && p->head_dim != 128) return false;
     if ((int64_t)p->batch * p->heads > INT32_MAX) return false;
     if (hr::ceil_div(p->seq, 32) > 65535) return false;
@@ -1108,7 +1157,7 @@ int launch_fwd_f32(const hr_attention_params *p, cudaStream_t stream) {
     flash_fwd_f32_kernel<D><<<grid, kSimtThreads, smem, stream>>>(
         static_cast<const float *>(p->q), static_cast<const float *>(p->k),
         static_cast<const float *>(p->v), static_cast<float *>(p->o), p->lse, p->seq, p->causal,
-        p->scale * kLog2e);
+        p->scale * kLog2e, p->heads / p->kv_heads);
     HR_RETURN_LAUNCH_STATUS();
 }
 
@@ -1120,14 +1169,15 @@ int launch_fwd_bf16(const hr_attention_params *p, cudaStream_t stream) {
     flash_fwd_bf16_kernel<D><<<grid, kMmaThreads, smem, stream>>>(
         static_cast<const bf16 *>(p->q), static_cast<const bf16 *>(p->k),
         static_cast<const bf16 *>(p->v), static_cast<bf16 *>(p->o), p->lse, p->seq, p->causal,
-        p->scale * kLog2e);
+        p->scale * kLog2e, p->heads / p->kv_heads);
     HR_RETURN_LAUNCH_STATUS();
 }
 
 template <int D>
 int launch_bwd_f32(const hr_attention_params *p, cudaStream_t stream) {
     HR_TRY((cudaError_t)launch_delta<float>(p, stream));
-    const unsigned bh = (unsigned)(p->batch * p->heads);
+    const unsigned bh = (unsigned)(p->batch * p->heads), bkv = (unsigned)(p->batch * p->kv_heads);
+    const int group = p->heads / p->kv_heads;
     const unsigned tiles = (unsigned)hr::ceil_div(p->seq, kF32BwdT);
     const auto q = static_cast<const float *>(p->q), k = static_cast<const float *>(p->k),
                v = static_cast<const float *>(p->v), d_o = static_cast<const float *>(p->d_o);
@@ -1135,23 +1185,24 @@ int launch_bwd_f32(const hr_attention_params *p, cudaStream_t stream) {
 
     const size_t smem_kv = f32_dkdv_smem<D>();
     HR_TRY((cudaError_t)allow_smem(flash_bwd_dkdv_f32_kernel<D>, smem_kv));
-    flash_bwd_dkdv_f32_kernel<D><<<dim3(bh, tiles), kSimtThreads, smem_kv, stream>>>(
+    flash_bwd_dkdv_f32_kernel<D><<<dim3(bkv, tiles), kSimtThreads, smem_kv, stream>>>(
         q, k, v, d_o, p->lse, p->delta, static_cast<float *>(p->dk), static_cast<float *>(p->dv),
-        p->seq, p->causal, p->scale, sl2);
+        p->seq, p->causal, p->scale, sl2, group);
     HR_TRY(cudaGetLastError());
 
     const size_t smem_q = f32_dq_smem<D>();
     HR_TRY((cudaError_t)allow_smem(flash_bwd_dq_f32_kernel<D>, smem_q));
     flash_bwd_dq_f32_kernel<D><<<dim3(bh, tiles), kSimtThreads, smem_q, stream>>>(
         q, k, v, d_o, p->lse, p->delta, static_cast<float *>(p->dq), p->seq, p->causal, p->scale,
-        sl2);
+        sl2, group);
     HR_RETURN_LAUNCH_STATUS();
 }
 
 template <int D>
 int launch_bwd_bf16(const hr_attention_params *p, cudaStream_t stream) {
     HR_TRY((cudaError_t)launch_delta<bf16>(p, stream));
-    const unsigned bh = (unsigned)(p->batch * p->heads);
+    const unsigned bh = (unsigned)(p->batch * p->heads), bkv = (unsigned)(p->batch * p->kv_heads);
+    const int group = p->heads / p->kv_heads;
     const auto q = static_cast<const bf16 *>(p->q), k = static_cast<const bf16 *>(p->k),
                v = static_cast<const bf16 *>(p->v), d_o = static_cast<const bf16 *>(p->d_o);
     const float sl2 = p->scale * kLog2e;
@@ -1159,9 +1210,9 @@ int launch_bwd_bf16(const hr_attention_params *p, cudaStream_t stream) {
     const size_t smem_kv = bf_dkdv_smem<D>();
     HR_TRY((cudaError_t)allow_smem(flash_bwd_dkdv_bf16_kernel<D>, smem_kv));
     flash_bwd_dkdv_bf16_kernel<D>
-        <<<dim3(bh, (unsigned)hr::ceil_div(p->seq, kBfBwdBN)), kMmaThreads, smem_kv, stream>>>(
+        <<<dim3(bkv, (unsigned)hr::ceil_div(p->seq, kBfBwdBN)), kMmaThreads, smem_kv, stream>>>(
             q, k, v, d_o, p->lse, p->delta, static_cast<bf16 *>(p->dk), static_cast<bf16 *>(p->dv),
-            p->seq, p->causal, p->scale, sl2);
+            p->seq, p->causal, p->scale, sl2, group);
     HR_TRY(cudaGetLastError());
 
     const size_t smem_q = bf_dq_smem<D>();
@@ -1169,7 +1220,7 @@ int launch_bwd_bf16(const hr_attention_params *p, cudaStream_t stream) {
     flash_bwd_dq_bf16_kernel<D>
         <<<dim3(bh, (unsigned)hr::ceil_div(p->seq, kBfBwdBM)), kMmaThreads, smem_q, stream>>>(
             q, k, v, d_o, p->lse, p->delta, static_cast<bf16 *>(p->dq), p->seq, p->causal,
-            p->scale, sl2);
+            p->scale, sl2, group);
     HR_RETURN_LAUNCH_STATUS();
 }
 
@@ -1206,6 +1257,29 @@ int launch_softmax_bwd(const hr_softmax_params *p, cudaStream_t stream) {
     softmax_bwd_kernel<T><<<row_blocks(rows), 256, 0, stream>>>(
         static_cast<const T *>(p->scores), static_cast<const T *>(p->dp), static_cast<T *>(p->ds),
         p->delta, rows, p->seq, p->causal);
+    HR_RETURN_LAUNCH_STATUS();
+}
+
+bool repeat_kv_params_ok(const hr_repeat_kv_params *p) {
+    return p != nullptr && p->src && p->dst && p->batch >= 1 && p->heads >= 1 &&
+           p->kv_heads >= 1 && p->heads % p->kv_heads == 0 && p->seq >= 1 && p->head_dim >= 1;
+}
+
+// reduce = false: repeat_kv_kernel over the query-head layout; true: reduce_kv_kernel over
+// the kv-head layout. Grid-stride, capped like row_blocks.
+template <typename T>
+int launch_repeat_kv(const hr_repeat_kv_params *p, bool reduce, cudaStream_t stream) {
+    const int64_t per = (int64_t)p->seq * p->head_dim;
+    const int group = p->heads / p->kv_heads;
+    const int64_t total = (int64_t)p->batch * (reduce ? p->kv_heads : p->heads) * per;
+    int64_t blocks = hr::ceil_div(total, 256);
+    if (blocks > (int64_t)1 << 20) blocks = (int64_t)1 << 20;
+    const auto src = static_cast<const T *>(p->src);
+    const auto dst = static_cast<T *>(p->dst);
+    if (reduce)
+        reduce_kv_kernel<T><<<(unsigned)blocks, 256, 0, stream>>>(src, dst, total, per, group);
+    else
+        repeat_kv_kernel<T><<<(unsigned)blocks, 256, 0, stream>>>(src, dst, total, per, group);
     HR_RETURN_LAUNCH_STATUS();
 }
 
@@ -1256,4 +1330,21 @@ extern "C" int hr_flash_attention_backward_f32(const hr_attention_params *p, hr_
 extern "C" int hr_flash_attention_backward_bf16(const hr_attention_params *p, hr_stream_t stream) {
     if (!bwd_params_ok(p)) return cudaErrorInvalidValue;
     return p->head_dim == 64 ? launch_bwd_bf16<64>(p, stream) : launch_bwd_bf16<128>(p, stream);
+}
+
+extern "C" int hr_repeat_kv_f32(const hr_repeat_kv_params *p, hr_stream_t stream) {
+    if (!repeat_kv_params_ok(p)) return cudaErrorInvalidValue;
+    return launch_repeat_kv<float>(p, false, stream);
+}
+extern "C" int hr_repeat_kv_bf16(const hr_repeat_kv_params *p, hr_stream_t stream) {
+    if (!repeat_kv_params_ok(p)) return cudaErrorInvalidValue;
+    return launch_repeat_kv<bf16>(p, false, stream);
+}
+extern "C" int hr_reduce_kv_f32(const hr_repeat_kv_params *p, hr_stream_t stream) {
+    if (!repeat_kv_params_ok(p)) return cudaErrorInvalidValue;
+    return launch_repeat_kv<float>(p, true, stream);
+}
+extern "C" int hr_reduce_kv_bf16(const hr_repeat_kv_params *p, hr_stream_t stream) {
+    if (!repeat_kv_params_ok(p)) return cudaErrorInvalidValue;
+    return launch_repeat_kv<bf16>(p, true, stream);
 }

@@ -92,19 +92,23 @@ int hr_matmul_bf16_wgmma(const hr_matmul_params *p, hr_stream_t stream);
 int hr_matmul_wgmma_compiled(void);
 
 /* ----------------------------------------------------------------------------------
- * Attention. Q, K, V, O and their gradients are [B, H, N, d] in the function's dtype;
- * statistics (logsumexp, delta) are fp32 [B, H, N]. scale is usually 1/sqrt(d).
+ * Attention. Q, O and their gradients are [B, H, N, d] in the function's dtype; K, V and
+ * their gradients [B, Hkv, N, d], Hkv = kv_heads dividing H (grouped-query attention: query
+ * head h reads kv head h / (H / Hkv); Hkv = H is multi-head attention); statistics
+ * (logsumexp, delta) are fp32 [B, H, N]. scale is usually 1/sqrt(d).
  * causal: key j is visible to query i iff j <= i. d must be 64 or 128.
  * -------------------------------------------------------------------------------- */
 
 typedef struct hr_attention_params {
-    const void *q, *k, *v; /* [B, H, N, d] */
+    const void *q;         /* [B, H, N, d] */
+    const void *k, *v;     /* [B, Hkv, N, d] */
     void *o;               /* [B, H, N, d] */
     float *lse;            /* fp32 [B, H, N]: logsumexp of each scaled score row (natural log) */
     const void *d_o;       /* backward: dO [B, H, N, d] */
     float *delta;          /* backward workspace: fp32 [B, H, N], delta = rowsum(dO * O) */
-    void *dq, *dk, *dv;    /* backward outputs [B, H, N, d] */
+    void *dq, *dk, *dv;    /* backward outputs: dq [B, H, N, d]; dk, dv [B, Hkv, N, d] */
     int32_t batch, heads, seq, head_dim;
+    int32_t kv_heads;      /* Hkv: divides heads (= heads for multi-head attention) */
     int32_t causal;
     float scale;
 } hr_attention_params;
@@ -114,7 +118,8 @@ int hr_flash_attention_forward_f32(const hr_attention_params *p, hr_stream_t str
 int hr_flash_attention_forward_bf16(const hr_attention_params *p, hr_stream_t stream);
 /* Flash-style backward: computes delta, then recomputes S and P tile by tile from
  * q, k and lse; writes dq, dk, dv (overwriting). Deterministic: no floating-point
- * atomics; every output element is reduced by one thread in a fixed order. */
+ * atomics; every output element is reduced by one thread in a fixed order (a kv head's
+ * dk and dv sum its group's query heads in head order). */
 int hr_flash_attention_backward_f32(const hr_attention_params *p, hr_stream_t stream);
 int hr_flash_attention_backward_bf16(const hr_attention_params *p, hr_stream_t stream);
 
@@ -247,9 +252,126 @@ const char *hr_error_string(int code);
 
 /* -- loss ops (head + cross-entropy) -- */
 
+/* Cross-entropy over a vocabulary of V for T rows, ignore index `ignore_index` (rows whose
+ * target equals it: lse = 0, no loss, zero gradient). A target outside [0, V) that is not
+ * the ignore index is never used as an index: its row's lse, and so the loss, become NaN.
+ * loss is fp32 [1] and accumulated (+=), reduced in a fixed order in one block (no float
+ * atomics): every launcher is bitwise repeatable. */
+typedef struct hr_cross_entropy_params {
+    const float *logits;    /* materialized ops: [T, V] fp32 */
+    const void *hidden;     /* fused ops: [T, C] in the function's dtype */
+    const void *weight;     /* fused ops: [V, C] in the function's dtype */
+    const int32_t *targets; /* [T] */
+    float *lse;             /* [T] fp32: forward writes, backward reads */
+    float *loss;            /* [1] fp32, accumulated (forward) */
+    void *dlogits;          /* materialized backward: [T, V] in the function's dtype */
+    void *d_hidden;         /* fused backward: [T, C] in the function's dtype */
+    float *d_weight;        /* fused backward: [V, C] fp32, accumulated (+=) */
+    int32_t tokens, channels, vocab;
+    int32_t ignore_index;
+    int32_t accumulate;     /* fused backward: 1 = d_hidden += result */
+    float scale;
+} hr_cross_entropy_params;
+
+/* lse[t] = logsumexp(logits[t]); loss += scale * sum_t (lse[t] - logits[t, y[t]]).
+ * (_f32: the logits are fp32 whatever the model's dtype; there is one form.) */
+int hr_cross_entropy_forward(const hr_cross_entropy_params *p, hr_stream_t stream);
+/* dlogits = scale * (exp(logits - lse) - onehot(y)), stored in the function's dtype. */
+int hr_cross_entropy_backward_f32(const hr_cross_entropy_params *p, hr_stream_t stream);
+int hr_cross_entropy_backward_bf16(const hr_cross_entropy_params *p, hr_stream_t stream);
+/* The forward over logits = hidden . weight^T, never stored (online log-sum-exp). */
+int hr_fused_cross_entropy_forward_f32(const hr_cross_entropy_params *p, hr_stream_t stream);
+int hr_fused_cross_entropy_forward_bf16(const hr_cross_entropy_params *p, hr_stream_t stream);
+/* The backward, the logits recomputed: d_hidden (+)= dlogits . weight (one kernel over row
+ * blocks), d_weight += dlogits^T . hidden (one kernel over vocabulary blocks). */
+int hr_fused_cross_entropy_backward_f32(const hr_cross_entropy_params *p, hr_stream_t stream);
+int hr_fused_cross_entropy_backward_bf16(const hr_cross_entropy_params *p, hr_stream_t stream);
+
 /* -- norm, MLP and embedding ops (RMSNorm, SwiGLU, token embedding) -- */
 
+/* RMSNorm (Zhang & Sennrich 2019). Activations [T, C] in the function's dtype; weight,
+ * rstd and d_weight fp32. Fixed-order reductions, as the layernorm's. */
+typedef struct hr_rmsnorm_params {
+    const void *x;       /* [T, C] input */
+    const float *weight; /* [C] */
+    void *out;           /* forward: [T, C] */
+    float *rstd;         /* [T]: 1 / sqrt(mean(x^2) + eps), forward writes, backward reads */
+    const void *d_out;   /* backward: dL/d(out) [T, C] */
+    void *dx;            /* backward: dL/dx [T, C] */
+    float *d_weight;     /* backward params: [C], accumulated (+=) */
+    int32_t tokens, channels;
+    int32_t accumulate;  /* backward: 1 = dx += result */
+    float eps;
+} hr_rmsnorm_params;
+
+/* out = x * rstd * weight. */
+int hr_rmsnorm_forward_f32(const hr_rmsnorm_params *p, hr_stream_t stream);
+int hr_rmsnorm_forward_bf16(const hr_rmsnorm_params *p, hr_stream_t stream);
+/* dx (+)= rstd * (g - x * rstd^2 * mean(g * x)) with g = d_out * weight. */
+int hr_rmsnorm_backward_f32(const hr_rmsnorm_params *p, hr_stream_t stream);
+int hr_rmsnorm_backward_bf16(const hr_rmsnorm_params *p, hr_stream_t stream);
+/* d_weight += sum_t d_out * x * rstd (column sums in token order). */
+int hr_rmsnorm_backward_params_f32(const hr_rmsnorm_params *p, hr_stream_t stream);
+int hr_rmsnorm_backward_params_bf16(const hr_rmsnorm_params *p, hr_stream_t stream);
+
+/* SwiGLU (Shazeer 2020), element-wise over n elements, silu(g) = g / (1 + e^-g). */
+typedef struct hr_swiglu_params {
+    const void *gate, *up; /* [n] */
+    const void *d_out;     /* backward: [n] */
+    void *out;             /* forward: silu(gate) * up */
+    void *d_gate;          /* backward: d_out * up * silu'(gate) */
+    void *d_up;            /* backward: d_out * silu(gate) */
+    int64_t n;
+} hr_swiglu_params;
+
+int hr_swiglu_forward_f32(const hr_swiglu_params *p, hr_stream_t stream);
+int hr_swiglu_forward_bf16(const hr_swiglu_params *p, hr_stream_t stream);
+int hr_swiglu_backward_f32(const hr_swiglu_params *p, hr_stream_t stream);
+int hr_swiglu_backward_bf16(const hr_swiglu_params *p, hr_stream_t stream);
+
+/* Token embedding: ids int32 [T]; table [V, C], positions [seq, C] (or NULL) and out [T, C]
+ * in the function's dtype; d_out [T, C] in the function's dtype; d_table fp32 [V, C] and
+ * d_positions fp32 [seq, C] (or NULL), accumulated (+=). Index math is 64-bit.
+ * An id outside [0, V) is never read or written: the kernels clamp the forward's read (and
+ * skip the token in the backward) and record it in *bad_token, which the caller zeroes
+ * before the launch: afterwards it holds T - t for the first such token t, 0 if none. */
+typedef struct hr_embedding_params {
+    const int32_t *ids;
+    const void *table;
+    const void *positions;
+    void *out;
+    const void *d_out;
+    float *d_table;
+    float *d_positions;
+    int32_t *bad_token;
+    int32_t tokens, channels, vocab, seq;
+} hr_embedding_params;
+
+/* out[t] = table[ids[t]] (+ positions[t mod seq]), summed in fp32. */
+int hr_embedding_forward_f32(const hr_embedding_params *p, hr_stream_t stream);
+int hr_embedding_forward_bf16(const hr_embedding_params *p, hr_stream_t stream);
+/* d_table[ids[t]] += d_out[t]; d_positions[t mod seq] += d_out[t]. Deterministic: every
+ * element is owned by one thread that adds its tokens in token order. */
+int hr_embedding_backward_f32(const hr_embedding_params *p, hr_stream_t stream);
+int hr_embedding_backward_bf16(const hr_embedding_params *p, hr_stream_t stream);
+
 /* -- grouped-query attention ops -- */
+
+/* K or V between its kv-head layout [B, Hkv, N, d] and the query-head layout [B, H, N, d]
+ * that eager (materialized) attention multiplies with: H = Hkv * G. */
+typedef struct hr_repeat_kv_params {
+    const void *src;
+    void *dst;
+    int32_t batch, heads, kv_heads, seq, head_dim;
+} hr_repeat_kv_params;
+
+/* dst [B, H, N, d] = src [B, Hkv, N, d] with each kv head repeated G times. */
+int hr_repeat_kv_f32(const hr_repeat_kv_params *p, hr_stream_t stream);
+int hr_repeat_kv_bf16(const hr_repeat_kv_params *p, hr_stream_t stream);
+/* dst [B, Hkv, N, d] = sum over the G query heads of each group of src [B, H, N, d]: one
+ * thread per output element, fp32 sum in head order, one rounding (deterministic). */
+int hr_reduce_kv_f32(const hr_repeat_kv_params *p, hr_stream_t stream);
+int hr_reduce_kv_bf16(const hr_repeat_kv_params *p, hr_stream_t stream);
 
 #ifdef __cplusplus
 }

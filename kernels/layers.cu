@@ -861,3 +861,468 @@ extern "C" int hr_adamw(const hr_adamw_params *p, hr_stream_t stream) {
                                                     vec);
     HR_RETURN_LAUNCH_STATUS();
 }
+
+// ====================================================================================
+// Norm, MLP and embedding ops: RMSNorm, SwiGLU, token embedding
+// ====================================================================================
+//
+//   rmsnorm_fwd_kernel<T>          one warp per row: sum of squares, then out = x*rstd*w.
+//   rmsnorm_bwd_kernel<T>          one warp per row: pass 1 sums g*x (g = d_out*w), pass 2
+//                                  writes dx (+)= rstd * (g - x * rstd^2 * mean(g*x)).
+//   rmsnorm_bwd_params_kernel<T>   the column-sum partition above: d_weight += sum_t
+//                                  d_out*x*rstd.
+//   swiglu_fwd_kernel<T>           elementwise out = silu(gate)*up, 16-byte packs + tail.
+//   swiglu_bwd_kernel<T>           elementwise d_gate, d_up.
+//   embedding_fwd_kernel<T>        grid-stride over (token, pack): a gather of table rows (+
+//                                  the position row), fp32 add, 16-byte packs when C allows.
+//   embedding_bwd_table_kernel<T>  thread (column c, vocabulary slice s) walks every token in
+//                                  order and adds d_out[t, c] into d_table[ids[t], c] when
+//                                  ids[t] is in its slice: each element has one owner that adds
+//                                  its tokens in token order, so the result is bitwise
+//                                  repeatable, with no atomics and no workspace. Cost: every
+//                                  thread reads all T ids (broadcast within a warp, from L1/L2)
+//                                  and d_out is read once in all; the slices (up to 64, enough
+//                                  for ~2048 threads per SM) exist only to spread C columns
+//                                  over the GPU. Latency-bound for long T: T dependent steps
+//                                  per thread.
+//   embedding_bwd_pos_kernel<T>    one thread per d_positions element: tokens p, p+seq, ...
+//                                  in order.
+//
+// RMSNorm backward (derivation; Zhang & Sennrich 2019 give the forward): y_j = x_j r w_j with
+// r = (mean(x^2) + eps)^-1/2 and dr/dx_k = -r^3 x_k / C, so with g = w * dy
+// dx_k = sum_j g_j (delta_jk r + x_j dr/dx_k) = r (g_k - x_k r^2 mean_j(g_j x_j)).
+// SwiGLU (Shazeer 2020): silu(g) = g sigma(g), silu'(g) = sigma(g) (1 + g (1 - sigma(g))).
+namespace {
+
+template <int W, typename T>
+__device__ __forceinline__ void rmsnorm_fwd_row(const T *xr, const float *__restrict__ weight,
+                                                T *orow, int C, float eps, int lane,
+                                                float &rstd_out) {
+    const int packs = C / W;
+    float ss = 0.f;
+    for (int q = lane; q < packs; q += 32) {
+        float v[W];
+        load_elems<W>(xr + (int64_t)q * W, v);
+#pragma unroll
+        for (int k = 0; k < W; ++k) ss += v[k] * v[k];
+    }
+    const float rstd = 1.0f / sqrtf(warp_sum(ss) / (float)C + eps); // as the CPU: not rsqrtf
+    for (int q = lane; q < packs; q += 32) {
+        float v[W], w[W];
+        load_elems<W>(xr + (int64_t)q * W, v);
+        load_elems<W>(weight + (int64_t)q * W, w);
+#pragma unroll
+        for (int k = 0; k < W; ++k) v[k] = v[k] * rstd * w[k];
+        store_elems<W>(orow + (int64_t)q * W, v);
+    }
+    rstd_out = rstd;
+}
+
+// x, out: [T, C]; weight: [C]; rstd: [T]. One warp per row. x and out may alias (each row is
+// read whole before it is written, each element by the same lane).
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+rmsnorm_fwd_kernel(const T *x, const float *__restrict__ weight, T *out,
+                   float *__restrict__ rstd, int tokens, int C, float eps, int vec) {
+    const int lane = threadIdx.x & 31;
+    const int warps = blockDim.x >> 5;
+    const int64_t nwarps = (int64_t)gridDim.x * warps;
+    for (int64_t row = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5); row < tokens;
+         row += nwarps) {
+        float rs;
+        if (vec)
+            rmsnorm_fwd_row<kPack<T>>(x + row * C, weight, out + row * C, C, eps, lane, rs);
+        else
+            rmsnorm_fwd_row<1>(x + row * C, weight, out + row * C, C, eps, lane, rs);
+        if (lane == 0) rstd[row] = rs;
+    }
+}
+
+template <int W, typename T>
+__device__ __forceinline__ void rmsnorm_bwd_row(const T *gr, const T *xr,
+                                                const float *__restrict__ weight, T *dxr,
+                                                float rstd, int C, int accumulate, int lane) {
+    const int packs = C / W;
+    float sgx = 0.f;
+    for (int q = lane; q < packs; q += 32) {
+        float g[W], xv[W], w[W];
+        load_elems<W>(gr + (int64_t)q * W, g);
+        load_elems<W>(xr + (int64_t)q * W, xv);
+        load_elems<W>(weight + (int64_t)q * W, w);
+#pragma unroll
+        for (int k = 0; k < W; ++k) sgx += g[k] * w[k] * xv[k];
+    }
+    const float kx = rstd * rstd * (warp_sum(sgx) / (float)C);
+    for (int q = lane; q < packs; q += 32) {
+        float g[W], xv[W], w[W], o[W];
+        load_elems<W>(gr + (int64_t)q * W, g);
+        load_elems<W>(xr + (int64_t)q * W, xv);
+        load_elems<W>(weight + (int64_t)q * W, w);
+        if (accumulate) {
+            load_elems<W>(dxr + (int64_t)q * W, o);
+        } else {
+#pragma unroll
+            for (int k = 0; k < W; ++k) o[k] = 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < W; ++k) o[k] += rstd * (g[k] * w[k] - xv[k] * kx);
+        store_elems<W>(dxr + (int64_t)q * W, o);
+    }
+}
+
+// d_out, x, dx: [T, C]; weight: [C]; rstd: [T] from the forward. One warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+rmsnorm_bwd_kernel(const T *d_out, const T *x, const float *__restrict__ weight,
+                   const float *__restrict__ rstd, T *dx, int tokens, int C, int accumulate,
+                   int vec) {
+    const int lane = threadIdx.x & 31;
+    const int warps = blockDim.x >> 5;
+    const int64_t nwarps = (int64_t)gridDim.x * warps;
+    for (int64_t row = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5); row < tokens;
+         row += nwarps) {
+        const int64_t off = row * C;
+        if (vec)
+            rmsnorm_bwd_row<kPack<T>>(d_out + off, x + off, weight, dx + off, rstd[row], C,
+                                      accumulate, lane);
+        else
+            rmsnorm_bwd_row<1>(d_out + off, x + off, weight, dx + off, rstd[row], C, accumulate,
+                               lane);
+    }
+}
+
+// d_out, x: [T, C]; rstd: [T]; d_weight: [C] (+=). Grid: ceil(C / 32) blocks of 32 x 16.
+template <typename T>
+__global__ void __launch_bounds__(kColX * kColY)
+rmsnorm_bwd_params_kernel(const T *__restrict__ d_out, const T *__restrict__ x,
+                          const float *__restrict__ rstd, float *d_weight, int tokens, int C) {
+    __shared__ float sh[kColY][kColX];
+    const int c = blockIdx.x * kColX + threadIdx.x;
+    float s = 0.f;
+    if (c < C) {
+#pragma unroll 4
+        for (int t = threadIdx.y; t < tokens; t += kColY) {
+            const int64_t off = (int64_t)t * C + c;
+            s += hr::to_f32(d_out[off]) * hr::to_f32(x[off]) * rstd[t]; // the CPU's order
+        }
+    }
+    const float total = combine_row_lanes(s, sh);
+    if (threadIdx.y == 0 && c < C) d_weight[c] += total;
+}
+
+// The CPU backend's f32 expressions (cpu.rs silu, silu_and_grad). expf, not __expf.
+__device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
+__device__ __forceinline__ void silu_and_grad(float g, float &s, float &ds) {
+    const float sg = 1.0f / (1.0f + expf(-g));
+    s = g * sg;
+    ds = sg * (1.0f + g * (1.0f - sg));
+}
+
+// gate, up, out: [n]. vec: every pointer 16-byte aligned. out may alias gate or up.
+template <typename T>
+__global__ void __launch_bounds__(kEwThreads)
+swiglu_fwd_kernel(const T *gate, const T *up, T *out, int64_t n, int vec) {
+    constexpr int V = kPack<T>;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int64_t done = 0;
+    if (vec) {
+        const int64_t packs = n / V;
+        for (int64_t i = tid; i < packs; i += stride) {
+            float g[V], u[V];
+            load_elems<V>(gate + i * V, g);
+            load_elems<V>(up + i * V, u);
+#pragma unroll
+            for (int k = 0; k < V; ++k) g[k] = silu(g[k]) * u[k];
+            store_elems<V>(out + i * V, g);
+        }
+        done = packs * V;
+    }
+    for (int64_t i = done + tid; i < n; i += stride)
+        out[i] = hr::from_f32<T>(silu(hr::to_f32(gate[i])) * hr::to_f32(up[i]));
+}
+
+// gate, up, d_out, d_gate, d_up: [n]. Each element is read and written by one thread, so the
+// gradients may alias their inputs.
+template <typename T>
+__global__ void __launch_bounds__(kEwThreads)
+swiglu_bwd_kernel(const T *gate, const T *up, const T *d_out, T *d_gate, T *d_up, int64_t n,
+                  int vec) {
+    constexpr int V = kPack<T>;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int64_t done = 0;
+    if (vec) {
+        const int64_t packs = n / V;
+        for (int64_t i = tid; i < packs; i += stride) {
+            float g[V], u[V], d[V];
+            load_elems<V>(gate + i * V, g);
+            load_elems<V>(up + i * V, u);
+            load_elems<V>(d_out + i * V, d);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                float s, ds;
+                silu_and_grad(g[k], s, ds);
+                g[k] = d[k] * u[k] * ds;
+                u[k] = d[k] * s;
+            }
+            store_elems<V>(d_gate + i * V, g);
+            store_elems<V>(d_up + i * V, u);
+        }
+        done = packs * V;
+    }
+    for (int64_t i = done + tid; i < n; i += stride) {
+        float s, ds;
+        silu_and_grad(hr::to_f32(gate[i]), s, ds);
+        const float d = hr::to_f32(d_out[i]), u = hr::to_f32(up[i]);
+        d_gate[i] = hr::from_f32<T>(d * u * ds);
+        d_up[i] = hr::from_f32<T>(d * s);
+    }
+}
+
+// The id of token t, clamped into [0, vocab); an id outside is recorded in *bad as
+// tokens - t, whose maximum over threads names the first such token (integer atomics: the
+// outcome does not depend on the order).
+__device__ __forceinline__ int checked_id(const int32_t *__restrict__ ids, int64_t t,
+                                          int tokens, int vocab, int32_t *bad, bool report) {
+    const int id = ids[t];
+    if (id >= 0 && id < vocab) return id;
+    if (report) atomicMax(bad, (int)(tokens - t));
+    return id < 0 ? 0 : vocab - 1;
+}
+
+template <int W, typename T>
+__device__ __forceinline__ void embedding_fwd_units(const int32_t *__restrict__ ids,
+                                                    const T *__restrict__ table,
+                                                    const T *__restrict__ positions, T *out,
+                                                    int32_t *bad, int tokens, int C, int vocab,
+                                                    int seq) {
+    const int64_t per_row = C / W;
+    const int64_t units = (int64_t)tokens * per_row;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += stride) {
+        const int64_t t = u / per_row;
+        const int64_t q = u - t * per_row;
+        const int id = checked_id(ids, t, tokens, vocab, bad, q == 0);
+        float v[W];
+        load_elems<W>(table + (int64_t)id * C + q * W, v);
+        if (positions != nullptr) {
+            float p[W];
+            load_elems<W>(positions + (t % seq) * C + q * W, p);
+#pragma unroll
+            for (int k = 0; k < W; ++k) v[k] += p[k];
+        }
+        store_elems<W>(out + t * C + q * W, v);
+    }
+}
+
+// ids: [T]; table: [V, C]; positions: [seq, C] or NULL; out: [T, C].
+template <typename T>
+__global__ void __launch_bounds__(kEwThreads)
+embedding_fwd_kernel(const int32_t *__restrict__ ids, const T *__restrict__ table,
+                     const T *__restrict__ positions, T *out, int32_t *bad, int tokens, int C,
+                     int vocab, int seq, int vec) {
+    if (vec)
+        embedding_fwd_units<kPack<T>>(ids, table, positions, out, bad, tokens, C, vocab, seq);
+    else
+        embedding_fwd_units<1>(ids, table, positions, out, bad, tokens, C, vocab, seq);
+}
+
+// ids: [T]; d_out: [T, C]; d_table: fp32 [V, C] (+=). Grid: (ceil(C / kEwThreads), slices).
+template <typename T>
+__global__ void __launch_bounds__(kEwThreads)
+embedding_bwd_table_kernel(const int32_t *__restrict__ ids, const T *__restrict__ d_out,
+                           float *__restrict__ d_table, int32_t *bad, int tokens, int C,
+                           int vocab) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const int slices = gridDim.y;
+    const int lo = (int)((int64_t)vocab * blockIdx.y / slices);
+    const int hi = (int)((int64_t)vocab * (blockIdx.y + 1) / slices);
+    const bool report = blockIdx.y == 0 && c == 0;
+    for (int t = 0; t < tokens; ++t) {
+        const int id = ids[t];
+        if (id < 0 || id >= vocab) {
+            if (report) atomicMax(bad, tokens - t); // skipped: never written out of bounds
+            continue;
+        }
+        if (id < lo || id >= hi) continue;
+        d_table[(int64_t)id * C + c] += hr::to_f32(d_out[(int64_t)t * C + c]);
+    }
+}
+
+// d_out: [T, C]; d_positions: fp32 [seq, C] (+=). Grid-stride over seq * C elements.
+template <typename T>
+__global__ void __launch_bounds__(kEwThreads)
+embedding_bwd_pos_kernel(const T *__restrict__ d_out, float *__restrict__ d_positions,
+                         int tokens, int C, int seq) {
+    const int64_t n = (int64_t)seq * C;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride) {
+        const int64_t p = e / C, c = e - p * C;
+        float acc = d_positions[e];
+        for (int64_t t = p; t < tokens; t += seq) acc += hr::to_f32(d_out[t * C + c]);
+        d_positions[e] = acc;
+    }
+}
+
+bool rms_shape_ok(const hr_rmsnorm_params *p) {
+    return p != nullptr && p->tokens >= 1 && p->channels >= 1;
+}
+
+template <typename T>
+int launch_rmsnorm_fwd(const hr_rmsnorm_params *p, cudaStream_t stream) {
+    if (!rms_shape_ok(p) || !p->x || !p->weight || !p->out || !p->rstd || !(p->eps >= 0.f))
+        return cudaErrorInvalidValue;
+    const int vec = p->channels % kPack<T> == 0 && aligned(p->x, 16) && aligned(p->out, 16) &&
+                    aligned(p->weight, 16);
+    rmsnorm_fwd_kernel<T><<<row_blocks(p->tokens), kRowThreads, 0, stream>>>(
+        static_cast<const T *>(p->x), p->weight, static_cast<T *>(p->out), p->rstd, p->tokens,
+        p->channels, p->eps, vec);
+    HR_RETURN_LAUNCH_STATUS();
+}
+
+template <typename T>
+int launch_rmsnorm_bwd(const hr_rmsnorm_params *p, cudaStream_t stream) {
+    if (!rms_shape_ok(p) || !p->x || !p->weight || !p->rstd || !p->d_out || !p->dx)
+        return cudaErrorInvalidValue;
+    const int vec = p->channels % kPack<T> == 0 && aligned(p->x, 16) && aligned(p->d_out, 16) &&
+                    aligned(p->dx, 16) && aligned(p->weight, 16);
+    rmsnorm_bwd_kernel<T><<<row_blocks(p->tokens), kRowThreads, 0, stream>>>(
+        static_cast<const T *>(p->d_out), static_cast<const T *>(p->x), p->weight, p->rstd,
+        static_cast<T *>(p->dx), p->tokens, p->channels, p->accumulate != 0, vec);
+    HR_RETURN_LAUNCH_STATUS();
+}
+
+template <typename T>
+int launch_rmsnorm_bwd_params(const hr_rmsnorm_params *p, cudaStream_t stream) {
+    if (!rms_shape_ok(p) || !p->x || !p->rstd || !p->d_out || !p->d_weight)
+        return cudaErrorInvalidValue;
+    const unsigned blocks = (unsigned)hr::ceil_div(p->channels, kColX);
+    rmsnorm_bwd_params_kernel<T><<<blocks, dim3(kColX, kColY), 0, stream>>>(
+        static_cast<const T *>(p->d_out), static_cast<const T *>(p->x), p->rstd, p->d_weight,
+        p->tokens, p->channels);
+    HR_RETURN_LAUNCH_STATUS();
+}
+
+template <typename T>
+int launch_swiglu_fwd(const hr_swiglu_params *p, cudaStream_t stream) {
+    if (p == nullptr || !p->gate || !p->up || !p->out || p->n < 1) return cudaErrorInvalidValue;
+    const int vec = aligned(p->gate, 16) && aligned(p->up, 16) && aligned(p->out, 16);
+    unsigned blocks = 0;
+    const int64_t units = vec ? p->n / kPack<T> + 1 : p->n;
+    if (const int e = grid_stride_blocks(units, kEwThreads, &blocks)) return e;
+    swiglu_fwd_kernel<T><<<blocks, kEwThreads, 0, stream>>>(
+        static_cast<const T *>(p->gate), static_cast<const T *>(p->up), static_cast<T *>(p->out),
+        p->n, vec);
+    HR_RETURN_LAUNCH_STATUS();
+}
+
+template <typename T>
+int launch_swiglu_bwd(const hr_swiglu_params *p, cudaStream_t stream) {
+    if (p == nullptr || !p->gate || !p->up || !p->d_out || !p->d_gate || !p->d_up || p->n < 1)
+        return cudaErrorInvalidValue;
+    const int vec = aligned(p->gate, 16) && aligned(p->up, 16) && aligned(p->d_out, 16) &&
+                    aligned(p->d_gate, 16) && aligned(p->d_up, 16);
+    unsigned blocks = 0;
+    const int64_t units = vec ? p->n / kPack<T> + 1 : p->n;
+    if (const int e = grid_stride_blocks(units, kEwThreads, &blocks)) return e;
+    swiglu_bwd_kernel<T><<<blocks, kEwThreads, 0, stream>>>(
+        static_cast<const T *>(p->gate), static_cast<const T *>(p->up),
+        static_cast<const T *>(p->d_out), static_cast<T *>(p->d_gate), static_cast<T *>(p->d_up),
+        p->n, vec);
+    HR_RETURN_LAUNCH_STATUS();
+}
+
+bool embedding_shape_ok(const hr_embedding_params *p) {
+    return p != nullptr && p->ids && p->bad_token && p->tokens >= 1 && p->channels >= 1 &&
+           p->vocab >= 1;
+}
+
+template <typename T>
+int launch_embedding_fwd(const hr_embedding_params *p, cudaStream_t stream) {
+    if (!embedding_shape_ok(p) || !p->table || !p->out || (p->positions && p->seq < 1))
+        return cudaErrorInvalidValue;
+    const int vec = p->channels % kPack<T> == 0 && aligned(p->table, 16) &&
+                    aligned(p->positions, 16) && aligned(p->out, 16);
+    unsigned blocks = 0;
+    const int64_t units = (int64_t)p->tokens * (vec ? p->channels / kPack<T> : p->channels);
+    if (const int e = grid_stride_blocks(units, kEwThreads, &blocks)) return e;
+    embedding_fwd_kernel<T><<<blocks, kEwThreads, 0, stream>>>(
+        p->ids, static_cast<const T *>(p->table), static_cast<const T *>(p->positions),
+        static_cast<T *>(p->out), p->bad_token, p->tokens, p->channels, p->vocab, p->seq, vec);
+    HR_RETURN_LAUNCH_STATUS();
+}
+
+template <typename T>
+int launch_embedding_bwd(const hr_embedding_params *p, cudaStream_t stream) {
+    if (!embedding_shape_ok(p) || !p->d_out || !p->d_table || (p->d_positions && p->seq < 1))
+        return cudaErrorInvalidValue;
+    // Vocabulary slices: enough threads to fill the GPU (2048 per SM) when C alone is too few,
+    // at most 64 (each slice re-reads every id) and at most one id per slice.
+    int device = 0, sms = 0;
+    HR_TRY(cudaGetDevice(&device));
+    HR_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    int64_t slices = hr::ceil_div((int64_t)(sms > 0 ? sms : 1) * 2048, (int64_t)p->channels);
+    if (slices > 64) slices = 64;
+    if (slices > p->vocab) slices = p->vocab;
+    if (slices < 1) slices = 1;
+    const dim3 grid((unsigned)hr::ceil_div(p->channels, kEwThreads), (unsigned)slices);
+    embedding_bwd_table_kernel<T><<<grid, kEwThreads, 0, stream>>>(
+        p->ids, static_cast<const T *>(p->d_out), p->d_table, p->bad_token, p->tokens,
+        p->channels, p->vocab);
+    HR_TRY(cudaGetLastError());
+    if (p->d_positions != nullptr) {
+        unsigned blocks = 0;
+        if (const int e = grid_stride_blocks((int64_t)p->seq * p->channels, kEwThreads, &blocks))
+            return e;
+        embedding_bwd_pos_kernel<T><<<blocks, kEwThreads, 0, stream>>>(
+            static_cast<const T *>(p->d_out), p->d_positions, p->tokens, p->channels, p->seq);
+    }
+    HR_RETURN_LAUNCH_STATUS();
+}
+
+} // namespace
+
+extern "C" int hr_rmsnorm_forward_f32(const hr_rmsnorm_params *p, hr_stream_t stream) {
+    return launch_rmsnorm_fwd<float>(p, stream);
+}
+extern "C" int hr_rmsnorm_forward_bf16(const hr_rmsnorm_params *p, hr_stream_t stream) {
+    return launch_rmsnorm_fwd<bf16>(p, stream);
+}
+extern "C" int hr_rmsnorm_backward_f32(const hr_rmsnorm_params *p, hr_stream_t stream) {
+    return launch_rmsnorm_bwd<float>(p, stream);
+}
+extern "C" int hr_rmsnorm_backward_bf16(const hr_rmsnorm_params *p, hr_stream_t stream) {
+    return launch_rmsnorm_bwd<bf16>(p, stream);
+}
+extern "C" int hr_rmsnorm_backward_params_f32(const hr_rmsnorm_params *p, hr_stream_t stream) {
+    return launch_rmsnorm_bwd_params<float>(p, stream);
+}
+extern "C" int hr_rmsnorm_backward_params_bf16(const hr_rmsnorm_params *p, hr_stream_t stream) {
+    return launch_rmsnorm_bwd_params<bf16>(p, stream);
+}
+extern "C" int hr_swiglu_forward_f32(const hr_swiglu_params *p, hr_stream_t stream) {
+    return launch_swiglu_fwd<float>(p, stream);
+}
+extern "C" int hr_swiglu_forward_bf16(const hr_swiglu_params *p, hr_stream_t stream) {
+    return launch_swiglu_fwd<bf16>(p, stream);
+}
+extern "C" int hr_swiglu_backward_f32(const hr_swiglu_params *p, hr_stream_t stream) {
+    return launch_swiglu_bwd<float>(p, stream);
+}
+extern "C" int hr_swiglu_backward_bf16(const hr_swiglu_params *p, hr_stream_t stream) {
+    return launch_swiglu_bwd<bf16>(p, stream);
+}
+extern "C" int hr_embedding_forward_f32(const hr_embedding_params *p, hr_stream_t stream) {
+    return launch_embedding_fwd<float>(p, stream);
+}
+extern "C" int hr_embedding_forward_bf16(const hr_embedding_params *p, hr_stream_t stream) {
+    return launch_embedding_fwd<bf16>(p, stream);
+}
+extern "C" int hr_embedding_backward_f32(const hr_embedding_params *p, hr_stream_t stream) {
+    return launch_embedding_bwd<float>(p, stream);
+}
+extern "C" int hr_embedding_backward_bf16(const hr_embedding_params *p, hr_stream_t stream) {
+    return launch_embedding_bwd<bf16>(p, stream);
+}

@@ -70,6 +70,7 @@ STEPS=(
     "check-attention-f32        12    5    check      attention/naive/f32/ attention/flash/f32/"
     "check-attention-bf16       12    5    check      attention/naive/bf16/ attention/flash/bf16/"
     "check-layers               4     5    check      layers/"
+    "check-loss                 4     5    check      loss/"
     "check-train                8     5    check      train/"
     # NCCL's all-reduce alone, then sharded steps over NCCL, one GPU per rank: world 1
     # everywhere (NCCL's collectives on one rank), 2 where the box has the GPUs (skipped
@@ -83,9 +84,9 @@ STEPS=(
     # every form, and the fused epilogue; flash attention (f32 and bf16, d = 64 and 128,
     # causal or not: every instantiation), the naive path's softmax and the delta kernel,
     # at N = 65 (one past a tile); every layer op. cuBLAS is left out (not our code).
-    "sanitizer-memcheck         10    15   sanitize   memcheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/"
-    "sanitizer-racecheck        10    15   sanitize   racecheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/"
-    "sanitizer-synccheck        8     15   sanitize   synccheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/"
+    "sanitizer-memcheck         10    15   sanitize   memcheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515"
+    "sanitizer-racecheck        10    15   sanitize   racecheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515"
+    "sanitizer-synccheck        8     15   sanitize   synccheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515"
     # The quick profile, one family per process, each into its own report folder (the bench
     # rewrites its report after every case), merged into OUT/report after every step.
     # Copy and cuBLAS first: they are the ceilings every other rate is a fraction of.
@@ -97,6 +98,7 @@ STEPS=(
     "bench-attention-flash      12    10   bench      attention/flash/"
     "bench-headline             8     10   bench      headline"
     "bench-attention-naive      10    10   bench      attention/naive/"
+    "bench-loss                 6     10   bench      loss/"
     "bench-train                12    10   bench      train/"
     "bench-collective           5     10   bench      collective/"
     "bench-shard                12    10   bench      shard/"

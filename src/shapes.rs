@@ -88,11 +88,16 @@ impl Matmul {
     }
 }
 
-/// The shape of an attention problem: Q, K, V are `[batch, heads, seq, head_dim]`.
+/// The shape of an attention problem: Q and O are `[batch, heads, seq, head_dim]`, K and V
+/// `[batch, kv_heads, seq, head_dim]`. With fewer kv heads than query heads this is
+/// grouped-query attention (Ainslie et al. 2023, "GQA", sec. 2): query head h reads kv head
+/// `h / (heads / kv_heads)`; `kv_heads == 1` is multi-query attention (Shazeer 2019).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttentionShape {
     pub batch: usize,
     pub heads: usize,
+    /// Heads of K and V; divides `heads` (equal to it for multi-head attention).
+    pub kv_heads: usize,
     pub seq: usize,
     pub head_dim: usize,
     pub causal: bool,
@@ -100,19 +105,48 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
+    /// Multi-head attention: as many kv heads as query heads.
     pub fn new(batch: usize, heads: usize, seq: usize, head_dim: usize, causal: bool) -> Self {
         AttentionShape {
             batch,
             heads,
+            kv_heads: heads,
             seq,
             head_dim,
             causal,
             scale: 1.0 / (head_dim as f32).sqrt(),
         }
     }
-    /// Elements of Q (and K, V, O).
+    /// The same problem with `kv_heads` heads of K and V (see [`AttentionShape::check_kv_heads`]).
+    pub fn with_kv_heads(mut self, kv_heads: usize) -> Self {
+        self.kv_heads = kv_heads;
+        self
+    }
+    /// Whether the kv heads divide the query heads, or a sentence saying why not.
+    pub fn check_kv_heads(&self) -> Result<(), String> {
+        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+            return Err(format!(
+                "grouped-query attention needs the kv heads to divide the query heads (got {} query heads, {} kv heads); pick kv_heads among the divisors of heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        Ok(())
+    }
+    /// Query heads per kv head (H / Hkv; 1 for multi-head attention).
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads.max(1)
+    }
+    /// Whether K and V have fewer heads than Q.
+    pub fn is_gqa(&self) -> bool {
+        self.kv_heads != self.heads
+    }
+    /// Elements of Q (and O, dO, dQ; and of K and V repeated to every query head).
     pub fn qkv_len(&self) -> usize {
         self.batch * self.heads * self.seq * self.head_dim
+    }
+    /// Elements of K (and V, dK, dV): `[batch, kv_heads, seq, head_dim]`.
+    pub fn kv_len(&self) -> usize {
+        self.batch * self.kv_heads * self.seq * self.head_dim
     }
     /// Rows of the score matrices (B * H).
     pub fn rows(&self) -> usize {
@@ -125,6 +159,11 @@ impl AttentionShape {
     /// Elements of one materialized score matrix stack (B * H * N * N).
     pub fn scores_len(&self) -> usize {
         self.rows() * self.seq * self.seq
+    }
+    /// The kv head (over the B·Hkv grid) that query head `bh` (over the B·H grid) reads:
+    /// b·Hkv + h/G = (b·H + h)/G, since H = Hkv·G.
+    pub fn kv_head_of(&self, bh: usize) -> usize {
+        bh / self.group()
     }
 }
 

@@ -278,20 +278,21 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let dt = q.dtype();
         check_same_dtype("flash attention forward", dt, &[k, v, o])?;
-        check_attention(s, &[q, k, v, o], &[lse])?;
+        check_attention(s, &[q, o], &[k, v], &[lse])?;
         let (qv, kv, vv) = (q.host_values(), k.host_values(), v.host_values());
         let (n, d) = (s.seq, s.head_dim);
         let mut ov = vec![0f32; s.qkv_len()];
         let lse_v = lse.host_f32_mut();
         let mut p = vec![0f32; n];
         for bh in 0..s.rows() {
-            let base = bh * n * d;
+            // Query head bh reads its group's kv head (GQA; the same head when Hkv = H).
+            let (base, kbase) = (bh * n * d, s.kv_head_of(bh) * n * d);
             for i in 0..n {
                 let visible = if s.causal { i + 1 } else { n };
                 let qi = &qv[base + i * d..base + (i + 1) * d];
                 let mut max = f32::NEG_INFINITY;
                 for (j, pj) in p.iter_mut().enumerate().take(visible) {
-                    let kj = &kv[base + j * d..base + (j + 1) * d];
+                    let kj = &kv[kbase + j * d..kbase + (j + 1) * d];
                     *pj = s.scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>();
                     max = max.max(*pj);
                 }
@@ -304,7 +305,7 @@ impl Backend for CpuBackend {
                 for (j, pj) in p.iter().enumerate().take(visible) {
                     // The GPU kernels feed P to the second product in the storage dtype.
                     let w = dt.round(*pj);
-                    let vj = &vv[base + j * d..base + (j + 1) * d];
+                    let vj = &vv[kbase + j * d..kbase + (j + 1) * d];
                     for (x, y) in oi.iter_mut().zip(vj) {
                         *x += w * y;
                     }
@@ -334,7 +335,7 @@ impl Backend for CpuBackend {
             dt,
             &[k, v, o, d_o, g.dq, g.dk, g.dv],
         )?;
-        check_attention(s, &[q, k, v, o, d_o, g.dq, g.dk, g.dv], &[lse, g.delta])?;
+        check_attention(s, &[q, o, d_o, g.dq], &[k, v, g.dk, g.dv], &[lse, g.delta])?;
         self.attention_delta(s, o, d_o, g.delta)?;
         let (n, d) = (s.seq, s.head_dim);
         let (qv, kv, vv, dov) = (
@@ -346,10 +347,12 @@ impl Backend for CpuBackend {
         let lse_v = lse.host_f32();
         let delta = g.delta.host_f32();
         let mut dq = vec![0f32; s.qkv_len()];
-        let mut dk = vec![0f32; s.qkv_len()];
-        let mut dv = vec![0f32; s.qkv_len()];
+        let mut dk = vec![0f32; s.kv_len()];
+        let mut dv = vec![0f32; s.kv_len()];
+        // Query heads in order, so a kv head's dK and dV sum its group's query heads in head
+        // order (deterministic; with Hkv = H each kv head has one query head).
         for bh in 0..s.rows() {
-            let base = bh * n * d;
+            let (base, kbase) = (bh * n * d, s.kv_head_of(bh) * n * d);
             let row =
                 |x: &[f32], i: usize| -> Vec<f32> { x[base + i * d..base + (i + 1) * d].to_vec() };
             for i in 0..n {
@@ -357,16 +360,16 @@ impl Backend for CpuBackend {
                 let qi = row(&qv, i);
                 let doi = row(&dov, i);
                 for j in 0..visible {
-                    let kj = &kv[base + j * d..base + (j + 1) * d];
-                    let vj = &vv[base + j * d..base + (j + 1) * d];
+                    let kj = &kv[kbase + j * d..kbase + (j + 1) * d];
+                    let vj = &vv[kbase + j * d..kbase + (j + 1) * d];
                     let sij = s.scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>();
                     let pij = (sij - lse_v[bh * n + i]).exp();
                     let dpij: f32 = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
                     let dsij = pij * (dpij - delta[bh * n + i]);
                     for c in 0..d {
-                        dv[base + j * d + c] += pij * doi[c];
+                        dv[kbase + j * d + c] += pij * doi[c];
                         dq[base + i * d + c] += s.scale * dsij * kj[c];
-                        dk[base + j * d + c] += s.scale * dsij * qi[c];
+                        dk[kbase + j * d + c] += s.scale * dsij * qi[c];
                     }
                 }
             }
@@ -438,7 +441,7 @@ impl Backend for CpuBackend {
         d_o: &Tensor,
         delta: &mut Tensor,
     ) -> Result<()> {
-        check_attention(s, &[o, d_o], &[delta])?;
+        check_attention(s, &[o, d_o], &[], &[delta])?;
         let (ov, dov) = (o.host_values(), d_o.host_values());
         let d = s.head_dim;
         for (r, out) in delta.host_f32_mut().iter_mut().enumerate() {
@@ -665,10 +668,381 @@ impl Backend for CpuBackend {
     }
 
     // -- loss ops (head + cross-entropy) --
+    fn cross_entropy_forward(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        ignore_index: i32,
+        scale: f32,
+        lse: &mut Tensor,
+        loss: &mut Tensor,
+    ) -> Result<()> {
+        let d = check_cross_entropy(
+            "cross-entropy forward",
+            logits,
+            targets,
+            lse,
+            Some(loss),
+            None,
+        )?;
+        check_targets(targets.host_i32(), d.vocab, ignore_index)?;
+        let (l, total) =
+            ce_forward_rows(logits.host_f32(), targets.host_i32(), d.vocab, ignore_index);
+        lse.host_f32_mut().copy_from_slice(&l);
+        loss.host_f32_mut()[0] += scale * total as f32;
+        Ok(())
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        ignore_index: i32,
+        scale: f32,
+        lse: &Tensor,
+        dlogits: &mut Tensor,
+    ) -> Result<()> {
+        let d = check_cross_entropy(
+            "cross-entropy backward",
+            logits,
+            targets,
+            lse,
+            None,
+            Some(dlogits),
+        )?;
+        check_targets(targets.host_i32(), d.vocab, ignore_index)?;
+        let g = ce_backward_rows(
+            logits.host_f32(),
+            targets.host_i32(),
+            d.vocab,
+            ignore_index,
+            scale,
+            lse.host_f32(),
+        );
+        dlogits.set_host_values(&g);
+        Ok(())
+    }
+
+    fn fused_cross_entropy_forward(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        targets: &Tensor,
+        ignore_index: i32,
+        scale: f32,
+        lse: &mut Tensor,
+        loss: &mut Tensor,
+    ) -> Result<()> {
+        let d = check_fused_cross_entropy(
+            "fused cross-entropy forward",
+            hidden,
+            weight,
+            targets,
+            lse,
+            Some(loss),
+            None,
+        )?;
+        check_targets(targets.host_i32(), d.vocab, ignore_index)?;
+        let z = fused_logits(&hidden.host_values(), &weight.host_values(), d);
+        let (l, total) = ce_forward_rows(&z, targets.host_i32(), d.vocab, ignore_index);
+        lse.host_f32_mut().copy_from_slice(&l);
+        loss.host_f32_mut()[0] += scale * total as f32;
+        Ok(())
+    }
+
+    fn fused_cross_entropy_backward(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        targets: &Tensor,
+        ignore_index: i32,
+        scale: f32,
+        lse: &Tensor,
+        d_hidden: &mut Tensor,
+        accumulate: bool,
+        d_weight: &mut Tensor,
+    ) -> Result<()> {
+        let d = check_fused_cross_entropy(
+            "fused cross-entropy backward",
+            hidden,
+            weight,
+            targets,
+            lse,
+            None,
+            Some((d_hidden, d_weight)),
+        )?;
+        check_targets(targets.host_i32(), d.vocab, ignore_index)?;
+        let (h, w) = (hidden.host_values(), weight.host_values());
+        let z = fused_logits(&h, &w, d);
+        // dlogits stay f32, as in the kernels' registers.
+        let g = ce_backward_rows(
+            &z,
+            targets.host_i32(),
+            d.vocab,
+            ignore_index,
+            scale,
+            lse.host_f32(),
+        );
+        let (c, v) = (d.channels, d.vocab);
+        // d_hidden[t] = Σ_v g[t, v]·W[v], in vocabulary order.
+        let mut dh = vec![0f32; d.tokens * c];
+        parallel_rows(&mut dh, c, |row0, rows| {
+            for (r, out) in rows.chunks_mut(c).enumerate() {
+                let gr = &g[(row0 + r) * v..(row0 + r + 1) * v];
+                for (j, &gj) in gr.iter().enumerate() {
+                    if gj != 0.0 {
+                        for (o, &wj) in out.iter_mut().zip(&w[j * c..(j + 1) * c]) {
+                            *o += gj * wj;
+                        }
+                    }
+                }
+            }
+        });
+        if accumulate {
+            for (x, old) in dh.iter_mut().zip(d_hidden.host_values()) {
+                *x += old;
+            }
+        }
+        d_hidden.set_host_values(&dh);
+        // d_weight[v] += Σ_t g[t, v]·hidden[t], each element summed in token order, then added.
+        let mut dw = vec![0f32; v * c];
+        parallel_rows(&mut dw, c, |row0, rows| {
+            for (r, out) in rows.chunks_mut(c).enumerate() {
+                let j = row0 + r;
+                for t in 0..d.tokens {
+                    let gj = g[t * v + j];
+                    if gj != 0.0 {
+                        for (o, &ht) in out.iter_mut().zip(&h[t * c..(t + 1) * c]) {
+                            *o += gj * ht;
+                        }
+                    }
+                }
+            }
+        });
+        for (o, x) in d_weight.host_f32_mut().iter_mut().zip(dw) {
+            *o += x;
+        }
+        Ok(())
+    }
 
     // -- norm, MLP and embedding ops (RMSNorm, SwiGLU, token embedding) --
 
+    fn rmsnorm_forward(
+        &self,
+        ln: &LayerNorm,
+        x: &Tensor,
+        w: &Tensor,
+        out: &mut Tensor,
+        rstd: &mut Tensor,
+    ) -> Result<()> {
+        check_rmsnorm("RMSNorm forward", ln, &[x, out], &[w], rstd)?;
+        let (t, c) = (ln.tokens, ln.channels);
+        let xv = x.host_values();
+        let wv = w.host_f32();
+        let mut ov = vec![0f32; t * c];
+        let rs = rstd.host_f32_mut();
+        for r in 0..t {
+            let row = &xv[r * c..(r + 1) * c];
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / c as f32;
+            // 1/sqrt, not a reciprocal square root approximation: what layers.cu computes.
+            rs[r] = 1.0 / (ms + ln.eps).sqrt();
+            for j in 0..c {
+                ov[r * c + j] = row[j] * rs[r] * wv[j];
+            }
+        }
+        out.set_host_values(&ov);
+        Ok(())
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dx: &mut Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        check_rmsnorm("RMSNorm backward", ln, &[d_out, x, dx], &[w], rstd)?;
+        let (t, c) = (ln.tokens, ln.channels);
+        let (xv, gv) = (x.host_values(), d_out.host_values());
+        let wv = w.host_f32();
+        let rs = rstd.host_f32();
+        let mut dxv = if accumulate {
+            dx.host_values()
+        } else {
+            vec![0f32; t * c]
+        };
+        for r in 0..t {
+            let g = |j: usize| gv[r * c + j] * wv[j];
+            let mean_gx = (0..c).map(|j| g(j) * xv[r * c + j]).sum::<f32>() / c as f32;
+            let k = rs[r] * rs[r] * mean_gx;
+            for j in 0..c {
+                dxv[r * c + j] += rs[r] * (g(j) - xv[r * c + j] * k);
+            }
+        }
+        dx.set_host_values(&dxv);
+        Ok(())
+    }
+
+    fn rmsnorm_backward_params(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        rstd: &Tensor,
+        d_weight: &mut Tensor,
+    ) -> Result<()> {
+        check_rmsnorm(
+            "RMSNorm weight gradient",
+            ln,
+            &[d_out, x],
+            &[d_weight],
+            rstd,
+        )?;
+        let (t, c) = (ln.tokens, ln.channels);
+        let (xv, gv) = (x.host_values(), d_out.host_values());
+        let rs = rstd.host_f32().to_vec();
+        let dw = d_weight.host_f32_mut();
+        for j in 0..c {
+            dw[j] += (0..t)
+                .map(|r| gv[r * c + j] * xv[r * c + j] * rs[r])
+                .sum::<f32>();
+        }
+        Ok(())
+    }
+
+    fn swiglu_forward(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
+        check_swiglu("SwiGLU forward", &[gate, up, out])?;
+        let u = up.host_values();
+        let v: Vec<f32> = gate
+            .host_values()
+            .into_iter()
+            .zip(u)
+            .map(|(g, u)| silu(g) * u)
+            .collect();
+        out.set_host_values(&v);
+        Ok(())
+    }
+
+    fn swiglu_backward(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        d_out: &Tensor,
+        d_gate: &mut Tensor,
+        d_up: &mut Tensor,
+    ) -> Result<()> {
+        check_swiglu("SwiGLU backward", &[gate, up, d_out, d_gate, d_up])?;
+        let (gv, uv, dv) = (gate.host_values(), up.host_values(), d_out.host_values());
+        let mut dg = vec![0f32; gv.len()];
+        let mut du = vec![0f32; gv.len()];
+        for i in 0..gv.len() {
+            let (s, ds) = silu_and_grad(gv[i]);
+            dg[i] = dv[i] * uv[i] * ds;
+            du[i] = dv[i] * s;
+        }
+        d_gate.set_host_values(&dg);
+        d_up.set_host_values(&du);
+        Ok(())
+    }
+
+    fn embedding_forward(
+        &self,
+        ids: &Tensor,
+        table: &Tensor,
+        positions: Option<&Tensor>,
+        seq: usize,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let e = check_embedding_forward(ids, table, positions, seq, out)?;
+        let idv = ids.host_i32();
+        check_ids(idv, e.vocab)?;
+        let c = e.channels;
+        let tv = table.host_values();
+        let pv = positions.map(|p| p.host_values());
+        let mut ov = vec![0f32; idv.len() * c];
+        for (t, &id) in idv.iter().enumerate() {
+            let row = &tv[id as usize * c..(id as usize + 1) * c];
+            let o = &mut ov[t * c..(t + 1) * c];
+            o.copy_from_slice(row);
+            if let Some(p) = &pv {
+                let p = &p[(t % seq) * c..(t % seq + 1) * c];
+                o.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+            }
+        }
+        out.set_host_values(&ov);
+        Ok(())
+    }
+
+    fn embedding_backward(
+        &self,
+        ids: &Tensor,
+        d_out: &Tensor,
+        seq: usize,
+        d_table: &mut Tensor,
+        d_positions: Option<&mut Tensor>,
+    ) -> Result<()> {
+        let e = check_embedding_backward(ids, d_out, seq, d_table, d_positions.as_deref())?;
+        let idv = ids.host_i32();
+        // Every id is checked before anything is added, so a bad id leaves d_table untouched.
+        check_ids(idv, e.vocab)?;
+        let c = e.channels;
+        let gv = d_out.host_values();
+        // Token order within every element, as the GPU kernel sums: bitwise the same totals.
+        let dt = d_table.host_f32_mut();
+        for (t, &id) in idv.iter().enumerate() {
+            let row = &mut dt[id as usize * c..(id as usize + 1) * c];
+            row.iter_mut()
+                .zip(&gv[t * c..(t + 1) * c])
+                .for_each(|(a, b)| *a += b);
+        }
+        if let Some(dp) = d_positions {
+            let dp = dp.host_f32_mut();
+            for t in 0..idv.len() {
+                let row = &mut dp[(t % seq) * c..(t % seq + 1) * c];
+                row.iter_mut()
+                    .zip(&gv[t * c..(t + 1) * c])
+                    .for_each(|(a, b)| *a += b);
+            }
+        }
+        Ok(())
+    }
+
     // -- grouped-query attention ops --
+
+    fn repeat_kv(&self, s: &AttentionShape, src: &Tensor, dst: &mut Tensor) -> Result<()> {
+        check_repeat_kv("repeat_kv", s, src, dst)?;
+        let row = s.seq * s.head_dim;
+        let sv = src.host_values();
+        let mut out = vec![0f32; s.qkv_len()];
+        for (bh, head) in out.chunks_mut(row).enumerate() {
+            let kh = s.kv_head_of(bh);
+            head.copy_from_slice(&sv[kh * row..(kh + 1) * row]);
+        }
+        dst.set_host_values(&out);
+        Ok(())
+    }
+
+    fn reduce_kv(&self, s: &AttentionShape, src: &Tensor, dst: &mut Tensor) -> Result<()> {
+        check_repeat_kv("reduce_kv", s, dst, src)?;
+        let row = s.seq * s.head_dim;
+        let sv = src.host_values();
+        let mut acc = vec![0f32; s.kv_len()];
+        // In head order: each element sums its group's query heads first to last in f32,
+        // rounded once to the storage dtype (what the CUDA kernel does).
+        for (bh, head) in sv.chunks(row).enumerate() {
+            let kh = s.kv_head_of(bh);
+            for (a, x) in acc[kh * row..(kh + 1) * row].iter_mut().zip(head) {
+                *a += x;
+            }
+        }
+        let dt = dst.dtype();
+        acc.iter_mut().for_each(|x| *x = dt.round(*x));
+        dst.set_host_values(&acc);
+        Ok(())
+    }
 
     fn synchronize(&self) -> Result<()> {
         Ok(())
@@ -691,6 +1065,442 @@ pub fn gelu_tanh_grad(x: f32) -> f32 {
     const K1: f32 = 0.044715;
     let t = (K0 * (x + K1 * x * x * x)).tanh();
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * K0 * (1.0 + 3.0 * K1 * x * x)
+}
+
+// -- loss ops: f32 math and shape checks (shared with dry and CUDA) --
+
+/// The sizes a cross-entropy call implies: T from the targets, C from the hidden states (0
+/// for the ops over materialized logits), V from the logits or the head's weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CeDims {
+    pub tokens: usize,
+    pub channels: usize,
+    pub vocab: usize,
+}
+
+fn ce_invalid(what: &str, why: String) -> Error {
+    Error::Invalid(format!("{what}: {why}"))
+}
+
+/// targets i32 `[T]` (T > 0), lse f32 `[T]`, loss f32 `[1]` where present.
+fn check_ce_common(
+    what: &str,
+    targets: &Tensor,
+    lse: &Tensor,
+    loss: Option<&Tensor>,
+) -> Result<usize> {
+    let tokens = targets.len();
+    if targets.dtype() != DType::I32 || tokens == 0 {
+        return Err(ce_invalid(
+            what,
+            format!(
+                "the targets {} must be a non-empty i32 tensor (it is {} with {tokens} elements)",
+                targets.tag(),
+                targets.dtype()
+            ),
+        ));
+    }
+    if tokens > i32::MAX as usize {
+        return Err(ce_invalid(
+            what,
+            format!("{tokens} rows are more than the kernels index"),
+        ));
+    }
+    if lse.dtype() != DType::F32 || lse.len() != tokens {
+        return Err(ce_invalid(
+            what,
+            format!(
+                "the log-sum-exp {} must be f32 with one element per target ({tokens}), not {} {}",
+                lse.tag(),
+                lse.dtype(),
+                lse.len()
+            ),
+        ));
+    }
+    if let Some(l) = loss {
+        if l.dtype() != DType::F32 || l.len() != 1 {
+            return Err(ce_invalid(
+                what,
+                format!("the loss {} must be one f32 element", l.tag()),
+            ));
+        }
+    }
+    Ok(tokens)
+}
+
+/// Over materialized logits: f32 `[T, V]`, and dlogits (backward) `[T, V]` in f32 or bf16.
+pub(crate) fn check_cross_entropy(
+    what: &str,
+    logits: &Tensor,
+    targets: &Tensor,
+    lse: &Tensor,
+    loss: Option<&Tensor>,
+    dlogits: Option<&Tensor>,
+) -> Result<CeDims> {
+    let tokens = check_ce_common(what, targets, lse, loss)?;
+    if logits.dtype() != DType::F32 || logits.is_empty() || logits.len() % tokens != 0 {
+        return Err(ce_invalid(
+            what,
+            format!(
+                "the logits {} must be f32 whole rows of the {tokens} targets (they are {} with {} elements)",
+                logits.tag(),
+                logits.dtype(),
+                logits.len()
+            ),
+        ));
+    }
+    let vocab = logits.len() / tokens;
+    if vocab > i32::MAX as usize {
+        return Err(ce_invalid(
+            what,
+            format!("a vocabulary of {vocab} is more than i32 targets can name"),
+        ));
+    }
+    if let Some(d) = dlogits {
+        if d.dtype() == DType::I32 || d.len() != logits.len() {
+            return Err(ce_invalid(
+                what,
+                format!(
+                    "the logits' gradient {} must be f32 or bf16 of the logits' {} elements (it is {} with {})",
+                    d.tag(),
+                    logits.len(),
+                    d.dtype(),
+                    d.len()
+                ),
+            ));
+        }
+    }
+    Ok(CeDims {
+        tokens,
+        channels: 0,
+        vocab,
+    })
+}
+
+/// Fused: hidden `[T, C]` and weight `[V, C]` in one float dtype; d_hidden `[T, C]` in it,
+/// d_weight f32 `[V, C]` (backward).
+pub(crate) fn check_fused_cross_entropy(
+    what: &str,
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    lse: &Tensor,
+    loss: Option<&Tensor>,
+    grads: Option<(&Tensor, &Tensor)>,
+) -> Result<CeDims> {
+    let tokens = check_ce_common(what, targets, lse, loss)?;
+    check_float(what, &[hidden, weight])?;
+    check_same_dtype(what, hidden.dtype(), &[weight])?;
+    if hidden.is_empty() || hidden.len() % tokens != 0 {
+        return Err(ce_invalid(
+            what,
+            format!(
+                "the hidden states {} hold {} elements, not whole rows of the {tokens} targets",
+                hidden.tag(),
+                hidden.len()
+            ),
+        ));
+    }
+    let channels = hidden.len() / tokens;
+    if weight.is_empty() || weight.len() % channels != 0 {
+        return Err(ce_invalid(
+            what,
+            format!(
+                "the head's weight {} holds {} elements, not whole [V, {channels}] rows",
+                weight.tag(),
+                weight.len()
+            ),
+        ));
+    }
+    let vocab = weight.len() / channels;
+    if vocab > i32::MAX as usize || channels > i32::MAX as usize {
+        return Err(ce_invalid(
+            what,
+            format!(
+                "a vocabulary of {vocab} by {channels} channels is more than the kernels index"
+            ),
+        ));
+    }
+    if let Some((dh, dw)) = grads {
+        if dh.dtype() != hidden.dtype() || dh.len() != hidden.len() {
+            return Err(ce_invalid(
+                what,
+                format!(
+                    "the hidden states' gradient {} must be {} [{tokens}, {channels}] like the hidden states",
+                    dh.tag(),
+                    hidden.dtype()
+                ),
+            ));
+        }
+        if dw.dtype() != DType::F32 || dw.len() != weight.len() {
+            return Err(ce_invalid(
+                what,
+                format!(
+                    "the weight's gradient {} must be f32 [{vocab}, {channels}]",
+                    dw.tag()
+                ),
+            ));
+        }
+    }
+    Ok(CeDims {
+        tokens,
+        channels,
+        vocab,
+    })
+}
+
+/// Every target is in [0, V) or the ignore index.
+pub(crate) fn check_targets(targets: &[i32], vocab: usize, ignore_index: i32) -> Result<()> {
+    match targets
+        .iter()
+        .position(|&t| t != ignore_index && (t < 0 || t as usize >= vocab))
+    {
+        Some(i) => Err(Error::Invalid(format!(
+            "cross-entropy target {} at row {i} is outside the vocabulary [0, {vocab}) and is not the ignore index {ignore_index}",
+            targets[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// logsumexp of one row in f32: the max, then Σ exp(x − max) with exp in f32 and the sum in
+/// f64 (closer to the kernels' tree reduction than a sequential f32 sum), the log in f32.
+pub(crate) fn row_logsumexp(row: &[f32]) -> f32 {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let s: f64 = row.iter().map(|&x| (x - m).exp() as f64).sum();
+    m + (s as f32).ln()
+}
+
+/// Per row: lse (0 when ignored) and the loss term lse − z[target] (0 when ignored), from
+/// f32 logits `[T, V]`; returns (lse, Σ terms in f64).
+pub(crate) fn ce_forward_rows(
+    logits: &[f32],
+    targets: &[i32],
+    vocab: usize,
+    ignore_index: i32,
+) -> (Vec<f32>, f64) {
+    let mut lse = vec![0f32; targets.len()];
+    let mut total = 0f64;
+    for (t, &y) in targets.iter().enumerate() {
+        if y == ignore_index {
+            continue;
+        }
+        let row = &logits[t * vocab..(t + 1) * vocab];
+        lse[t] = row_logsumexp(row);
+        total += (lse[t] - row[y as usize]) as f64;
+    }
+    (lse, total)
+}
+
+/// dlogits = scale·(exp(z − lse) − onehot) in f32, rows of ignored targets 0.
+pub(crate) fn ce_backward_rows(
+    logits: &[f32],
+    targets: &[i32],
+    vocab: usize,
+    ignore_index: i32,
+    scale: f32,
+    lse: &[f32],
+) -> Vec<f32> {
+    let mut d = vec![0f32; logits.len()];
+    for (t, &y) in targets.iter().enumerate() {
+        if y == ignore_index {
+            continue;
+        }
+        let row = &logits[t * vocab..(t + 1) * vocab];
+        let out = &mut d[t * vocab..(t + 1) * vocab];
+        for (v, (o, &z)) in out.iter_mut().zip(row).enumerate() {
+            let onehot = if v == y as usize { 1.0 } else { 0.0 };
+            *o = scale * ((z - lse[t]).exp() - onehot);
+        }
+    }
+    d
+}
+
+/// logits = hidden·weightᵀ in f32 (each dot product summed in channel order, as the fused
+/// kernels do), `[T, V]`: the CPU stand-in's host scratch, not a tracked buffer.
+fn fused_logits(hidden: &[f32], weight: &[f32], dims: CeDims) -> Vec<f32> {
+    let (c, v) = (dims.channels, dims.vocab);
+    let mut z = vec![0f32; dims.tokens * v];
+    parallel_rows(&mut z, v, |row0, rows| {
+        for (r, out) in rows.chunks_mut(v).enumerate() {
+            let h = &hidden[(row0 + r) * c..(row0 + r + 1) * c];
+            for (j, o) in out.iter_mut().enumerate() {
+                let w = &weight[j * c..(j + 1) * c];
+                *o = h.iter().zip(w).fold(0f32, |a, (x, y)| a + x * y);
+            }
+        }
+    });
+    z
+}
+
+// -- norm, MLP and embedding ops: f32 math and shape checks (shared with dry and CUDA) --
+
+/// SiLU in f32, g/(1 + e^-g): the same expression as layers.cu. Large negative g gives
+/// e^-g = inf and silu = -0, no NaN.
+pub fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
+}
+
+/// (silu(g), silu'(g)) in f32 with σ = 1/(1 + e^-g): silu' = σ·(1 + g·(1 − σ)), as layers.cu.
+pub fn silu_and_grad(g: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + (-g).exp());
+    (g * s, s * (1.0 + g * (1.0 - s)))
+}
+
+/// Checks an RMSNorm's activations (`[T, C]`, one float dtype), f32 parameters (`[C]`) and
+/// f32 rstd (`[T]`).
+pub(crate) fn check_rmsnorm(
+    what: &str,
+    ln: &LayerNorm,
+    acts: &[&Tensor],
+    params: &[&Tensor],
+    rstd: &Tensor,
+) -> Result<()> {
+    let bad = acts.iter().any(|t| t.len() != ln.tokens * ln.channels)
+        || params
+            .iter()
+            .any(|t| t.len() != ln.channels || t.dtype() != DType::F32)
+        || rstd.len() != ln.tokens
+        || rstd.dtype() != DType::F32;
+    if bad || ln.tokens == 0 || ln.channels == 0 || ln.eps.is_nan() || ln.eps < 0.0 {
+        return Err(Error::Invalid(format!(
+            "{what} over {} x {} (eps {}): activations, f32 weight or f32 rstd have the wrong size, or eps is negative",
+            ln.tokens, ln.channels, ln.eps
+        )));
+    }
+    check_float(what, acts)?;
+    check_same_dtype(what, acts[0].dtype(), acts)
+}
+
+/// Tensors of an element-wise op: one float dtype, one length, not empty.
+pub(crate) fn check_swiglu(what: &str, ts: &[&Tensor]) -> Result<()> {
+    check_elementwise(what, ts)?;
+    if ts[0].is_empty() {
+        return Err(Error::Invalid(format!("{what}: {} is empty", ts[0].tag())));
+    }
+    check_float(what, ts)?;
+    check_same_dtype(what, ts[0].dtype(), ts)
+}
+
+fn check_float(what: &str, ts: &[&Tensor]) -> Result<()> {
+    match ts.iter().find(|t| t.dtype() == DType::I32) {
+        Some(t) => Err(Error::Invalid(format!(
+            "{what}: {} is i32, but the operation takes f32 or bf16",
+            t.tag()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The sizes an embedding call implies.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EmbeddingDims {
+    pub channels: usize,
+    pub vocab: usize,
+}
+
+/// ids i32 `[T]`, out `[T, C]` (so C = out/T), table `[V, C]`, positions `[P, C]`, P >= seq.
+fn embedding_dims(
+    what: &str,
+    ids: &Tensor,
+    acts: &Tensor,
+    table: &Tensor,
+    positions: Option<&Tensor>,
+    seq: usize,
+) -> Result<EmbeddingDims> {
+    let tokens = ids.len();
+    if ids.dtype() != DType::I32 || tokens == 0 {
+        return Err(Error::Invalid(format!(
+            "{what}: the ids {} must be a non-empty i32 tensor (it is {} with {tokens} elements)",
+            ids.tag(),
+            ids.dtype()
+        )));
+    }
+    if acts.is_empty() || acts.len() % tokens != 0 {
+        return Err(Error::Invalid(format!(
+            "{what}: {} holds {} elements, not a positive multiple of the {tokens} tokens",
+            acts.tag(),
+            acts.len()
+        )));
+    }
+    let channels = acts.len() / tokens;
+    if table.is_empty() || table.len() % channels != 0 {
+        return Err(Error::Invalid(format!(
+            "{what}: the table {} holds {} elements, not whole rows of {channels} channels",
+            table.tag(),
+            table.len()
+        )));
+    }
+    let vocab = table.len() / channels;
+    // Ids are i32 and the kernels' sizes int32 (their index math is 64-bit): the vocabulary,
+    // the tokens and the channels must each fit one.
+    if [vocab, tokens, channels]
+        .iter()
+        .any(|&n| n > i32::MAX as usize)
+    {
+        return Err(Error::Invalid(format!(
+            "{what}: {tokens} tokens, {channels} channels or a vocabulary of {vocab} rows exceed what i32 sizes can name"
+        )));
+    }
+    if let Some(p) = positions {
+        // A learned table of P >= seq rows (GPT-2's 1024): rows 0..seq are the positions of a
+        // sequence, the rest belong to longer ones.
+        if seq == 0 || p.len() < seq * channels || p.len() % channels != 0 {
+            return Err(Error::Invalid(format!(
+                "{what}: positions {} hold {} elements, but a sequence of {seq} needs at least {seq} whole rows of {channels} (and seq > 0)",
+                p.tag(),
+                p.len()
+            )));
+        }
+    }
+    Ok(EmbeddingDims { channels, vocab })
+}
+
+pub(crate) fn check_embedding_forward(
+    ids: &Tensor,
+    table: &Tensor,
+    positions: Option<&Tensor>,
+    seq: usize,
+    out: &Tensor,
+) -> Result<EmbeddingDims> {
+    const WHAT: &str = "embedding forward";
+    let e = embedding_dims(WHAT, ids, out, table, positions, seq)?;
+    let mut same = vec![table, out];
+    same.extend(positions);
+    check_float(WHAT, &same)?;
+    check_same_dtype(WHAT, table.dtype(), &same)?;
+    Ok(e)
+}
+
+pub(crate) fn check_embedding_backward(
+    ids: &Tensor,
+    d_out: &Tensor,
+    seq: usize,
+    d_table: &Tensor,
+    d_positions: Option<&Tensor>,
+) -> Result<EmbeddingDims> {
+    const WHAT: &str = "embedding backward";
+    let e = embedding_dims(WHAT, ids, d_out, d_table, d_positions, seq)?;
+    check_float(WHAT, &[d_out])?;
+    let mut grads = vec![d_table];
+    grads.extend(d_positions);
+    check_same_dtype(WHAT, DType::F32, &grads)?;
+    Ok(e)
+}
+
+/// Every id inside the vocabulary, or a sentence naming the first that is not.
+pub(crate) fn check_ids(ids: &[i32], vocab: usize) -> Result<()> {
+    match ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id < 0 || id as usize >= vocab)
+    {
+        Some((t, id)) => Err(Error::Invalid(format!(
+            "token {t} has id {id}, outside the vocabulary of {vocab} ids (0 to {})",
+            vocab - 1
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Calls `f(token_index, head_index)` for every element: tokens `[B, N, parts, H, d]`,
@@ -826,10 +1636,13 @@ pub(crate) fn check_adamw(
     Ok(())
 }
 
-/// Checks the attention tensors hold what the shape says.
+/// Checks the attention tensors hold what the shape says: `full` are query-shaped
+/// (`[B, H, N, d]`: Q, O, dO, dQ), `kv` key-shaped (`[B, Hkv, N, d]`: K, V, dK, dV), `stats`
+/// f32 `[B, H, N]`.
 pub(crate) fn check_attention(
     s: &AttentionShape,
     full: &[&Tensor],
+    kv: &[&Tensor],
     stats: &[&Tensor],
 ) -> Result<()> {
     if s.batch == 0 || s.heads == 0 || s.seq == 0 || !(s.head_dim == 64 || s.head_dim == 128) {
@@ -838,14 +1651,19 @@ pub(crate) fn check_attention(
             s.batch, s.heads, s.seq, s.head_dim
         )));
     }
-    for t in full {
-        if t.len() != s.qkv_len() {
-            return Err(Error::Invalid(format!(
-                "{} holds {} elements, the attention shape needs {}",
-                t.tag(),
-                t.len(),
-                s.qkv_len()
-            )));
+    s.check_kv_heads().map_err(Error::Invalid)?;
+    for (ts, len, what) in [
+        (full, s.qkv_len(), "the attention shape needs"),
+        (kv, s.kv_len(), "the attention shape's kv heads need"),
+    ] {
+        for t in ts {
+            if t.len() != len {
+                return Err(Error::Invalid(format!(
+                    "{} holds {} elements, {what} {len}",
+                    t.tag(),
+                    t.len(),
+                )));
+            }
         }
     }
     for t in stats {
@@ -858,6 +1676,19 @@ pub(crate) fn check_attention(
         }
     }
     Ok(())
+}
+
+/// Checks `repeat_kv` / `reduce_kv` operands: `kv` is `[B, Hkv, N, d]`, `full` `[B, H, N, d]`,
+/// both in one float dtype.
+pub(crate) fn check_repeat_kv(
+    what: &str,
+    s: &AttentionShape,
+    kv: &Tensor,
+    full: &Tensor,
+) -> Result<()> {
+    check_attention(s, &[full], &[kv], &[])?;
+    check_float(what, &[kv, full])?;
+    check_same_dtype(what, kv.dtype(), &[full])
 }
 
 pub(crate) fn check_scores(s: &AttentionShape, ts: &[&Tensor]) -> Result<()> {

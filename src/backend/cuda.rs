@@ -12,6 +12,9 @@ use crate::backend::cpu::{
     check_adamw, check_attention, check_cast, check_column_sum, check_elementwise, check_heads,
     check_layernorm, check_loss, check_same_dtype, check_scores,
 };
+use crate::backend::cpu::{
+    check_embedding_backward, check_embedding_forward, check_ids, check_rmsnorm, check_swiglu,
+};
 use crate::backend::{
     AdamW, AttentionGrads, AttentionShape, Backend, BackendKind, Epi, Epilogue, LayerNorm, Matmul,
     MatmulKernel, RowStats, Storage, Tensor,
@@ -148,6 +151,36 @@ fn ptr(t: &Tensor) -> *const c_void {
 }
 fn ptr_mut(t: &mut Tensor) -> *mut c_void {
     t.device_ptr() as *mut c_void
+}
+
+/// A cross-entropy launch's parameters with the sizes and the shared buffers set, every other
+/// pointer null (each op sets the ones it uses). lse is written by the forward and only read
+/// by the backward; the kernels take it as one pointer.
+fn ce_params(
+    d: crate::backend::cpu::CeDims,
+    targets: &Tensor,
+    ignore_index: i32,
+    scale: f32,
+    lse: &Tensor,
+) -> k::hr_cross_entropy_params {
+    k::hr_cross_entropy_params {
+        logits: std::ptr::null(),
+        hidden: std::ptr::null(),
+        weight: std::ptr::null(),
+        targets: ptr(targets) as *const i32,
+        lse: lse.device_ptr() as *mut f32,
+        loss: std::ptr::null_mut(),
+        dlogits: std::ptr::null_mut(),
+        d_hidden: std::ptr::null_mut(),
+        d_weight: std::ptr::null_mut(),
+        // The checks bound T, C and V by i32::MAX.
+        tokens: d.tokens as i32,
+        channels: d.channels as i32,
+        vocab: d.vocab as i32,
+        ignore_index,
+        accumulate: 0,
+        scale,
+    }
 }
 
 /// The error for token ids (i32) handed to an op that computes in floating point.
@@ -396,7 +429,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let dt = q.dtype();
         check_same_dtype("flash attention forward", dt, &[kk, v, o])?;
-        check_attention(s, &[q, kk, v, o], &[lse])?;
+        check_attention(s, &[q, o], &[kk, v], &[lse])?;
         self.bind()?;
         let mut p = attention_params(s);
         p.q = ptr(q);
@@ -432,7 +465,7 @@ impl Backend for CudaBackend {
             dt,
             &[kk, v, o, d_o, g.dq, g.dk, g.dv],
         )?;
-        check_attention(s, &[q, kk, v, o, d_o, g.dq, g.dk, g.dv], &[lse, g.delta])?;
+        check_attention(s, &[q, o, d_o, g.dq], &[kk, v, g.dk, g.dv], &[lse, g.delta])?;
         self.bind()?;
         let mut p = attention_params(s);
         p.q = ptr(q);
@@ -505,7 +538,7 @@ impl Backend for CudaBackend {
         d_o: &Tensor,
         delta: &mut Tensor,
     ) -> Result<()> {
-        check_attention(s, &[o, d_o], &[delta])?;
+        check_attention(s, &[o, d_o], &[], &[delta])?;
         check_same_dtype("attention delta", o.dtype(), &[d_o])?;
         self.bind()?;
         let mut p = attention_params(s);
@@ -781,10 +814,418 @@ impl Backend for CudaBackend {
     }
 
     // -- loss ops (head + cross-entropy) --
+    fn cross_entropy_forward(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        ignore_index: i32,
+        scale: f32,
+        lse: &mut Tensor,
+        loss: &mut Tensor,
+    ) -> Result<()> {
+        let d = crate::backend::cpu::check_cross_entropy(
+            "cross-entropy forward",
+            logits,
+            targets,
+            lse,
+            Some(loss),
+            None,
+        )?;
+        let mut p = ce_params(d, targets, ignore_index, scale, lse);
+        p.logits = ptr(logits) as *const f32;
+        p.loss = ptr_mut(loss) as *mut f32;
+        self.bind()?;
+        // SAFETY: every buffer holds what the checks above say the kernels index.
+        check_launch("cross-entropy forward", unsafe {
+            k::hr_cross_entropy_forward(&p, self.stream())
+        })
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        ignore_index: i32,
+        scale: f32,
+        lse: &Tensor,
+        dlogits: &mut Tensor,
+    ) -> Result<()> {
+        let d = crate::backend::cpu::check_cross_entropy(
+            "cross-entropy backward",
+            logits,
+            targets,
+            lse,
+            None,
+            Some(dlogits),
+        )?;
+        let mut p = ce_params(d, targets, ignore_index, scale, lse);
+        p.logits = ptr(logits) as *const f32;
+        p.dlogits = ptr_mut(dlogits);
+        self.launch_typed(
+            "cross-entropy backward",
+            dlogits.dtype(),
+            &p,
+            k::hr_cross_entropy_backward_f32,
+            k::hr_cross_entropy_backward_bf16,
+        )
+    }
+
+    fn fused_cross_entropy_forward(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        targets: &Tensor,
+        ignore_index: i32,
+        scale: f32,
+        lse: &mut Tensor,
+        loss: &mut Tensor,
+    ) -> Result<()> {
+        let d = crate::backend::cpu::check_fused_cross_entropy(
+            "fused cross-entropy forward",
+            hidden,
+            weight,
+            targets,
+            lse,
+            Some(loss),
+            None,
+        )?;
+        let mut p = ce_params(d, targets, ignore_index, scale, lse);
+        p.hidden = ptr(hidden);
+        p.weight = ptr(weight);
+        p.loss = ptr_mut(loss) as *mut f32;
+        self.launch_typed(
+            "fused cross-entropy forward",
+            hidden.dtype(),
+            &p,
+            k::hr_fused_cross_entropy_forward_f32,
+            k::hr_fused_cross_entropy_forward_bf16,
+        )
+    }
+
+    fn fused_cross_entropy_backward(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        targets: &Tensor,
+        ignore_index: i32,
+        scale: f32,
+        lse: &Tensor,
+        d_hidden: &mut Tensor,
+        accumulate: bool,
+        d_weight: &mut Tensor,
+    ) -> Result<()> {
+        let d = crate::backend::cpu::check_fused_cross_entropy(
+            "fused cross-entropy backward",
+            hidden,
+            weight,
+            targets,
+            lse,
+            None,
+            Some((d_hidden, d_weight)),
+        )?;
+        let mut p = ce_params(d, targets, ignore_index, scale, lse);
+        p.hidden = ptr(hidden);
+        p.weight = ptr(weight);
+        p.d_hidden = ptr_mut(d_hidden);
+        p.d_weight = ptr_mut(d_weight) as *mut f32;
+        p.accumulate = accumulate as i32;
+        self.launch_typed(
+            "fused cross-entropy backward",
+            hidden.dtype(),
+            &p,
+            k::hr_fused_cross_entropy_backward_f32,
+            k::hr_fused_cross_entropy_backward_bf16,
+        )
+    }
 
     // -- norm, MLP and embedding ops (RMSNorm, SwiGLU, token embedding) --
 
+    fn rmsnorm_forward(
+        &self,
+        ln: &LayerNorm,
+        x: &Tensor,
+        w: &Tensor,
+        out: &mut Tensor,
+        rstd: &mut Tensor,
+    ) -> Result<()> {
+        check_rmsnorm("RMSNorm forward", ln, &[x, out], &[w], rstd)?;
+        let p = k::hr_rmsnorm_params {
+            x: ptr(x),
+            weight: ptr(w) as *const f32,
+            out: ptr_mut(out),
+            rstd: ptr_mut(rstd) as *mut f32,
+            d_out: std::ptr::null(),
+            dx: std::ptr::null_mut(),
+            d_weight: std::ptr::null_mut(),
+            tokens: ln.tokens as i32,
+            channels: ln.channels as i32,
+            accumulate: 0,
+            eps: ln.eps,
+        };
+        self.launch_typed(
+            "RMSNorm forward",
+            x.dtype(),
+            &p,
+            k::hr_rmsnorm_forward_f32,
+            k::hr_rmsnorm_forward_bf16,
+        )
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dx: &mut Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        check_rmsnorm("RMSNorm backward", ln, &[d_out, x, dx], &[w], rstd)?;
+        let p = k::hr_rmsnorm_params {
+            x: ptr(x),
+            weight: ptr(w) as *const f32,
+            out: std::ptr::null_mut(),
+            rstd: ptr(rstd) as *mut f32,
+            d_out: ptr(d_out),
+            dx: ptr_mut(dx),
+            d_weight: std::ptr::null_mut(),
+            tokens: ln.tokens as i32,
+            channels: ln.channels as i32,
+            accumulate: accumulate as i32,
+            eps: ln.eps,
+        };
+        self.launch_typed(
+            "RMSNorm backward",
+            x.dtype(),
+            &p,
+            k::hr_rmsnorm_backward_f32,
+            k::hr_rmsnorm_backward_bf16,
+        )
+    }
+
+    fn rmsnorm_backward_params(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        rstd: &Tensor,
+        d_weight: &mut Tensor,
+    ) -> Result<()> {
+        check_rmsnorm(
+            "RMSNorm weight gradient",
+            ln,
+            &[d_out, x],
+            &[d_weight],
+            rstd,
+        )?;
+        let p = k::hr_rmsnorm_params {
+            x: ptr(x),
+            weight: std::ptr::null(),
+            out: std::ptr::null_mut(),
+            rstd: ptr(rstd) as *mut f32,
+            d_out: ptr(d_out),
+            dx: std::ptr::null_mut(),
+            d_weight: ptr_mut(d_weight) as *mut f32,
+            tokens: ln.tokens as i32,
+            channels: ln.channels as i32,
+            accumulate: 0,
+            eps: ln.eps,
+        };
+        self.launch_typed(
+            "RMSNorm weight gradient",
+            x.dtype(),
+            &p,
+            k::hr_rmsnorm_backward_params_f32,
+            k::hr_rmsnorm_backward_params_bf16,
+        )
+    }
+
+    fn swiglu_forward(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
+        check_swiglu("SwiGLU forward", &[gate, up, out])?;
+        let p = k::hr_swiglu_params {
+            gate: ptr(gate),
+            up: ptr(up),
+            d_out: std::ptr::null(),
+            out: ptr_mut(out),
+            d_gate: std::ptr::null_mut(),
+            d_up: std::ptr::null_mut(),
+            n: gate.len() as i64,
+        };
+        self.launch_typed(
+            "SwiGLU forward",
+            gate.dtype(),
+            &p,
+            k::hr_swiglu_forward_f32,
+            k::hr_swiglu_forward_bf16,
+        )
+    }
+
+    fn swiglu_backward(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        d_out: &Tensor,
+        d_gate: &mut Tensor,
+        d_up: &mut Tensor,
+    ) -> Result<()> {
+        check_swiglu("SwiGLU backward", &[gate, up, d_out, d_gate, d_up])?;
+        let p = k::hr_swiglu_params {
+            gate: ptr(gate),
+            up: ptr(up),
+            d_out: ptr(d_out),
+            out: std::ptr::null_mut(),
+            d_gate: ptr_mut(d_gate),
+            d_up: ptr_mut(d_up),
+            n: gate.len() as i64,
+        };
+        self.launch_typed(
+            "SwiGLU backward",
+            gate.dtype(),
+            &p,
+            k::hr_swiglu_backward_f32,
+            k::hr_swiglu_backward_bf16,
+        )
+    }
+
+    /// The kernel clamps an id outside the vocabulary (no read out of bounds) and records the
+    /// first such token in a 4-byte flag, read back after the launch: one small copy that
+    /// synchronizes the stream, the price of an error that names the id.
+    fn embedding_forward(
+        &self,
+        ids: &Tensor,
+        table: &Tensor,
+        positions: Option<&Tensor>,
+        seq: usize,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let e = check_embedding_forward(ids, table, positions, seq, out)?;
+        let mut flag = self.alloc_with(&self.untracked, DType::I32, 1, "embedding id check")?;
+        self.zero(&mut flag)?;
+        let p = k::hr_embedding_params {
+            ids: ptr(ids) as *const i32,
+            table: ptr(table),
+            positions: positions.map_or(std::ptr::null(), ptr),
+            out: ptr_mut(out),
+            d_out: std::ptr::null(),
+            d_table: std::ptr::null_mut(),
+            d_positions: std::ptr::null_mut(),
+            bad_token: ptr_mut(&mut flag) as *mut i32,
+            tokens: ids.len() as i32,
+            channels: e.channels as i32,
+            vocab: e.vocab as i32,
+            seq: seq as i32,
+        };
+        self.launch_typed(
+            "embedding forward",
+            table.dtype(),
+            &p,
+            k::hr_embedding_forward_f32,
+            k::hr_embedding_forward_bf16,
+        )?;
+        if self.read(&flag)?[0] != 0.0 {
+            let v: Vec<i32> = self.read(ids)?.iter().map(|&x| x as i32).collect();
+            check_ids(&v, e.vocab)?;
+            return Err(Error::Cuda(
+                "embedding forward flagged an id outside the vocabulary, yet every id is inside"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A token with an id outside the vocabulary is skipped (never written out of bounds)
+    /// and reported as in the forward; the other tokens' gradients are added.
+    fn embedding_backward(
+        &self,
+        ids: &Tensor,
+        d_out: &Tensor,
+        seq: usize,
+        d_table: &mut Tensor,
+        d_positions: Option<&mut Tensor>,
+    ) -> Result<()> {
+        let e = check_embedding_backward(ids, d_out, seq, d_table, d_positions.as_deref())?;
+        let mut flag = self.alloc_with(&self.untracked, DType::I32, 1, "embedding id check")?;
+        self.zero(&mut flag)?;
+        let p = k::hr_embedding_params {
+            ids: ptr(ids) as *const i32,
+            table: std::ptr::null(),
+            positions: std::ptr::null(),
+            out: std::ptr::null_mut(),
+            d_out: ptr(d_out),
+            d_table: ptr_mut(d_table) as *mut f32,
+            d_positions: d_positions.map_or(std::ptr::null_mut(), |t| ptr_mut(t) as *mut f32),
+            bad_token: ptr_mut(&mut flag) as *mut i32,
+            tokens: ids.len() as i32,
+            channels: e.channels as i32,
+            vocab: e.vocab as i32,
+            seq: seq as i32,
+        };
+        self.launch_typed(
+            "embedding backward",
+            d_out.dtype(),
+            &p,
+            k::hr_embedding_backward_f32,
+            k::hr_embedding_backward_bf16,
+        )?;
+        if self.read(&flag)?[0] != 0.0 {
+            let v: Vec<i32> = self.read(ids)?.iter().map(|&x| x as i32).collect();
+            check_ids(&v, e.vocab)?;
+            return Err(Error::Cuda(
+                "embedding backward flagged an id outside the vocabulary, yet every id is inside"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     // -- grouped-query attention ops --
+
+    fn repeat_kv(&self, s: &AttentionShape, src: &Tensor, dst: &mut Tensor) -> Result<()> {
+        crate::backend::cpu::check_repeat_kv("repeat_kv", s, src, dst)?;
+        self.bind()?;
+        let p = k::hr_repeat_kv_params {
+            src: ptr(src),
+            dst: ptr_mut(dst),
+            batch: s.batch as i32,
+            heads: s.heads as i32,
+            kv_heads: s.kv_heads as i32,
+            seq: s.seq as i32,
+            head_dim: s.head_dim as i32,
+        };
+        // SAFETY: sizes and dtypes checked above (src [B, Hkv, N, d], dst [B, H, N, d]).
+        let code = unsafe {
+            match src.dtype() {
+                DType::F32 => k::hr_repeat_kv_f32(&p, self.stream()),
+                DType::Bf16 => k::hr_repeat_kv_bf16(&p, self.stream()),
+                DType::I32 => return Err(not_float("repeat_kv")),
+            }
+        };
+        check_launch("repeat_kv", code)
+    }
+
+    fn reduce_kv(&self, s: &AttentionShape, src: &Tensor, dst: &mut Tensor) -> Result<()> {
+        crate::backend::cpu::check_repeat_kv("reduce_kv", s, dst, src)?;
+        self.bind()?;
+        let p = k::hr_repeat_kv_params {
+            src: ptr(src),
+            dst: ptr_mut(dst),
+            batch: s.batch as i32,
+            heads: s.heads as i32,
+            kv_heads: s.kv_heads as i32,
+            seq: s.seq as i32,
+            head_dim: s.head_dim as i32,
+        };
+        // SAFETY: sizes and dtypes checked above (src [B, H, N, d], dst [B, Hkv, N, d]).
+        let code = unsafe {
+            match src.dtype() {
+                DType::F32 => k::hr_reduce_kv_f32(&p, self.stream()),
+                DType::Bf16 => k::hr_reduce_kv_bf16(&p, self.stream()),
+                DType::I32 => return Err(not_float("reduce_kv")),
+            }
+        };
+        check_launch("reduce_kv", code)
+    }
 
     fn synchronize(&self) -> Result<()> {
         Ok(self.dev.stream.synchronize()?)
@@ -1038,6 +1479,7 @@ fn attention_params(s: &AttentionShape) -> k::hr_attention_params {
         heads: s.heads as i32,
         seq: s.seq as i32,
         head_dim: s.head_dim as i32,
+        kv_heads: s.kv_heads as i32,
         causal: s.causal as i32,
         scale: s.scale,
     }

@@ -8,6 +8,9 @@ use crate::backend::cpu::{
     check_adamw, check_attention, check_cast, check_column_sum, check_elementwise, check_heads,
     check_layernorm, check_loss, check_scores,
 };
+use crate::backend::cpu::{
+    check_embedding_backward, check_embedding_forward, check_rmsnorm, check_swiglu,
+};
 use crate::backend::{
     AdamW, AttentionGrads, AttentionShape, Backend, BackendKind, Epi, LayerNorm, Matmul,
     MatmulKernel, RowStats, Storage, Tensor,
@@ -123,7 +126,7 @@ impl Backend for DryBackend {
         o: &mut Tensor,
         lse: &mut Tensor,
     ) -> Result<()> {
-        check_attention(s, &[q, k, v, o], &[lse])
+        check_attention(s, &[q, o], &[k, v], &[lse])
     }
     fn flash_attention_backward(
         &self,
@@ -136,7 +139,7 @@ impl Backend for DryBackend {
         lse: &Tensor,
         g: AttentionGrads<'_>,
     ) -> Result<()> {
-        check_attention(s, &[q, k, v, o, d_o, g.dq, g.dk, g.dv], &[lse, g.delta])
+        check_attention(s, &[q, o, d_o, g.dq], &[k, v, g.dk, g.dv], &[lse, g.delta])
     }
     fn softmax_forward(&self, s: &AttentionShape, scores: &mut Tensor) -> Result<()> {
         check_scores(s, &[scores])
@@ -157,7 +160,7 @@ impl Backend for DryBackend {
         d_o: &Tensor,
         delta: &mut Tensor,
     ) -> Result<()> {
-        check_attention(s, &[o, d_o], &[delta])
+        check_attention(s, &[o, d_o], &[], &[delta])
     }
     fn zero(&self, _t: &mut Tensor) -> Result<()> {
         Ok(())
@@ -249,10 +252,171 @@ impl Backend for DryBackend {
         check_adamw(param, grad, m, v, param_bf16.as_deref())
     }
     // -- loss ops (head + cross-entropy) --
+    fn cross_entropy_forward(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _ignore_index: i32,
+        _scale: f32,
+        lse: &mut Tensor,
+        loss: &mut Tensor,
+    ) -> Result<()> {
+        crate::backend::cpu::check_cross_entropy(
+            "cross-entropy forward",
+            logits,
+            targets,
+            lse,
+            Some(loss),
+            None,
+        )
+        .map(|_| ())
+    }
+    fn cross_entropy_backward(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _ignore_index: i32,
+        _scale: f32,
+        lse: &Tensor,
+        dlogits: &mut Tensor,
+    ) -> Result<()> {
+        crate::backend::cpu::check_cross_entropy(
+            "cross-entropy backward",
+            logits,
+            targets,
+            lse,
+            None,
+            Some(dlogits),
+        )
+        .map(|_| ())
+    }
+    fn fused_cross_entropy_forward(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        targets: &Tensor,
+        _ignore_index: i32,
+        _scale: f32,
+        lse: &mut Tensor,
+        loss: &mut Tensor,
+    ) -> Result<()> {
+        crate::backend::cpu::check_fused_cross_entropy(
+            "fused cross-entropy forward",
+            hidden,
+            weight,
+            targets,
+            lse,
+            Some(loss),
+            None,
+        )
+        .map(|_| ())
+    }
+    fn fused_cross_entropy_backward(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        targets: &Tensor,
+        _ignore_index: i32,
+        _scale: f32,
+        lse: &Tensor,
+        d_hidden: &mut Tensor,
+        _accumulate: bool,
+        d_weight: &mut Tensor,
+    ) -> Result<()> {
+        crate::backend::cpu::check_fused_cross_entropy(
+            "fused cross-entropy backward",
+            hidden,
+            weight,
+            targets,
+            lse,
+            None,
+            Some((d_hidden, d_weight)),
+        )
+        .map(|_| ())
+    }
 
     // -- norm, MLP and embedding ops (RMSNorm, SwiGLU, token embedding) --
+    fn rmsnorm_forward(
+        &self,
+        ln: &LayerNorm,
+        x: &Tensor,
+        w: &Tensor,
+        out: &mut Tensor,
+        rstd: &mut Tensor,
+    ) -> Result<()> {
+        check_rmsnorm("RMSNorm forward", ln, &[x, out], &[w], rstd)
+    }
+    fn rmsnorm_backward(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dx: &mut Tensor,
+        _accumulate: bool,
+    ) -> Result<()> {
+        check_rmsnorm("RMSNorm backward", ln, &[d_out, x, dx], &[w], rstd)
+    }
+    fn rmsnorm_backward_params(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        rstd: &Tensor,
+        d_weight: &mut Tensor,
+    ) -> Result<()> {
+        check_rmsnorm(
+            "RMSNorm weight gradient",
+            ln,
+            &[d_out, x],
+            &[d_weight],
+            rstd,
+        )
+    }
+    fn swiglu_forward(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
+        check_swiglu("SwiGLU forward", &[gate, up, out])
+    }
+    fn swiglu_backward(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        d_out: &Tensor,
+        d_gate: &mut Tensor,
+        d_up: &mut Tensor,
+    ) -> Result<()> {
+        check_swiglu("SwiGLU backward", &[gate, up, d_out, d_gate, d_up])
+    }
+    /// Shapes only: the dry backend stores no ids to check.
+    fn embedding_forward(
+        &self,
+        ids: &Tensor,
+        table: &Tensor,
+        positions: Option<&Tensor>,
+        seq: usize,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        check_embedding_forward(ids, table, positions, seq, out).map(|_| ())
+    }
+    fn embedding_backward(
+        &self,
+        ids: &Tensor,
+        d_out: &Tensor,
+        seq: usize,
+        d_table: &mut Tensor,
+        d_positions: Option<&mut Tensor>,
+    ) -> Result<()> {
+        check_embedding_backward(ids, d_out, seq, d_table, d_positions.as_deref()).map(|_| ())
+    }
 
     // -- grouped-query attention ops --
+
+    fn repeat_kv(&self, s: &AttentionShape, src: &Tensor, dst: &mut Tensor) -> Result<()> {
+        crate::backend::cpu::check_repeat_kv("repeat_kv", s, src, dst)
+    }
+    fn reduce_kv(&self, s: &AttentionShape, src: &Tensor, dst: &mut Tensor) -> Result<()> {
+        crate::backend::cpu::check_repeat_kv("reduce_kv", s, dst, src)
+    }
 
     fn synchronize(&self) -> Result<()> {
         Ok(())

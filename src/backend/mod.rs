@@ -484,10 +484,141 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 
     // -- loss ops (head + cross-entropy) --
+    /// Over materialized f32 logits `[T, V]` (T = targets' length): per row t with
+    /// targets[t] != ignore_index, lse[t] = logsumexp(logits[t]) and
+    /// loss[0] += scale·(lse[t] − logits[t, targets[t]]); ignored rows: lse[t] = 0, nothing
+    /// added. targets i32 `[T]`, lse f32 `[T]`, loss f32 `[1]` (accumulated). A target
+    /// outside [0, V) that is not ignore_index is an error (CPU), or NaN in its lse and the
+    /// loss (CUDA: no read or write out of bounds).
+    fn cross_entropy_forward(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        ignore_index: i32,
+        scale: f32,
+        lse: &mut Tensor,
+        loss: &mut Tensor,
+    ) -> Result<()>;
+    /// dlogits[t] = scale·(softmax(logits[t]) − onehot(targets[t])) (0 for ignored rows),
+    /// written in dlogits' dtype (f32 or bf16), from the forward's lse.
+    fn cross_entropy_backward(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        ignore_index: i32,
+        scale: f32,
+        lse: &Tensor,
+        dlogits: &mut Tensor,
+    ) -> Result<()>;
+    /// Fused: hidden `[T, C]` and weight `[V, C]` in the compute dtype; the same lse and loss
+    /// as [`Backend::cross_entropy_forward`] over logits = hidden·weightᵀ, never writing the
+    /// logits to memory (online log-sum-exp over vocabulary blocks, Milakov & Gimelshein
+    /// 2018).
+    #[allow(clippy::too_many_arguments)]
+    fn fused_cross_entropy_forward(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        targets: &Tensor,
+        ignore_index: i32,
+        scale: f32,
+        lse: &mut Tensor,
+        loss: &mut Tensor,
+    ) -> Result<()>;
+    /// Fused backward: recomputes the logits block by block; d_hidden `[T, C]` (compute
+    /// dtype) (+)= dlogits·weight (`accumulate`), d_weight f32 `[V, C]` += dlogitsᵀ·hidden.
+    /// Deterministic (no float atomics).
+    #[allow(clippy::too_many_arguments)]
+    fn fused_cross_entropy_backward(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        targets: &Tensor,
+        ignore_index: i32,
+        scale: f32,
+        lse: &Tensor,
+        d_hidden: &mut Tensor,
+        accumulate: bool,
+        d_weight: &mut Tensor,
+    ) -> Result<()>;
 
     // -- norm, MLP and embedding ops (RMSNorm, SwiGLU, token embedding) --
+    /// out = x·rstd·w per row, rstd[t] = 1/sqrt(mean_c(x²) + eps) (f32 `[T]`); w f32 `[C]`;
+    /// x and out `[T, C]` in one dtype (Zhang & Sennrich 2019).
+    fn rmsnorm_forward(
+        &self,
+        ln: &LayerNorm,
+        x: &Tensor,
+        w: &Tensor,
+        out: &mut Tensor,
+        rstd: &mut Tensor,
+    ) -> Result<()>;
+    /// dx (+)= the RMSNorm's input gradient, rstd·(g − x·rstd²·mean_c(g·x)) with g = w·d_out,
+    /// from the forward's rstd.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dx: &mut Tensor,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// d_weight (f32 `[C]`) += Σ_t d_out·x·rstd, each column summed in a fixed order (bitwise
+    /// repeatable).
+    fn rmsnorm_backward_params(
+        &self,
+        ln: &LayerNorm,
+        d_out: &Tensor,
+        x: &Tensor,
+        rstd: &Tensor,
+        d_weight: &mut Tensor,
+    ) -> Result<()>;
+    /// out = silu(gate)·up element-wise (silu(g) = g/(1+e^-g)); gate, up, out same dtype and
+    /// length (Shazeer 2020).
+    fn swiglu_forward(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()>;
+    /// d_gate = d_out·up·silu'(gate); d_up = d_out·silu(gate).
+    fn swiglu_backward(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        d_out: &Tensor,
+        d_gate: &mut Tensor,
+        d_up: &mut Tensor,
+    ) -> Result<()>;
+    /// out[t] = table[ids[t]] (+ positions[t mod seq]): ids i32 `[T]`; table `[V, C]`,
+    /// positions `[seq, C]` and out `[T, C]` in one dtype (f32 or bf16), the sum in f32. An id
+    /// outside [0, V) is an error, never a read out of bounds.
+    fn embedding_forward(
+        &self,
+        ids: &Tensor,
+        table: &Tensor,
+        positions: Option<&Tensor>,
+        seq: usize,
+        out: &mut Tensor,
+    ) -> Result<()>;
+    /// d_table f32 `[V, C]` += rows of d_out by id; d_positions f32 `[seq, C]` += d_out[t] at
+    /// t mod seq. Deterministic: each element sums its tokens in token order (bitwise
+    /// repeatable).
+    fn embedding_backward(
+        &self,
+        ids: &Tensor,
+        d_out: &Tensor,
+        seq: usize,
+        d_table: &mut Tensor,
+        d_positions: Option<&mut Tensor>,
+    ) -> Result<()>;
 
     // -- grouped-query attention ops --
+
+    /// `[B, Hkv, N, d]` -> `[B, H, N, d]`: each kv head repeated H/Hkv times, as eager
+    /// attention does before its matmuls (src and dst in one float dtype).
+    fn repeat_kv(&self, s: &AttentionShape, src: &Tensor, dst: &mut Tensor) -> Result<()>;
+    /// The backward of [`Backend::repeat_kv`]: dst `[B, Hkv, N, d]` = the sum over each group
+    /// of src `[B, H, N, d]`, in head order (f32 accumulation, one rounding to dst's dtype).
+    fn reduce_kv(&self, s: &AttentionShape, src: &Tensor, dst: &mut Tensor) -> Result<()>;
 
     fn synchronize(&self) -> Result<()>;
     /// Seconds `f` takes: device events around it on the GPU, the wall clock on the CPU.

@@ -156,12 +156,13 @@ pub struct hr_attention_params {
     pub heads: i32,
     pub seq: i32,
     pub head_dim: i32,
+    pub kv_heads: i32,
     pub causal: i32,
     pub scale: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of hr_attention_params"][::std::mem::size_of::<hr_attention_params>() - 104usize];
+    ["Size of hr_attention_params"][::std::mem::size_of::<hr_attention_params>() - 112usize];
     ["Alignment of hr_attention_params"][::std::mem::align_of::<hr_attention_params>() - 8usize];
     ["Offset of field: hr_attention_params::q"]
         [::std::mem::offset_of!(hr_attention_params, q) - 0usize];
@@ -191,10 +192,12 @@ const _: () = {
         [::std::mem::offset_of!(hr_attention_params, seq) - 88usize];
     ["Offset of field: hr_attention_params::head_dim"]
         [::std::mem::offset_of!(hr_attention_params, head_dim) - 92usize];
+    ["Offset of field: hr_attention_params::kv_heads"]
+        [::std::mem::offset_of!(hr_attention_params, kv_heads) - 96usize];
     ["Offset of field: hr_attention_params::causal"]
-        [::std::mem::offset_of!(hr_attention_params, causal) - 96usize];
+        [::std::mem::offset_of!(hr_attention_params, causal) - 100usize];
     ["Offset of field: hr_attention_params::scale"]
-        [::std::mem::offset_of!(hr_attention_params, scale) - 100usize];
+        [::std::mem::offset_of!(hr_attention_params, scale) - 104usize];
 };
 impl Default for hr_attention_params {
     fn default() -> Self {
@@ -664,4 +667,400 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn hr_error_string(code: ::std::os::raw::c_int) -> *const ::std::os::raw::c_char;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct hr_cross_entropy_params {
+    pub logits: *const f32,
+    pub hidden: *const ::std::os::raw::c_void,
+    pub weight: *const ::std::os::raw::c_void,
+    pub targets: *const i32,
+    pub lse: *mut f32,
+    pub loss: *mut f32,
+    pub dlogits: *mut ::std::os::raw::c_void,
+    pub d_hidden: *mut ::std::os::raw::c_void,
+    pub d_weight: *mut f32,
+    pub tokens: i32,
+    pub channels: i32,
+    pub vocab: i32,
+    pub ignore_index: i32,
+    pub accumulate: i32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of hr_cross_entropy_params"][::std::mem::size_of::<hr_cross_entropy_params>() - 96usize];
+    ["Alignment of hr_cross_entropy_params"]
+        [::std::mem::align_of::<hr_cross_entropy_params>() - 8usize];
+    ["Offset of field: hr_cross_entropy_params::logits"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, logits) - 0usize];
+    ["Offset of field: hr_cross_entropy_params::hidden"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, hidden) - 8usize];
+    ["Offset of field: hr_cross_entropy_params::weight"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, weight) - 16usize];
+    ["Offset of field: hr_cross_entropy_params::targets"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, targets) - 24usize];
+    ["Offset of field: hr_cross_entropy_params::lse"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, lse) - 32usize];
+    ["Offset of field: hr_cross_entropy_params::loss"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, loss) - 40usize];
+    ["Offset of field: hr_cross_entropy_params::dlogits"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, dlogits) - 48usize];
+    ["Offset of field: hr_cross_entropy_params::d_hidden"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, d_hidden) - 56usize];
+    ["Offset of field: hr_cross_entropy_params::d_weight"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, d_weight) - 64usize];
+    ["Offset of field: hr_cross_entropy_params::tokens"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, tokens) - 72usize];
+    ["Offset of field: hr_cross_entropy_params::channels"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, channels) - 76usize];
+    ["Offset of field: hr_cross_entropy_params::vocab"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, vocab) - 80usize];
+    ["Offset of field: hr_cross_entropy_params::ignore_index"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, ignore_index) - 84usize];
+    ["Offset of field: hr_cross_entropy_params::accumulate"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, accumulate) - 88usize];
+    ["Offset of field: hr_cross_entropy_params::scale"]
+        [::std::mem::offset_of!(hr_cross_entropy_params, scale) - 92usize];
+};
+impl Default for hr_cross_entropy_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn hr_cross_entropy_forward(
+        p: *const hr_cross_entropy_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_cross_entropy_backward_f32(
+        p: *const hr_cross_entropy_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_cross_entropy_backward_bf16(
+        p: *const hr_cross_entropy_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_fused_cross_entropy_forward_f32(
+        p: *const hr_cross_entropy_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_fused_cross_entropy_forward_bf16(
+        p: *const hr_cross_entropy_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_fused_cross_entropy_backward_f32(
+        p: *const hr_cross_entropy_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_fused_cross_entropy_backward_bf16(
+        p: *const hr_cross_entropy_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct hr_rmsnorm_params {
+    pub x: *const ::std::os::raw::c_void,
+    pub weight: *const f32,
+    pub out: *mut ::std::os::raw::c_void,
+    pub rstd: *mut f32,
+    pub d_out: *const ::std::os::raw::c_void,
+    pub dx: *mut ::std::os::raw::c_void,
+    pub d_weight: *mut f32,
+    pub tokens: i32,
+    pub channels: i32,
+    pub accumulate: i32,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of hr_rmsnorm_params"][::std::mem::size_of::<hr_rmsnorm_params>() - 72usize];
+    ["Alignment of hr_rmsnorm_params"][::std::mem::align_of::<hr_rmsnorm_params>() - 8usize];
+    ["Offset of field: hr_rmsnorm_params::x"]
+        [::std::mem::offset_of!(hr_rmsnorm_params, x) - 0usize];
+    ["Offset of field: hr_rmsnorm_params::weight"]
+        [::std::mem::offset_of!(hr_rmsnorm_params, weight) - 8usize];
+    ["Offset of field: hr_rmsnorm_params::out"]
+        [::std::mem::offset_of!(hr_rmsnorm_params, out) - 16usize];
+    ["Offset of field: hr_rmsnorm_params::rstd"]
+        [::std::mem::offset_of!(hr_rmsnorm_params, rstd) - 24usize];
+    ["Offset of field: hr_rmsnorm_params::d_out"]
+        [::std::mem::offset_of!(hr_rmsnorm_params, d_out) - 32usize];
+    ["Offset of field: hr_rmsnorm_params::dx"]
+        [::std::mem::offset_of!(hr_rmsnorm_params, dx) - 40usize];
+    ["Offset of field: hr_rmsnorm_params::d_weight"]
+        [::std::mem::offset_of!(hr_rmsnorm_params, d_weight) - 48usize];
+    ["Offset of field: hr_rmsnorm_params::tokens"]
+        [::std::mem::offset_of!(hr_rmsnorm_params, tokens) - 56usize];
+    ["Offset of field: hr_rmsnorm_params::channels"]
+        [::std::mem::offset_of!(hr_rmsnorm_params, channels) - 60usize];
+    ["Offset of field: hr_rmsnorm_params::accumulate"]
+        [::std::mem::offset_of!(hr_rmsnorm_params, accumulate) - 64usize];
+    ["Offset of field: hr_rmsnorm_params::eps"]
+        [::std::mem::offset_of!(hr_rmsnorm_params, eps) - 68usize];
+};
+impl Default for hr_rmsnorm_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn hr_rmsnorm_forward_f32(
+        p: *const hr_rmsnorm_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_rmsnorm_forward_bf16(
+        p: *const hr_rmsnorm_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_rmsnorm_backward_f32(
+        p: *const hr_rmsnorm_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_rmsnorm_backward_bf16(
+        p: *const hr_rmsnorm_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_rmsnorm_backward_params_f32(
+        p: *const hr_rmsnorm_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_rmsnorm_backward_params_bf16(
+        p: *const hr_rmsnorm_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct hr_swiglu_params {
+    pub gate: *const ::std::os::raw::c_void,
+    pub up: *const ::std::os::raw::c_void,
+    pub d_out: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub d_gate: *mut ::std::os::raw::c_void,
+    pub d_up: *mut ::std::os::raw::c_void,
+    pub n: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of hr_swiglu_params"][::std::mem::size_of::<hr_swiglu_params>() - 56usize];
+    ["Alignment of hr_swiglu_params"][::std::mem::align_of::<hr_swiglu_params>() - 8usize];
+    ["Offset of field: hr_swiglu_params::gate"]
+        [::std::mem::offset_of!(hr_swiglu_params, gate) - 0usize];
+    ["Offset of field: hr_swiglu_params::up"]
+        [::std::mem::offset_of!(hr_swiglu_params, up) - 8usize];
+    ["Offset of field: hr_swiglu_params::d_out"]
+        [::std::mem::offset_of!(hr_swiglu_params, d_out) - 16usize];
+    ["Offset of field: hr_swiglu_params::out"]
+        [::std::mem::offset_of!(hr_swiglu_params, out) - 24usize];
+    ["Offset of field: hr_swiglu_params::d_gate"]
+        [::std::mem::offset_of!(hr_swiglu_params, d_gate) - 32usize];
+    ["Offset of field: hr_swiglu_params::d_up"]
+        [::std::mem::offset_of!(hr_swiglu_params, d_up) - 40usize];
+    ["Offset of field: hr_swiglu_params::n"][::std::mem::offset_of!(hr_swiglu_params, n) - 48usize];
+};
+impl Default for hr_swiglu_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn hr_swiglu_forward_f32(
+        p: *const hr_swiglu_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_swiglu_forward_bf16(
+        p: *const hr_swiglu_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_swiglu_backward_f32(
+        p: *const hr_swiglu_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_swiglu_backward_bf16(
+        p: *const hr_swiglu_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct hr_embedding_params {
+    pub ids: *const i32,
+    pub table: *const ::std::os::raw::c_void,
+    pub positions: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub d_out: *const ::std::os::raw::c_void,
+    pub d_table: *mut f32,
+    pub d_positions: *mut f32,
+    pub bad_token: *mut i32,
+    pub tokens: i32,
+    pub channels: i32,
+    pub vocab: i32,
+    pub seq: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of hr_embedding_params"][::std::mem::size_of::<hr_embedding_params>() - 80usize];
+    ["Alignment of hr_embedding_params"][::std::mem::align_of::<hr_embedding_params>() - 8usize];
+    ["Offset of field: hr_embedding_params::ids"]
+        [::std::mem::offset_of!(hr_embedding_params, ids) - 0usize];
+    ["Offset of field: hr_embedding_params::table"]
+        [::std::mem::offset_of!(hr_embedding_params, table) - 8usize];
+    ["Offset of field: hr_embedding_params::positions"]
+        [::std::mem::offset_of!(hr_embedding_params, positions) - 16usize];
+    ["Offset of field: hr_embedding_params::out"]
+        [::std::mem::offset_of!(hr_embedding_params, out) - 24usize];
+    ["Offset of field: hr_embedding_params::d_out"]
+        [::std::mem::offset_of!(hr_embedding_params, d_out) - 32usize];
+    ["Offset of field: hr_embedding_params::d_table"]
+        [::std::mem::offset_of!(hr_embedding_params, d_table) - 40usize];
+    ["Offset of field: hr_embedding_params::d_positions"]
+        [::std::mem::offset_of!(hr_embedding_params, d_positions) - 48usize];
+    ["Offset of field: hr_embedding_params::bad_token"]
+        [::std::mem::offset_of!(hr_embedding_params, bad_token) - 56usize];
+    ["Offset of field: hr_embedding_params::tokens"]
+        [::std::mem::offset_of!(hr_embedding_params, tokens) - 64usize];
+    ["Offset of field: hr_embedding_params::channels"]
+        [::std::mem::offset_of!(hr_embedding_params, channels) - 68usize];
+    ["Offset of field: hr_embedding_params::vocab"]
+        [::std::mem::offset_of!(hr_embedding_params, vocab) - 72usize];
+    ["Offset of field: hr_embedding_params::seq"]
+        [::std::mem::offset_of!(hr_embedding_params, seq) - 76usize];
+};
+impl Default for hr_embedding_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn hr_embedding_forward_f32(
+        p: *const hr_embedding_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_embedding_forward_bf16(
+        p: *const hr_embedding_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_embedding_backward_f32(
+        p: *const hr_embedding_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_embedding_backward_bf16(
+        p: *const hr_embedding_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct hr_repeat_kv_params {
+    pub src: *const ::std::os::raw::c_void,
+    pub dst: *mut ::std::os::raw::c_void,
+    pub batch: i32,
+    pub heads: i32,
+    pub kv_heads: i32,
+    pub seq: i32,
+    pub head_dim: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of hr_repeat_kv_params"][::std::mem::size_of::<hr_repeat_kv_params>() - 40usize];
+    ["Alignment of hr_repeat_kv_params"][::std::mem::align_of::<hr_repeat_kv_params>() - 8usize];
+    ["Offset of field: hr_repeat_kv_params::src"]
+        [::std::mem::offset_of!(hr_repeat_kv_params, src) - 0usize];
+    ["Offset of field: hr_repeat_kv_params::dst"]
+        [::std::mem::offset_of!(hr_repeat_kv_params, dst) - 8usize];
+    ["Offset of field: hr_repeat_kv_params::batch"]
+        [::std::mem::offset_of!(hr_repeat_kv_params, batch) - 16usize];
+    ["Offset of field: hr_repeat_kv_params::heads"]
+        [::std::mem::offset_of!(hr_repeat_kv_params, heads) - 20usize];
+    ["Offset of field: hr_repeat_kv_params::kv_heads"]
+        [::std::mem::offset_of!(hr_repeat_kv_params, kv_heads) - 24usize];
+    ["Offset of field: hr_repeat_kv_params::seq"]
+        [::std::mem::offset_of!(hr_repeat_kv_params, seq) - 28usize];
+    ["Offset of field: hr_repeat_kv_params::head_dim"]
+        [::std::mem::offset_of!(hr_repeat_kv_params, head_dim) - 32usize];
+};
+impl Default for hr_repeat_kv_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn hr_repeat_kv_f32(
+        p: *const hr_repeat_kv_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_repeat_kv_bf16(
+        p: *const hr_repeat_kv_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_reduce_kv_f32(
+        p: *const hr_repeat_kv_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_reduce_kv_bf16(
+        p: *const hr_repeat_kv_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
 }

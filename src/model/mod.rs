@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::techniques::attention::Variant;
 
+pub mod head;
 pub mod memory;
 
 /// The model's size. `batch` is the global batch (sequences per optimizer step).

@@ -6,6 +6,9 @@
 
 use crate::shapes::{AttentionShape, Epilogue, Matmul};
 
+pub mod layers;
+pub mod loss;
+
 /// GELU (tanh form) in f64.
 pub fn gelu_tanh(x: f64) -> f64 {
     let k0 = (2.0 / std::f64::consts::PI).sqrt();
@@ -61,7 +64,10 @@ pub fn matmul_element(
     x
 }
 
-/// One attention head's inputs: rows of length d.
+/// One attention head's inputs: rows of length d. Under grouped-query attention `k` and `v`
+/// are the kv head the query head reads (kv head h / G of `[B, Hkv, N, d]`), and a kv head's
+/// dK and dV are the sums of [`Head::dk_dv_row`] (or [`HeadOutputs::dk`], `dv`) over the G
+/// query heads of its group, as `techniques::attention` sums them.
 pub struct Head<'a> {
     pub q: &'a [f32],
     pub k: &'a [f32],

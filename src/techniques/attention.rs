@@ -68,22 +68,32 @@ impl Pass {
 }
 
 /// The analytic peak of allocated bytes of one attention call, with
-/// L = B·H·N·d elements per Q/K/V/O-shaped tensor, R = B·H·N statistics (f32) and
-/// S = B·H·N² score elements, s = bytes per element:
-/// - flash fwd:      Q, K, V, O + logsumexp                     = 4·L·s + 4·R
-/// - flash fwd+bwd:  + dO, dQ, dK, dV + delta                   = 8·L·s + 8·R
-/// - naive fwd:      Q, K, V, O + P (S and P share one buffer)  = 4·L·s + S·s
-/// - naive fwd+bwd:  + dO, dQ, dK, dV, delta + dP (dS in place) = 8·L·s + 2·S·s + 4·R
+/// L = B·H·N·d elements per Q/O-shaped tensor, Lkv = B·Hkv·N·d per K/V-shaped one (= L
+/// without grouped-query attention), R = B·H·N statistics (f32) and S = B·H·N² score
+/// elements, s = bytes per element:
+/// - flash fwd:      Q, O, K, V + logsumexp                       = (2·L + 2·Lkv)·s + 4·R
+/// - flash fwd+bwd:  + dO, dQ, dK, dV + delta                     = (4·L + 4·Lkv)·s + 8·R
+/// - naive fwd:      Q, O, K, V + P (S and P share one buffer)    = (2·L + 2·Lkv)·s + S·s
+/// - naive fwd+bwd:  + dO, dQ, dK, dV, delta + dP (dS in place)   = (4·L + 4·Lkv)·s + 2·S·s + 4·R
+///
+/// With Hkv < H the naive variant also pays what eager attention pays for grouped-query
+/// attention: K and V repeated to every query head (+ 2·L·s), and in backward the
+/// query-head-sized dK and dV its matmuls write before they are summed per group (+ 2·L·s).
+/// Flash reads the kv heads in place and pays nothing more.
 pub fn model_peak_bytes(variant: Variant, pass: Pass, shape: &AttentionShape, dtype: DType) -> u64 {
     let s = dtype.size() as u64;
     let l = shape.qkv_len() as u64;
+    let lkv = shape.kv_len() as u64;
     let r = shape.stats_len() as u64;
     let sq = shape.scores_len() as u64;
+    let repeated = |tensors: u64| if shape.is_gqa() { tensors * l * s } else { 0 };
     match (variant, pass) {
-        (Variant::Flash, Pass::Forward) => 4 * l * s + 4 * r,
-        (Variant::Flash, Pass::ForwardBackward) => 8 * l * s + 8 * r,
-        (Variant::Naive, Pass::Forward) => 4 * l * s + sq * s,
-        (Variant::Naive, Pass::ForwardBackward) => 8 * l * s + 2 * sq * s + 4 * r,
+        (Variant::Flash, Pass::Forward) => (2 * l + 2 * lkv) * s + 4 * r,
+        (Variant::Flash, Pass::ForwardBackward) => (4 * l + 4 * lkv) * s + 8 * r,
+        (Variant::Naive, Pass::Forward) => (2 * l + 2 * lkv) * s + sq * s + repeated(2),
+        (Variant::Naive, Pass::ForwardBackward) => {
+            (4 * l + 4 * lkv) * s + 2 * sq * s + 4 * r + repeated(4)
+        }
     }
 }
 
@@ -114,14 +124,20 @@ pub struct AttentionCase {
 impl AttentionCase {
     pub fn new(variant: Variant, pass: Pass, dtype: DType, shape: AttentionShape) -> Self {
         let s = &shape;
+        // Multi-head ids are unchanged; grouped-query ones append the kv heads.
         let name = format!(
-            "{}/b{}-h{}-n{}-d{}{}",
+            "{}/b{}-h{}-n{}-d{}{}{}",
             pass.name(),
             s.batch,
             s.heads,
             s.seq,
             s.head_dim,
-            if s.causal { "-causal" } else { "" }
+            if s.causal { "-causal" } else { "" },
+            if s.is_gqa() {
+                format!("-kv{}", s.kv_heads)
+            } else {
+                String::new()
+            }
         );
         let mut info = CaseInfo::new("attention", variant.name(), dtype, name);
         info.flops = flops(pass, s);
@@ -146,15 +162,27 @@ struct AttentionInstance {
     shape: AttentionShape,
     dtype: DType,
     q: Tensor,
+    /// K and V: [B, Hkv, N, d]
     k: Tensor,
     v: Tensor,
     o: Tensor,
+    /// naive with Hkv < H: K and V repeated to [B, H, N, d] (`Backend::repeat_kv`)
+    repeated: Option<Repeated>,
     /// flash: logsumexp [B,H,N] (f32)
     lse: Option<Tensor>,
     /// naive: scores, then probabilities [B,H,N,N]
     p: Option<Tensor>,
     bwd: Option<Backward>,
     host: [Vec<f32>; 4], // q, k, v, dO
+}
+
+/// The query-head-sized copies eager grouped-query attention multiplies with.
+struct Repeated {
+    k: Tensor,
+    v: Tensor,
+    /// backward: dK and dV per query head, before `Backend::reduce_kv`
+    dk: Option<Tensor>,
+    dv: Option<Tensor>,
 }
 
 struct Backward {
@@ -184,16 +212,17 @@ impl Case for AttentionCase {
     fn setup(&self, be: &dyn Backend, rng: &mut Rng) -> Result<Box<dyn Instance>> {
         let dt = self.info.dtype;
         let s = &self.shape;
-        let len = s.qkv_len();
+        s.check_kv_heads().map_err(crate::error::Error::Invalid)?;
+        let (len, kv_len) = (s.qkv_len(), s.kv_len());
         let (mut q, mut qv) = random_tensor(be, rng, dt, len, QK_RANGE, "Q")?;
-        let (k, kv) = random_tensor(be, rng, dt, len, QK_RANGE, "K")?;
+        let (k, kv) = random_tensor(be, rng, dt, kv_len, QK_RANGE, "K")?;
         for row in qv.chunks_mut(s.head_dim) {
             if rng.below(BOOST_ONE_IN) == 0 {
                 row.iter_mut().for_each(|x| *x = dt.round(*x * BOOST));
             }
         }
         be.write(&mut q, &qv)?;
-        let (v, vv) = random_tensor(be, rng, dt, len, 1.0, "V")?;
+        let (v, vv) = random_tensor(be, rng, dt, kv_len, 1.0, "V")?;
         let o = be.alloc(dt, len, "O")?;
         let (lse, p) = match self.variant {
             Variant::Flash => (
@@ -210,8 +239,8 @@ impl Case for AttentionCase {
             Pass::ForwardBackward => {
                 let (d_o, dov) = random_tensor(be, rng, dt, len, 1.0, "dO")?;
                 let dq = be.alloc(dt, len, "dQ")?;
-                let dk = be.alloc(dt, len, "dK")?;
-                let dv = be.alloc(dt, len, "dV")?;
+                let dk = be.alloc(dt, kv_len, "dK")?;
+                let dv = be.alloc(dt, kv_len, "dV")?;
                 let delta = be.alloc(DType::F32, s.stats_len(), "delta")?;
                 let dp = match self.variant {
                     Variant::Naive => Some(be.alloc(dt, s.scores_len(), "dP/dS")?),
@@ -230,6 +259,21 @@ impl Case for AttentionCase {
                 )
             }
         };
+        let repeated = if self.variant == Variant::Naive && s.is_gqa() {
+            let bwd = self.pass == Pass::ForwardBackward;
+            Some(Repeated {
+                k: be.alloc(dt, len, "K repeated")?,
+                v: be.alloc(dt, len, "V repeated")?,
+                dk: bwd
+                    .then(|| be.alloc(dt, len, "dK per query head"))
+                    .transpose()?,
+                dv: bwd
+                    .then(|| be.alloc(dt, len, "dV per query head"))
+                    .transpose()?,
+            })
+        } else {
+            None
+        };
         Ok(Box::new(AttentionInstance {
             variant: self.variant,
             shape: *s,
@@ -238,6 +282,7 @@ impl Case for AttentionCase {
             k,
             v,
             o,
+            repeated,
             lse,
             p,
             bwd,
@@ -269,10 +314,19 @@ impl AttentionInstance {
         let mm_s = self.bmm(n, n, d, false, true, self.shape.scale);
         let mm_o = self.bmm(n, d, n, false, false, 1.0);
         let p = self.p.as_mut().expect("naive has P");
+        // Grouped-query: K and V repeated to every query head first, as eager attention does.
+        let (k, v) = match self.repeated.as_mut() {
+            Some(r) => {
+                be.repeat_kv(&self.shape, &self.k, &mut r.k)?;
+                be.repeat_kv(&self.shape, &self.v, &mut r.v)?;
+                (&r.k, &r.v)
+            }
+            None => (&self.k, &self.v),
+        };
         // S = scale · Q Kᵀ, then P = softmax(S) in place, then O = P V.
-        be.matmul(kern, &mm_s, &self.q, &self.k, Epi::none(), p)?;
+        be.matmul(kern, &mm_s, &self.q, k, Epi::none(), p)?;
         be.softmax_forward(&self.shape, p)?;
-        be.matmul(kern, &mm_o, p, &self.v, Epi::none(), &mut self.o)
+        be.matmul(kern, &mm_o, p, v, Epi::none(), &mut self.o)
     }
 
     fn naive_backward(&mut self, be: &dyn Backend) -> Result<()> {
@@ -287,14 +341,31 @@ impl AttentionInstance {
         let p = self.p.as_ref().expect("naive has P");
         let g = self.bwd.as_mut().expect("backward buffers");
         let dp = g.dp.as_mut().expect("naive has dP");
+        // Grouped-query: the matmuls see the repeated K and V and write dK and dV per query
+        // head, which `reduce_kv` then sums per group (the backward of `repeat_kv`).
+        let (k, v, dk, dv) = match self.repeated.as_mut() {
+            Some(r) => (
+                &r.k,
+                &r.v,
+                r.dk.as_mut().expect("naive GQA backward has per-head dK"),
+                r.dv.as_mut().expect("naive GQA backward has per-head dV"),
+            ),
+            None => (&self.k, &self.v, &mut g.dk, &mut g.dv),
+        };
         // dV = Pᵀ dO; dP = dO Vᵀ; delta = rowsum(dO∘O); dS = P∘(dP − delta);
         // dQ = scale · dS K; dK = scale · dSᵀ Q.
-        be.matmul(kern, &mm_dv, p, &g.d_o, Epi::none(), &mut g.dv)?;
-        be.matmul(kern, &mm_dp, &g.d_o, &self.v, Epi::none(), dp)?;
+        be.matmul(kern, &mm_dv, p, &g.d_o, Epi::none(), dv)?;
+        be.matmul(kern, &mm_dp, &g.d_o, v, Epi::none(), dp)?;
         be.attention_delta(&shape, &self.o, &g.d_o, &mut g.delta)?;
         be.softmax_backward(&shape, p, dp, &g.delta)?;
-        be.matmul(kern, &mm_dq, dp, &self.k, Epi::none(), &mut g.dq)?;
-        be.matmul(kern, &mm_dk, dp, &self.q, Epi::none(), &mut g.dk)
+        be.matmul(kern, &mm_dq, dp, k, Epi::none(), &mut g.dq)?;
+        be.matmul(kern, &mm_dk, dp, &self.q, Epi::none(), dk)?;
+        if let Some(r) = self.repeated.as_ref() {
+            let (dk, dv) = (r.dk.as_ref(), r.dv.as_ref());
+            be.reduce_kv(&shape, dk.expect("per-head dK"), &mut g.dk)?;
+            be.reduce_kv(&shape, dv.expect("per-head dV"), &mut g.dv)?;
+        }
+        Ok(())
     }
 }
 
@@ -353,6 +424,14 @@ impl Instance for AttentionInstance {
         }
         if let Some(t) = self.p.as_mut() {
             be.poison(t)?;
+        }
+        if let Some(r) = self.repeated.as_mut() {
+            for t in [&mut r.k, &mut r.v] {
+                be.poison(t)?;
+            }
+            for t in [r.dk.as_mut(), r.dv.as_mut()].into_iter().flatten() {
+                be.poison(t)?;
+            }
         }
         if let Some(g) = self.bwd.as_mut() {
             for t in [&mut g.dq, &mut g.dk, &mut g.dv, &mut g.delta] {
@@ -465,195 +544,238 @@ impl Instance for AttentionInstance {
         let full = n <= FULL_CHECK_SEQ;
         // The largest |score| of the rows P was compared on, for P's bound.
         let mut max_score = 0f64;
-        // A few heads, always including the first and the last (edges of the B·H grid).
-        for bh in sample_indices(rng, s.rows(), 2) {
-            let span = bh * n * d..(bh + 1) * n * d;
-            let head = Head {
-                q: &qv[span.clone()],
-                k: &kv[span.clone()],
-                v: &vv[span.clone()],
-                d,
-                n,
-            };
-            let d_o: &[f32] = if dov.is_empty() {
-                &[]
-            } else {
-                &dov[span.clone()]
-            };
-            let delta = if delta_ref.is_empty() {
-                &[][..]
-            } else {
-                &delta_ref[bh * n..(bh + 1) * n]
-            };
-            let at = |name: &'static str, i: usize, c: usize| {
-                move || format!("{name}[head {bh}][{i},{c}]")
-            };
-            let row =
-                |x: &[f32], i: usize| x[span.start + i * d..span.start + (i + 1) * d].to_vec();
-            let compare_row =
-                |cmp: &mut Comparison, name: &'static str, got: &[f32], want: &[f64], i: usize| {
-                    for c in 0..d {
-                        cmp.add(name, &at(name, i, c), got[c], want[c]);
-                    }
-                };
-            let queries = if full {
-                (0..n).collect()
-            } else {
-                sample_indices(rng, n, SAMPLED_QUERY_ROWS)
-            };
-            let keys = if full {
+        // A few kv heads, always including the first and the last (edges of the B·Hkv grid),
+        // each with every query head of its group: a kv head's dK and dV are sums over its
+        // group's query heads (Ainslie et al. 2023, sec. 2), so their references need them
+        // all. With Hkv = H that is a few heads of the B·H grid, one query head each.
+        let group = s.group();
+        for kvh in sample_indices(rng, s.batch * s.kv_heads, 2) {
+            let kspan = kvh * n * d..(kvh + 1) * n * d;
+            let keys: Vec<usize> = if full {
                 (0..n).collect()
             } else {
                 sample_indices(rng, n, SAMPLED_KEY_ROWS)
             };
-            if stored {
-                let pv = p.as_deref().expect("naive bf16 reads P back");
-                let ph = &pv[bh * n * n..(bh + 1) * n * n];
-                // alpha · sum_j M_ij X_j (a row of a product) or sum_i M_ij X_i (a column).
-                let product = |m: &[f32], x: &[f32], alpha: f64, at: usize, transposed: bool| {
-                    let mut out = vec![0f64; d];
-                    for t in 0..n {
-                        let w = if transposed {
-                            m[t * n + at]
-                        } else {
-                            m[at * n + t]
-                        };
-                        if w != 0.0 {
-                            for (o, xv) in out.iter_mut().zip(&x[t * d..(t + 1) * d]) {
-                                *o += alpha * w as f64 * *xv as f64;
-                            }
-                        }
-                    }
-                    out
+            // f64 dK and dV of the compared key rows, summed over the group in head order.
+            let mut dk_ref = vec![vec![0f64; d]; keys.len()];
+            let mut dv_ref = vec![vec![0f64; d]; keys.len()];
+            let add = |acc: &mut [f64], x: &[f64]| acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+            // sum_i dO_i over the group's query rows (all of dV's column sums, see below).
+            let mut dv_col_want = vec![0f64; d];
+            for bh in kvh * group..(kvh + 1) * group {
+                let span = bh * n * d..(bh + 1) * n * d;
+                let head = Head {
+                    q: &qv[span.clone()],
+                    k: &kv[kspan.clone()],
+                    v: &vv[kspan.clone()],
+                    d,
+                    n,
                 };
-                for &i in &queries {
-                    let sc = head.scores(&s, i);
-                    max_score = sc.iter().fold(max_score, |m, x| m.max(x.abs()));
-                    let probs = head.probs(&s, i);
-                    for j in 0..n {
-                        let want = probs.get(j).copied().unwrap_or(0.0);
-                        cmp.add("P", &at("P", i, j), ph[i * n + j], want);
-                    }
-                    compare_row(
-                        &mut cmp,
-                        "O",
-                        &row(&o, i),
-                        &product(ph, head.v, 1.0, i, false),
-                        i,
-                    );
-                }
-                let Some(g) = &grads else { continue };
-                let dsv = ds.as_deref().expect("naive bf16 backward reads dS back");
-                let dsh = &dsv[bh * n * n..(bh + 1) * n * n];
-                let scale = s.scale as f64;
-                for &i in &queries {
-                    // dS_ij = P_ij (dP_ij - delta_i) over the stored P and the stored (bf16)
-                    // dP = dO_i · V_j.
-                    let doi = &d_o[i * d..(i + 1) * d];
-                    for j in 0..n {
-                        let pij = ph[i * n + j] as f64;
-                        let want = if pij == 0.0 {
-                            0.0
-                        } else {
-                            let dp: f64 = doi
-                                .iter()
-                                .zip(&head.v[j * d..(j + 1) * d])
-                                .map(|(a, b)| *a as f64 * *b as f64)
-                                .sum();
-                            pij * (DType::Bf16.round(dp as f32) as f64 - delta[i])
-                        };
-                        cmp.add("dS", &at("dS", i, j), dsh[i * n + j], want);
-                    }
-                    compare_row(
-                        &mut cmp,
-                        "dQ",
-                        &row(&g.dq, i),
-                        &product(dsh, head.k, scale, i, false),
-                        i,
-                    );
-                    let t = bh * n + i;
-                    cmp.add("delta", &at("delta", i, 0), g.delta[t], delta_ref[t]);
-                }
-                for &j in &keys {
-                    compare_row(
-                        &mut cmp,
-                        "dV",
-                        &row(&g.dv, j),
-                        &product(ph, d_o, 1.0, j, true),
-                        j,
-                    );
-                    compare_row(
-                        &mut cmp,
-                        "dK",
-                        &row(&g.dk, j),
-                        &product(dsh, head.q, scale, j, true),
-                        j,
-                    );
-                }
-            } else if full {
-                // Everything, exactly.
-                let zeros = vec![0f32; n * d];
-                let r = if d_o.is_empty() {
-                    head.full(&s, &zeros, None)
+                let d_o: &[f32] = if dov.is_empty() {
+                    &[]
                 } else {
-                    head.full(&s, d_o, Some(delta))
+                    &dov[span.clone()]
                 };
-                for i in 0..n {
-                    compare_row(&mut cmp, "O", &row(&o, i), &r.o[i * d..(i + 1) * d], i);
-                    if let Some(l) = &lse {
-                        cmp.add("logsumexp", &at("logsumexp", i, 0), l[bh * n + i], r.lse[i]);
+                let delta = if delta_ref.is_empty() {
+                    &[][..]
+                } else {
+                    &delta_ref[bh * n..(bh + 1) * n]
+                };
+                let at = |name: &'static str, i: usize, c: usize| {
+                    move || format!("{name}[head {bh}][{i},{c}]")
+                };
+                let row =
+                    |x: &[f32], i: usize| x[span.start + i * d..span.start + (i + 1) * d].to_vec();
+                let compare_row = |cmp: &mut Comparison,
+                                   name: &'static str,
+                                   got: &[f32],
+                                   want: &[f64],
+                                   i: usize| {
+                    for c in 0..d {
+                        cmp.add(name, &at(name, i, c), got[c], want[c]);
                     }
-                    if let Some(g) = &grads {
-                        let x = i * d..(i + 1) * d;
-                        compare_row(&mut cmp, "dQ", &row(&g.dq, i), &r.dq[x.clone()], i);
-                        compare_row(&mut cmp, "dK", &row(&g.dk, i), &r.dk[x.clone()], i);
-                        compare_row(&mut cmp, "dV", &row(&g.dv, i), &r.dv[x], i);
-                        let t = bh * n + i;
-                        cmp.add("delta", &at("delta", i, 0), g.delta[t], delta_ref[t]);
-                    }
+                };
+                let queries = if full {
+                    (0..n).collect()
+                } else {
+                    sample_indices(rng, n, SAMPLED_QUERY_ROWS)
+                };
+                for (c, w) in dv_col_want.iter_mut().enumerate() {
+                    *w += (0..n)
+                        .map(|i| d_o.get(i * d + c).copied().unwrap_or(0.0) as f64)
+                        .sum::<f64>();
                 }
-                continue;
-            } else {
-                // Sampled query rows: O, logsumexp, delta and dQ exactly, at O(N·d) each.
-                for &i in &queries {
-                    compare_row(&mut cmp, "O", &row(&o, i), &head.output(&s, i), i);
-                    if let Some(l) = &lse {
-                        cmp.add(
-                            "logsumexp",
-                            &at("logsumexp", i, 0),
-                            l[bh * n + i],
-                            head.lse(&s, i),
+                if stored {
+                    let pv = p.as_deref().expect("naive bf16 reads P back");
+                    let ph = &pv[bh * n * n..(bh + 1) * n * n];
+                    // alpha · sum_j M_ij X_j (a row of a product) or sum_i M_ij X_i (a column).
+                    let product =
+                        |m: &[f32], x: &[f32], alpha: f64, at: usize, transposed: bool| {
+                            let mut out = vec![0f64; d];
+                            for t in 0..n {
+                                let w = if transposed {
+                                    m[t * n + at]
+                                } else {
+                                    m[at * n + t]
+                                };
+                                if w != 0.0 {
+                                    for (o, xv) in out.iter_mut().zip(&x[t * d..(t + 1) * d]) {
+                                        *o += alpha * w as f64 * *xv as f64;
+                                    }
+                                }
+                            }
+                            out
+                        };
+                    for &i in &queries {
+                        let sc = head.scores(&s, i);
+                        max_score = sc.iter().fold(max_score, |m, x| m.max(x.abs()));
+                        let probs = head.probs(&s, i);
+                        for j in 0..n {
+                            let want = probs.get(j).copied().unwrap_or(0.0);
+                            cmp.add("P", &at("P", i, j), ph[i * n + j], want);
+                        }
+                        compare_row(
+                            &mut cmp,
+                            "O",
+                            &row(&o, i),
+                            &product(ph, head.v, 1.0, i, false),
+                            i,
                         );
                     }
-                    if let Some(g) = &grads {
-                        let want = head.dq(&s, d_o, Some(delta[i]), i);
-                        compare_row(&mut cmp, "dQ", &row(&g.dq, i), &want, i);
+                    let Some(g) = &grads else { continue };
+                    let dsv = ds.as_deref().expect("naive bf16 backward reads dS back");
+                    let dsh = &dsv[bh * n * n..(bh + 1) * n * n];
+                    let scale = s.scale as f64;
+                    for &i in &queries {
+                        // dS_ij = P_ij (dP_ij - delta_i) over the stored P and the stored
+                        // (bf16) dP = dO_i · V_j.
+                        let doi = &d_o[i * d..(i + 1) * d];
+                        for j in 0..n {
+                            let pij = ph[i * n + j] as f64;
+                            let want = if pij == 0.0 {
+                                0.0
+                            } else {
+                                let dp: f64 = doi
+                                    .iter()
+                                    .zip(&head.v[j * d..(j + 1) * d])
+                                    .map(|(a, b)| *a as f64 * *b as f64)
+                                    .sum();
+                                pij * (DType::Bf16.round(dp as f32) as f64 - delta[i])
+                            };
+                            cmp.add("dS", &at("dS", i, j), dsh[i * n + j], want);
+                        }
+                        compare_row(
+                            &mut cmp,
+                            "dQ",
+                            &row(&g.dq, i),
+                            &product(dsh, head.k, scale, i, false),
+                            i,
+                        );
                         let t = bh * n + i;
                         cmp.add("delta", &at("delta", i, 0), g.delta[t], delta_ref[t]);
                     }
-                }
-                let Some(g) = &grads else { continue };
-                // Sampled key rows of dK and dV: each needs every query row's P_ij and dS_ij,
-                // so every row's f64 logsumexp first (O(N²·d) per head, on every core), then
-                // O(N·d) per key row.
-                let stats: RowStats = head.row_stats(&s, d_o, Some(delta));
-                for &j in &keys {
-                    let (dk, dv) = head.dk_dv_row(&s, d_o, &stats, j);
-                    compare_row(&mut cmp, "dK", &row(&g.dk, j), &dk, j);
-                    compare_row(&mut cmp, "dV", &row(&g.dv, j), &dv, j);
+                    // Grouped-query: each query head's dK and dV were stored (bf16) before
+                    // `reduce_kv` summed them, so the reference sums them rounded likewise;
+                    // G roundings of parts larger than their sum would exceed one rounding's
+                    // bound otherwise.
+                    let stored_part = |x: Vec<f64>| -> Vec<f64> {
+                        if s.is_gqa() {
+                            x.into_iter()
+                                .map(|v| DType::Bf16.round(v as f32) as f64)
+                                .collect()
+                        } else {
+                            x
+                        }
+                    };
+                    for (r, &j) in keys.iter().enumerate() {
+                        add(&mut dv_ref[r], &stored_part(product(ph, d_o, 1.0, j, true)));
+                        add(
+                            &mut dk_ref[r],
+                            &stored_part(product(dsh, head.q, scale, j, true)),
+                        );
+                    }
+                } else if full {
+                    // Everything, exactly.
+                    let zeros = vec![0f32; n * d];
+                    let r = if d_o.is_empty() {
+                        head.full(&s, &zeros, None)
+                    } else {
+                        head.full(&s, d_o, Some(delta))
+                    };
+                    for i in 0..n {
+                        compare_row(&mut cmp, "O", &row(&o, i), &r.o[i * d..(i + 1) * d], i);
+                        if let Some(l) = &lse {
+                            cmp.add("logsumexp", &at("logsumexp", i, 0), l[bh * n + i], r.lse[i]);
+                        }
+                        if let Some(g) = &grads {
+                            let x = i * d..(i + 1) * d;
+                            compare_row(&mut cmp, "dQ", &row(&g.dq, i), &r.dq[x], i);
+                            let t = bh * n + i;
+                            cmp.add("delta", &at("delta", i, 0), g.delta[t], delta_ref[t]);
+                        }
+                    }
+                    for (k, &j) in keys.iter().enumerate() {
+                        add(&mut dk_ref[k], &r.dk[j * d..(j + 1) * d]);
+                        add(&mut dv_ref[k], &r.dv[j * d..(j + 1) * d]);
+                    }
+                } else {
+                    // Sampled query rows: O, logsumexp, delta and dQ exactly, at O(N·d) each.
+                    for &i in &queries {
+                        compare_row(&mut cmp, "O", &row(&o, i), &head.output(&s, i), i);
+                        if let Some(l) = &lse {
+                            cmp.add(
+                                "logsumexp",
+                                &at("logsumexp", i, 0),
+                                l[bh * n + i],
+                                head.lse(&s, i),
+                            );
+                        }
+                        if let Some(g) = &grads {
+                            let want = head.dq(&s, d_o, Some(delta[i]), i);
+                            compare_row(&mut cmp, "dQ", &row(&g.dq, i), &want, i);
+                            let t = bh * n + i;
+                            cmp.add("delta", &at("delta", i, 0), g.delta[t], delta_ref[t]);
+                        }
+                    }
+                    if grads.is_none() {
+                        continue;
+                    }
+                    // Sampled key rows of dK and dV: each needs every query row's P_ij and
+                    // dS_ij, so every row's f64 logsumexp first (O(N²·d) per head, on every
+                    // core), then O(N·d) per key row.
+                    let stats: RowStats = head.row_stats(&s, d_o, Some(delta));
+                    for (r, &j) in keys.iter().enumerate() {
+                        let (dk, dv) = head.dk_dv_row(&s, d_o, &stats, j);
+                        add(&mut dk_ref[r], &dk);
+                        add(&mut dv_ref[r], &dv);
+                    }
                 }
             }
-            // At sampled sizes, all of dV at once through sum_j dV_j = sum_i dO_i (rows of P
-            // sum to one), which sees a wrong key tile the sampled rows may miss.
-            if let (Some(g), false) = (&grads, full) {
-                for c in 0..d {
-                    let got: f64 = (0..n).map(|j| g.dv[span.start + j * d + c] as f64).sum();
-                    let want: f64 = (0..n).map(|i| d_o[i * d + c] as f64).sum();
+            let Some(g) = &grads else { continue };
+            // dK and dV rows of the kv head, [B, Hkv, N, d].
+            for (r, &j) in keys.iter().enumerate() {
+                for (name, got, want) in [("dK", &g.dk, &dk_ref[r]), ("dV", &g.dv, &dv_ref[r])] {
+                    for c in 0..d {
+                        cmp.add(
+                            name,
+                            &|| format!("{name}[kv head {kvh}][{j},{c}]"),
+                            got[kspan.start + j * d + c],
+                            want[c],
+                        );
+                    }
+                }
+            }
+            // At sampled sizes, all of dV at once through sum_j dV_j = sum_i dO_i over the
+            // group's query rows (rows of P sum to one), which sees a wrong key tile the
+            // sampled rows may miss.
+            if !full {
+                for (c, want) in dv_col_want.iter().enumerate() {
+                    let got: f64 = (0..n).map(|j| g.dv[kspan.start + j * d + c] as f64).sum();
                     cmp.add(
                         "dV column sums",
-                        &at("dV column sums", 0, c),
+                        &|| format!("dV column sums[kv head {kvh}][0,{c}]"),
                         got as f32,
-                        want,
+                        *want,
                     );
                 }
             }
@@ -730,6 +852,16 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
                 DType::Bf16,
                 AttentionShape::new(1, 2, 128, 128, true),
             );
+            // Grouped-query attention (two query heads per kv head): what eager attention's
+            // repeated K/V cost against flash reading the kv heads in place.
+            for v in [Variant::Naive, Variant::Flash] {
+                push(
+                    v,
+                    Pass::ForwardBackward,
+                    DType::Bf16,
+                    AttentionShape::new(1, 4, 128, 64, false).with_kv_heads(2),
+                );
+            }
         }
         BackendKind::Cuda | BackendKind::Dry => {
             let seqs: &[usize] = match profile {
@@ -753,6 +885,23 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
             for v in [Variant::Naive, Variant::Flash] {
                 push(v, Pass::ForwardBackward, DType::F32, gpu_shape(2048, false));
             }
+            // Grouped-query attention at one length, 4 query heads per kv head (16 query
+            // heads, 4 kv heads: Llama-2 70B's ratio is 8, Mistral 7B's 4): eager attention
+            // repeats K and V to every query head, flash reads the kv heads in place.
+            for v in [Variant::Naive, Variant::Flash] {
+                push(
+                    v,
+                    Pass::ForwardBackward,
+                    DType::Bf16,
+                    gpu_shape(4096, false).with_kv_heads(4),
+                );
+            }
+            push(
+                Variant::Flash,
+                Pass::ForwardBackward,
+                DType::Bf16,
+                gpu_shape(4096, true).with_kv_heads(4),
+            );
         }
     }
     out
@@ -784,6 +933,48 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
                             dt,
                             s,
                         )));
+                    }
+                }
+            }
+        }
+    }
+    out.extend(gqa_check_cases(kind));
+    out
+}
+
+/// (batch, heads, kv_heads) of a grouped-query check case.
+type GqaHeads = (usize, usize, usize);
+
+/// Grouped-query attention (Ainslie et al. 2023): query heads per kv head G = 2 and 4, and
+/// multi-query attention (one kv head), at lengths that end inside a tile (65: one row past
+/// the first 64-row tile; 1000 on a GPU: many tiles then a ragged one), causal and not, both
+/// dtypes, flash and naive. Two kv heads per batch entry at least where G < H, so a wrong
+/// kv-head index reads a neighbour's K/V, and B = 2 on a GPU so it may cross a batch entry.
+/// The CPU keeps d = 64 and N = 65 so that `check` stays short; a GPU runs both head dims
+/// (their dK/dV kernels tile differently).
+pub fn gqa_check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
+    let mut out: Vec<Box<dyn Case>> = Vec::new();
+    let (seqs, dims, shapes): (&[usize], &[usize], &[GqaHeads]) = match kind {
+        BackendKind::Cpu => (&[65], &[64], &[(1, 4, 2), (1, 8, 2), (1, 4, 1)]),
+        BackendKind::Cuda | BackendKind::Dry => {
+            (&[65, 1000], &[64, 128], &[(2, 6, 3), (2, 8, 2), (2, 4, 1)])
+        }
+    };
+    for &n in seqs {
+        for &(batch, heads, kv_heads) in shapes {
+            for v in [Variant::Naive, Variant::Flash] {
+                for dt in [DType::F32, DType::Bf16] {
+                    for &d in dims {
+                        for causal in [false, true] {
+                            let s = AttentionShape::new(batch, heads, n, d, causal)
+                                .with_kv_heads(kv_heads);
+                            out.push(Box::new(AttentionCase::new(
+                                v,
+                                Pass::ForwardBackward,
+                                dt,
+                                s,
+                            )));
+                        }
                     }
                 }
             }

@@ -4,11 +4,16 @@
 //!
 //! Each case's memory model is the sum of its buffers. Ops that update buffers in place
 //! (accumulated gradients, AdamW's state) start from known values before validation.
+//!
+//! The norm, MLP and embedding ops of the Llama-style models (RMSNorm, SwiGLU, the token
+//! embedding with optional learned positions) are held to the f64 references of
+//! `reference::layers`.
 
 use crate::backend::{AdamW, AttentionShape, Backend, LayerNorm, RowStats, Tensor};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::reference::gelu_tanh;
+use crate::reference::layers as rl;
 use crate::rng::Rng;
 use crate::techniques::{
     random_tensor, Bounds, Case, CaseInfo, Comparison, Instance, Readback, Tamper, Validation,
@@ -23,6 +28,10 @@ pub enum Op {
     ColumnSum,
     Loss,
     AdamW,
+    RmsNormForward,
+    RmsNormBackward,
+    SwiGlu,
+    Embedding,
 }
 
 impl Op {
@@ -35,11 +44,18 @@ impl Op {
             Op::ColumnSum => "column-sum",
             Op::Loss => "loss",
             Op::AdamW => "adamw",
+            Op::RmsNormForward => "rmsnorm-forward",
+            Op::RmsNormBackward => "rmsnorm-backward",
+            Op::SwiGlu => "swiglu-forward-backward",
+            Op::Embedding => "embedding-forward-backward",
         }
     }
 
     /// The buffers of the op, in the order `run` uses them: (name, f32?, elements scale,
-    /// random input?, updated in place?). Lengths: "tc" = t·c, "c", "t", "1", "heads".
+    /// random input?, updated in place?). Lengths: "tc" = t·c, "c", "t", "1", "heads",
+    /// "vc" = vocabulary·c, "sc" = seq·c. The embedding's "ids" are i32 (4 bytes, hence
+    /// "f32?" for their size) drawn inside the vocabulary; its last two buffers (positions)
+    /// exist only in cases with learned positions.
     fn buffers(self) -> &'static [(&'static str, bool, &'static str, bool, bool)] {
         match self {
             Op::LayerNormForward => &[
@@ -89,6 +105,38 @@ impl Op {
                 ("v", true, "tc", true, true),
                 ("param (bf16)", false, "tc", false, false),
             ],
+            Op::RmsNormForward => &[
+                ("x", false, "tc", true, false),
+                ("weight", true, "c", true, false),
+                ("out", false, "tc", false, false),
+                ("rstd", true, "t", false, false),
+            ],
+            Op::RmsNormBackward => &[
+                ("x", false, "tc", true, false),
+                ("weight", true, "c", true, false),
+                ("out", false, "tc", false, false),
+                ("rstd", true, "t", false, false),
+                ("d_out", false, "tc", true, false),
+                ("dx", false, "tc", true, true),
+                ("d_weight", true, "c", true, true),
+            ],
+            Op::SwiGlu => &[
+                ("gate", false, "tc", true, false),
+                ("up", false, "tc", true, false),
+                ("d_out", false, "tc", true, false),
+                ("out", false, "tc", false, false),
+                ("d_gate", false, "tc", false, false),
+                ("d_up", false, "tc", false, false),
+            ],
+            Op::Embedding => &[
+                ("ids", true, "t", true, false),
+                ("table", false, "vc", true, false),
+                ("d_out", false, "tc", true, false),
+                ("out", false, "tc", false, false),
+                ("d_table", true, "vc", true, true),
+                ("positions", false, "sc", true, false),
+                ("d_positions", true, "sc", true, true),
+            ],
         }
     }
 }
@@ -102,6 +150,21 @@ const ADAMW: AdamW = AdamW {
 };
 const ADAMW_STEP: u32 = 3;
 const EPS: f32 = 1e-5;
+/// The embedding cases' vocabulary: a prime, no multiple of any block or pack.
+pub const VOCAB: usize = 1031;
+
+/// The buffers of `op` as a case with (or without) learned positions has them.
+fn buffers_of(
+    op: Op,
+    positions: bool,
+) -> &'static [(&'static str, bool, &'static str, bool, bool)] {
+    let all = op.buffers();
+    if op == Op::Embedding && !positions {
+        &all[..all.len() - 2]
+    } else {
+        all
+    }
+}
 
 pub struct LayerCase {
     info: CaseInfo,
@@ -109,24 +172,63 @@ pub struct LayerCase {
     t: usize,
     c: usize,
     heads: AttentionShape,
+    /// The embedding's vocabulary and sequence length (position rows), and whether it has
+    /// learned positions.
+    vocab: usize,
+    seq: usize,
+    positions: bool,
 }
 
 impl LayerCase {
     /// `t` tokens of `c` channels (for the head permutation: one sequence of `t` tokens with
     /// `c / 64` heads of 64).
+    /// The embedding op here has a vocabulary of [`VOCAB`] and learned positions over
+    /// sequences of (t + 1) / 2 tokens (see [`LayerCase::embedding`]).
     pub fn new(op: Op, dtype: DType, t: usize, c: usize) -> Self {
+        Self::with_vocab(op, dtype, t, c, VOCAB, t.div_ceil(2), true)
+    }
+
+    /// An embedding case: `t` tokens of `c` channels, ids below `vocab` (repeated ones
+    /// included), learned positions over sequences of `seq` tokens when `positions`.
+    pub fn embedding(
+        dtype: DType,
+        t: usize,
+        c: usize,
+        vocab: usize,
+        seq: usize,
+        positions: bool,
+    ) -> Self {
+        Self::with_vocab(Op::Embedding, dtype, t, c, vocab, seq, positions)
+    }
+
+    fn with_vocab(
+        op: Op,
+        dtype: DType,
+        t: usize,
+        c: usize,
+        vocab: usize,
+        seq: usize,
+        positions: bool,
+    ) -> Self {
         let dtype = if op == Op::AdamW { DType::Bf16 } else { dtype };
         let heads = AttentionShape::new(1, (c / 64).max(1), t, 64, false);
-        let mut info = CaseInfo::new("layers", op.name(), dtype, format!("t{t}-c{c}"));
+        let shape = match (op, positions) {
+            (Op::Embedding, true) => format!("t{t}-c{c}-v{vocab}-pos{seq}"),
+            (Op::Embedding, false) => format!("t{t}-c{c}-v{vocab}"),
+            _ => format!("t{t}-c{c}"),
+        };
+        let mut info = CaseInfo::new("layers", op.name(), dtype, shape);
         let case = LayerCase {
             info: info.clone(),
             op,
             t,
             c,
             heads,
+            vocab: vocab.max(1),
+            seq: seq.max(1),
+            positions,
         };
-        info.predicted_peak_bytes = op
-            .buffers()
+        info.predicted_peak_bytes = buffers_of(op, positions)
             .iter()
             .map(|&(_, f32_, len, _, _)| {
                 (case.len(len) * if f32_ { 4 } else { dtype.size() }) as u64
@@ -147,8 +249,25 @@ impl LayerCase {
             "c" => self.c,
             "t" => self.t,
             "heads" => self.heads.qkv_len(),
+            "vc" => self.vocab * self.c,
+            "sc" => self.seq * self.c,
             _ => 1,
         }
+    }
+
+    /// Token ids inside the vocabulary: the last and the first id, then draws of which every
+    /// fourth repeats an earlier token's id (so rows of d_table sum several tokens).
+    fn ids(&self, rng: &mut Rng) -> Vec<f32> {
+        let mut ids: Vec<usize> = Vec::with_capacity(self.t);
+        for t in 0..self.t {
+            ids.push(match t {
+                0 => self.vocab - 1,
+                1 => 0,
+                _ if t % 4 == 3 => ids[t / 2],
+                _ => rng.below(self.vocab),
+            });
+        }
+        ids.into_iter().map(|i| i as f32).collect()
     }
 }
 
@@ -158,6 +277,8 @@ struct LayerInstance {
     t: usize,
     c: usize,
     heads: AttentionShape,
+    seq: usize,
+    positions: bool,
     bufs: Vec<Tensor>,
     /// The initial (stored) values of every input, empty for outputs.
     init: Vec<Vec<f32>>,
@@ -171,12 +292,27 @@ impl Case for LayerCase {
     fn setup(&self, be: &dyn Backend, rng: &mut Rng) -> Result<Box<dyn Instance>> {
         let mut bufs = Vec::new();
         let mut init = Vec::new();
-        for &(name, f32_, len, random, _) in self.op.buffers() {
-            let dtype = if f32_ { DType::F32 } else { self.info.dtype };
+        for &(name, f32_, len, random, _) in buffers_of(self.op, self.positions) {
+            let dtype = match (name, f32_) {
+                ("ids", _) if self.op == Op::Embedding => DType::I32,
+                (_, true) => DType::F32,
+                _ => self.info.dtype,
+            };
             let n = self.len(len);
-            if random {
-                let (mut t, mut v) =
-                    random_tensor(be, rng, dtype, n, if name == "x" { 2.0 } else { 1.0 }, name)?;
+            if dtype == DType::I32 {
+                let v = self.ids(rng);
+                let mut t = be.alloc(dtype, n, name)?;
+                be.write(&mut t, &v)?;
+                bufs.push(t);
+                init.push(v);
+            } else if random {
+                // Gates over [-4, 4) reach both of SiLU's tails and its bend.
+                let scale = match name {
+                    "x" => 2.0,
+                    "gate" => 4.0,
+                    _ => 1.0,
+                };
+                let (mut t, mut v) = random_tensor(be, rng, dtype, n, scale, name)?;
                 if name == "v" {
                     // AdamW's second moment is never negative.
                     v.iter_mut().for_each(|x| *x = x.abs() * 0.1);
@@ -195,6 +331,8 @@ impl Case for LayerCase {
             t: self.t,
             c: self.c,
             heads: self.heads,
+            seq: self.seq,
+            positions: self.positions,
             bufs,
             init,
         }))
@@ -260,6 +398,32 @@ impl Instance for LayerInstance {
                 let [p, g, m, v, p16] = each_mut::<5>(&mut self.bufs);
                 be.adamw(&ADAMW, ADAMW_STEP, p, g, m, v, Some(p16))
             }
+            Op::RmsNormForward => {
+                let [x, w, out, rstd] = each_mut::<4>(&mut self.bufs);
+                be.rmsnorm_forward(&ln, x, w, out, rstd)
+            }
+            Op::RmsNormBackward => {
+                // Backward takes rstd from the forward, as in training.
+                let [x, w, out, rstd, d_out, dx, dw] = each_mut::<7>(&mut self.bufs);
+                be.rmsnorm_forward(&ln, x, w, out, rstd)?;
+                be.rmsnorm_backward(&ln, d_out, x, w, rstd, dx, true)?;
+                be.rmsnorm_backward_params(&ln, d_out, x, rstd, dw)
+            }
+            Op::SwiGlu => {
+                let [gate, up, d_out, out, d_gate, d_up] = each_mut::<6>(&mut self.bufs);
+                be.swiglu_forward(gate, up, out)?;
+                be.swiglu_backward(gate, up, d_out, d_gate, d_up)
+            }
+            Op::Embedding => {
+                let (head, tail) = self.bufs.split_at_mut(5);
+                let [ids, table, d_out, out, d_table] = each_mut::<5>(head);
+                let (positions, d_positions) = match tail {
+                    [p, dp] => (Some(&*p), Some(dp)),
+                    _ => (None, None),
+                };
+                be.embedding_forward(ids, table, positions, self.seq, out)?;
+                be.embedding_backward(ids, d_out, self.seq, d_table, d_positions)
+            }
         }
     }
 
@@ -270,7 +434,9 @@ impl Instance for LayerInstance {
         tamper: &mut Tamper<'_>,
     ) -> Result<Validation> {
         // In-place buffers back to their initial values; outputs poisoned.
-        for (i, &(_, _, _, random, in_place)) in self.op.buffers().iter().enumerate() {
+        for (i, &(_, _, _, random, in_place)) in
+            buffers_of(self.op, self.positions).iter().enumerate()
+        {
             if in_place {
                 be.write(&mut self.bufs[i], &self.init[i])?;
             } else if !random {
@@ -284,13 +450,13 @@ impl Instance for LayerInstance {
             Op::AdamW => DType::F32,
             _ => self.dtype,
         });
-        for (i, &(name, _, len, _, _)) in self.op.buffers().iter().enumerate() {
+        for (i, &(name, _, len, _, _)) in buffers_of(self.op, self.positions).iter().enumerate() {
             let Some(w) = &want[i] else { continue };
             let mut got = be.read(&self.bufs[i])?;
             // A row is one token's channels, one head's 64 elements, or one element of a
             // per-channel or per-token vector.
             let row = match len {
-                "tc" => self.c,
+                "tc" | "vc" | "sc" => self.c,
                 "heads" => self.heads.head_dim,
                 _ => 1,
             };
@@ -303,6 +469,8 @@ impl Instance for LayerInstance {
                 (Op::Heads, _) => cmp.bounds(name, Bounds::EXACT),
                 (_, "mean" | "rstd") => cmp.bounds(name, Bounds::statistic()),
                 (Op::AdamW, "param (bf16)") => cmp.bounds(name, Bounds::of(DType::Bf16)),
+                // fp32 sums of the stored d_out, in token order on every backend.
+                (Op::Embedding, "d_table" | "d_positions") => cmp.bounds(name, Bounds::statistic()),
                 _ => {}
             }
             cmp.all_finite(name, &got);
@@ -411,6 +579,45 @@ impl LayerInstance {
                 out[2] = Some(m);
                 out[3] = Some(vv);
             }
+            Op::RmsNormForward | Op::RmsNormBackward => {
+                let (x, w) = (&self.init[0], &self.init[1]);
+                let (y, rstd) = rl::rmsnorm_forward(x, w, c, EPS as f64);
+                if self.op == Op::RmsNormBackward {
+                    let d_out = &self.init[4];
+                    let (mut dx, mut dw) = (v(5), v(6));
+                    rl::rmsnorm_backward(x, w, d_out, &rstd, c, &mut dx);
+                    rl::rmsnorm_backward_params(x, d_out, &rstd, c, &mut dw);
+                    out[5] = Some(dx);
+                    out[6] = Some(dw);
+                }
+                out[2] = Some(y);
+                out[3] = Some(rstd);
+            }
+            Op::SwiGlu => {
+                let (y, dg, du) = rl::swiglu(&self.init[0], &self.init[1], &self.init[2]);
+                out[3] = Some(y);
+                out[4] = Some(dg);
+                out[5] = Some(du);
+            }
+            Op::Embedding => {
+                let (ids, table, d_out) = (&self.init[0], &self.init[1], &self.init[2]);
+                let positions = self.positions.then(|| self.init[5].as_slice());
+                out[3] = Some(rl::embedding_forward(ids, table, positions, self.seq, c));
+                let mut d_table = v(4);
+                let mut d_positions = self.positions.then(|| v(6));
+                rl::embedding_backward(
+                    ids,
+                    d_out,
+                    self.seq,
+                    c,
+                    &mut d_table,
+                    d_positions.as_deref_mut(),
+                );
+                out[4] = Some(d_table);
+                if let Some(dp) = d_positions {
+                    out[6] = Some(dp);
+                }
+            }
         }
         let _ = self.dtype;
         out
@@ -427,6 +634,9 @@ pub fn check_cases() -> Vec<Box<dyn Case>> {
         Op::Heads,
         Op::ColumnSum,
         Op::Loss,
+        Op::RmsNormForward,
+        Op::RmsNormBackward,
+        Op::SwiGlu,
     ] {
         for dtype in [DType::F32, DType::Bf16] {
             for (t, c) in [(77, 200), (33, 128)] {
@@ -436,5 +646,15 @@ pub fn check_cases() -> Vec<Box<dyn Case>> {
         }
     }
     out.push(Box::new(LayerCase::new(Op::AdamW, DType::F32, 77, 200)));
+    // Sequences shorter than the batch, so position rows sum several tokens (77 = 2·32 + 13).
+    for dtype in [DType::F32, DType::Bf16] {
+        for (t, c, seq) in [(77, 200, 32), (33, 128, 16)] {
+            for positions in [true, false] {
+                out.push(Box::new(LayerCase::embedding(
+                    dtype, t, c, VOCAB, seq, positions,
+                )));
+            }
+        }
+    }
     out
 }

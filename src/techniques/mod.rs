@@ -17,6 +17,7 @@ pub mod attention;
 pub mod collective;
 pub mod copy;
 pub mod layers;
+pub mod loss;
 pub mod matmul;
 pub mod shard;
 pub mod train;
@@ -696,6 +697,7 @@ pub fn registry(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
     cases.extend(copy::cases(profile, kind));
     cases.extend(matmul::cases(profile, kind));
     cases.extend(attention::cases(profile, kind));
+    cases.extend(loss::cases(profile, kind));
     cases.extend(train::cases(profile, kind));
     cases.extend(shard::cases(profile, kind));
     cases.extend(collective::cases(profile, kind));
@@ -710,6 +712,7 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
     cases.extend(matmul::check_cases(kind));
     cases.extend(attention::check_cases(kind));
     cases.extend(layers::check_cases());
+    cases.extend(loss::check_cases());
     cases.extend(train::check_cases());
     cases.extend(shard::check_cases(kind));
     cases.extend(collective::check_cases());
