@@ -20,6 +20,7 @@ const MEASURED: ModelShape = ModelShape {
     heads: 2,
     seq: 16,
     batch: 2,
+    arch: headroom::model::Arch::GPT,
 };
 const PLANNED: ModelShape = ModelShape {
     layers: 4,
@@ -27,6 +28,7 @@ const PLANNED: ModelShape = ModelShape {
     heads: 2,
     seq: 32,
     batch: 4,
+    arch: headroom::model::Arch::GPT,
 };
 
 fn measured_report() -> Report {
@@ -43,6 +45,7 @@ fn measured_report() -> Report {
             attention: Variant::Flash,
             dtype: DType::Bf16,
             micro_batches: 1,
+            head: headroom::model::HeadLoss::Materialized,
         };
         let case = TrainCase::new(MEASURED, p);
         let prepared = s.prepare(&case);
@@ -68,6 +71,7 @@ fn fits_follow_the_model_and_the_fitting_come_first() {
             attention: Variant::Flash,
             dtype: DType::Bf16,
             micro_batches: 1,
+            head: headroom::model::HeadLoss::Materialized,
         },
     )
     .peak;

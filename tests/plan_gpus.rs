@@ -34,6 +34,7 @@ const BIG_SHAPE: ModelShape = ModelShape {
     heads: 32,
     seq: 4096,
     batch: 8,
+    arch: headroom::model::Arch::GPT,
 };
 
 fn headroom(args: &[&str]) -> Output {
@@ -320,6 +321,7 @@ const MEASURED: ModelShape = ModelShape {
     heads: 2,
     seq: 16,
     batch: 2,
+    arch: headroom::model::Arch::GPT,
 };
 
 fn cpu_session(budget: Option<u64>) -> Session {
@@ -340,6 +342,7 @@ fn compute_is_predicted_for_the_rank_batch_and_communication_added_as_modeled() 
         attention: Variant::Flash,
         dtype: DType::Bf16,
         micro_batches: 1,
+        head: headroom::model::HeadLoss::Materialized,
     };
     let case = TrainCase::new(MEASURED, policy);
     let prepared = s.prepare(&case);
@@ -355,6 +358,7 @@ fn compute_is_predicted_for_the_rank_batch_and_communication_added_as_modeled() 
         heads: 2,
         seq: 32,
         batch: 8,
+        arch: headroom::model::Arch::GPT,
     };
     let mut opts = ShardOptions::new(4);
     opts.bus_bytes_per_s = 10e9;
@@ -456,12 +460,14 @@ fn the_markdown_has_every_ranks_peak_and_links_the_world_size_plot() {
         heads: 2,
         seq: 32,
         batch: 4,
+        arch: headroom::model::Arch::GPT,
     };
     let policy = Policy {
         checkpoint: Checkpoint::Selective,
         attention: Variant::Flash,
         dtype: DType::Bf16,
         micro_batches: 1,
+        head: headroom::model::HeadLoss::Materialized,
     };
     for strategy in [Strategy::Fsdp, Strategy::Ddp] {
         let case = ShardCase::new(shape, policy, ShardSpec::new(strategy, 2));

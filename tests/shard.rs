@@ -22,6 +22,7 @@ fn shape(batch: usize) -> ModelShape {
         heads: 1,
         seq: 16,
         batch,
+        arch: headroom::model::Arch::GPT,
     }
 }
 
@@ -31,6 +32,7 @@ fn policy(checkpoint: Checkpoint, attention: Variant, dtype: DType, micro: usize
         attention,
         dtype,
         micro_batches: micro,
+        head: headroom::model::HeadLoss::Materialized,
     }
 }
 
@@ -240,6 +242,7 @@ fn the_dry_backend_holds_the_model_at_a_thousand_ranks() {
         heads: 8,
         seq: 512,
         batch: 1024,
+        arch: headroom::model::Arch::GPT,
     };
     let init = InitialValues::unset();
     for strategy in Strategy::ALL {
@@ -356,6 +359,7 @@ mod validation {
             heads: 1,
             seq: 16,
             batch: 8,
+            arch: headroom::model::Arch::GPT,
         };
         for strategy in [
             Strategy::Ddp,
@@ -368,10 +372,14 @@ mod validation {
                 policy(Checkpoint::Selective, Variant::Naive, DType::Bf16, 2),
             ] {
                 let case = ShardCase::new(sh, p, ShardSpec::new(strategy, 2));
-                let mut targets = vec![grad_name(1, 12), weight_name(0, 2), grad_name(0, 1)];
+                let mut targets = vec![
+                    grad_name(&sh, 1, 12),
+                    weight_name(&sh, 0, 2),
+                    grad_name(&sh, 0, 1),
+                ];
                 if !strategy.shards_params() {
                     // Rank 1's replicated compute copy, held bitwise to rank 0's.
-                    targets.push(format!("rank 1 replica of {}", weight_name(1, 14)));
+                    targets.push(format!("rank 1 replica of {}", weight_name(&sh, 1, 14)));
                 }
                 for target in targets {
                     for m in Mutation::ALL {
@@ -415,6 +423,7 @@ mod validation {
             heads: 1,
             seq: 16,
             batch: 8,
+            arch: headroom::model::Arch::GPT,
         };
         for strategy in Strategy::ALL {
             let p = policy(Checkpoint::Full, Variant::Flash, DType::Bf16, 2);

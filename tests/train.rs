@@ -16,6 +16,7 @@ const SHAPE: ModelShape = ModelShape {
     heads: 2,
     seq: 24,
     batch: 4,
+    arch: headroom::model::Arch::GPT,
 };
 
 const CHECKPOINTS: [Checkpoint; 5] = [
@@ -53,6 +54,7 @@ fn policy(
         attention,
         dtype,
         micro_batches,
+        head: headroom::model::HeadLoss::Materialized,
     }
 }
 
@@ -195,6 +197,7 @@ fn activations_per_layer_beside_korthikanti() {
         heads: 12,
         seq: 1024,
         batch: 1,
+        arch: headroom::model::Arch::GPT,
     };
     let p = policy(Checkpoint::None, Variant::Flash, DType::Bf16, 1);
     let ours = saved_activations_per_layer(&shape, &p);
@@ -223,6 +226,7 @@ fn peak_equals_the_model_at_full_size_on_the_dry_backend() {
             heads: 12,
             seq: 1024,
             batch: 8,
+            arch: headroom::model::Arch::GPT,
         },
         ModelShape {
             layers: 24,
@@ -230,6 +234,7 @@ fn peak_equals_the_model_at_full_size_on_the_dry_backend() {
             heads: 16,
             seq: 2048,
             batch: 4,
+            arch: headroom::model::Arch::GPT,
         },
     ];
     for shape in shapes {
@@ -268,7 +273,6 @@ fn peak_equals_the_model_at_full_size_on_the_dry_backend() {
 // Validation of a training step: what it checks, and that it cannot pass a wrong gradient.
 
 use headroom::backend::dry::DryBackend;
-use headroom::model::PARAM_NAMES;
 use headroom::techniques::mutation::{self, Mutation};
 use headroom::techniques::train::{self as train_cases, grad_name, TrainCase};
 use headroom::techniques::{untouched, Case, Instance, Readback, Validation};
@@ -280,6 +284,7 @@ const CHECK: ModelShape = ModelShape {
     heads: 2,
     seq: 33,
     batch: 2,
+    arch: headroom::model::Arch::GPT,
 };
 
 /// Sets `case` up on a fresh CPU backend and validates it with `tamper`.
@@ -322,7 +327,8 @@ fn every_check_case_records_what_it_checked_and_passes() {
             "{id}: the record must say what was checked: {}",
             v.detail
         );
-        for l in 0..CHECK.layers {
+        let (shape, _) = headroom::model::parse_train_id(&id).expect("a training id");
+        for l in 0..shape.layers {
             for half in ["attention", "MLP"] {
                 let d = check(&v, &format!("layer {l} {half} directional derivative"));
                 assert!(d.tolerance <= 0.5 && d.tolerance > 0.0, "{id}: {d:?}");
@@ -333,8 +339,8 @@ fn every_check_case_records_what_it_checked_and_passes() {
                     *w = (ratio, format!("{what}: {}", d.worst));
                 }
             }
-            for p in 0..PARAM_NAMES.len() {
-                check(&v, &grad_name(l, p));
+            for p in 0..shape.layout().params.len() {
+                check(&v, &grad_name(&shape, l, p));
             }
             assert!(
                 v.tensors.iter().any(|t| t
@@ -371,7 +377,7 @@ fn every_mutation_of_one_gradient_fails_the_case_and_names_it() {
         for reference_limit in [train_cases::REFERENCE_LIMIT, 0] {
             let case = TrainCase::with_reference_limit(CHECK, p, reference_limit);
             for m in Mutation::ALL {
-                let target = grad_name(1, 12); // layer 1 fc.weight.grad
+                let target = grad_name(&CHECK, 1, 12); // layer 1 fc.weight.grad
                 let mut changed = false;
                 let (v, _, _) = validate_with(&case, 5, &mut |mut r: Readback<'_>| {
                     if r.name == target {
@@ -459,7 +465,7 @@ fn the_attention_probe_alone_catches_a_negated_or_transposed_query_or_key_gradie
         let case = TrainCase::with_reference_limit(CHECK, p, 0);
         for param in [2, 4] {
             for (what, corrupt) in corruptions {
-                let target = grad_name(0, param);
+                let target = grad_name(&CHECK, 0, param);
                 let (v, _, _) = validate_with(&case, 21, &mut |r: Readback<'_>| {
                     if r.name == target {
                         corrupt(r.values, c);
@@ -558,6 +564,7 @@ fn the_validation_fits_under_the_step_at_full_size_on_the_dry_backend() {
             heads: 12,
             seq: 1024,
             batch: 8,
+            arch: headroom::model::Arch::GPT,
         },
         ModelShape {
             layers: 24,
@@ -565,6 +572,7 @@ fn the_validation_fits_under_the_step_at_full_size_on_the_dry_backend() {
             heads: 16,
             seq: 2048,
             batch: 4,
+            arch: headroom::model::Arch::GPT,
         },
         CHECK,
     ];

@@ -27,6 +27,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of the largest variant (plan's flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// The backend, the device's facts, the toolkit and driver, and the kernels built.
@@ -45,12 +47,18 @@ enum Command {
     Report { file: Option<PathBuf> },
     /// Every training configuration that fits a model in a budget, fastest first.
     Plan {
+        /// A published model (gpt2-small, llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b); the
+        /// size and architecture flags below override its values.
         #[arg(long)]
-        layers: usize,
+        model: Option<String>,
         #[arg(long)]
-        hidden: usize,
+        layers: Option<usize>,
         #[arg(long)]
-        heads: usize,
+        hidden: Option<usize>,
+        #[arg(long)]
+        heads: Option<usize>,
+        #[command(flatten)]
+        arch: ArchArgs,
         /// Sequence length.
         #[arg(long)]
         seq: usize,
@@ -154,28 +162,21 @@ fn main() -> ExitCode {
             allocator,
         } => export_snapshot(&case, &out, &allocator),
         Command::Plan {
+            model,
             layers,
             hidden,
             heads,
+            arch,
             seq,
             batch,
             budget,
             report,
             format,
             shard,
-        } => plan(
-            ModelShape {
-                layers,
-                hidden,
-                heads,
-                seq,
-                batch,
-            },
-            &budget,
-            report,
-            format,
-            &shard,
-        ),
+        } => match plan_shape(model.as_deref(), [layers, hidden, heads], &arch, seq, batch) {
+            Ok(shape) => plan(shape, &budget, report, format, &shard),
+            Err(e) => usage(e),
+        },
     };
     match result {
         Ok(code) => code,
@@ -441,6 +442,98 @@ fn plan(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The architecture flags of `plan`.
+#[derive(clap::Args, Debug)]
+struct ArchArgs {
+    /// K/V heads (grouped-query attention); default: as many as heads.
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// The MLP's intermediate size; default 4 x hidden.
+    #[arg(long)]
+    ffn: Option<usize>,
+    /// Vocabulary size: adds the embedding, final norm, LM head and cross-entropy.
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// gelu or swiglu.
+    #[arg(long)]
+    mlp: Option<String>,
+    /// layernorm or rmsnorm.
+    #[arg(long)]
+    norm: Option<String>,
+    /// Which linear layers carry a bias: all, qkv or none.
+    #[arg(long)]
+    bias: Option<String>,
+    /// The LM head is the embedding's table.
+    #[arg(long)]
+    tied: bool,
+    /// Rows of a learned position table.
+    #[arg(long)]
+    positions: Option<usize>,
+}
+
+/// The model `plan` is asked about: a preset (or none) with the flags given by hand on top.
+fn plan_shape(
+    preset: Option<&str>,
+    [layers, hidden, heads]: [Option<usize>; 3],
+    a: &ArchArgs,
+    seq: usize,
+    batch: usize,
+) -> Result<ModelShape, Error> {
+    use headroom::model::{Bias, Mlp, Norm, Preset};
+    let mut shape = match preset {
+        Some(name) => Preset::find(name)?.shape(seq, batch)?,
+        None => ModelShape::gpt(0, 0, 0, seq, batch),
+    };
+    let missing: Vec<&str> = [
+        ("--layers", layers),
+        ("--hidden", hidden),
+        ("--heads", heads),
+    ]
+    .iter()
+    .filter(|(_, v)| preset.is_none() && v.is_none())
+    .map(|(f, _)| *f)
+    .collect();
+    if !missing.is_empty() {
+        return Err(Error::Invalid(format!(
+            "plan needs --model NAME or the model's size ({} missing)",
+            missing.join(", ")
+        )));
+    }
+    shape.layers = layers.unwrap_or(shape.layers);
+    shape.hidden = hidden.unwrap_or(shape.hidden);
+    shape.heads = heads.unwrap_or(shape.heads);
+    let arch = &mut shape.arch;
+    arch.kv_heads = a.kv_heads.unwrap_or(arch.kv_heads);
+    arch.ffn = a.ffn.unwrap_or(arch.ffn);
+    arch.vocab = a.vocab.unwrap_or(arch.vocab);
+    arch.positions = a.positions.unwrap_or(arch.positions);
+    arch.tied |= a.tied;
+    let choice = |flag: &str, text: &str, names: &[&str]| -> Result<usize, Error> {
+        names
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(text.trim()))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{flag} {text}: expected one of {}",
+                    names.join(", ")
+                ))
+            })
+    };
+    if let Some(m) = &a.mlp {
+        arch.mlp = [Mlp::Gelu, Mlp::SwiGlu][choice("--mlp", m, &["gelu", "swiglu"])?];
+    }
+    if let Some(n) = &a.norm {
+        arch.norm =
+            [Norm::LayerNorm, Norm::RmsNorm][choice("--norm", n, &["layernorm", "rmsnorm"])?];
+    }
+    if let Some(b) = &a.bias {
+        arch.bias =
+            [Bias::All, Bias::Qkv, Bias::None][choice("--bias", b, &["all", "qkv", "none"])?];
+    }
+    shape.check()?;
+    Ok(shape)
 }
 
 /// One sentence on stderr and exit status 2, as clap reports a bad argument.

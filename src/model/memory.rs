@@ -20,7 +20,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::dtype::DType;
-use crate::model::{Checkpoint, ModelShape, Policy};
+use crate::model::head::{self, HeadShape};
+use crate::model::{Checkpoint, HeadLoss, Mlp, ModelShape, Norm, Policy};
 use crate::techniques::attention::Variant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,12 +100,23 @@ impl LedgerUnits for NoUnits {}
 
 /// Per-micro-batch sizes of the schedule's buffers.
 struct Sizes {
+    /// One `[T, C]` activation.
     a: u64,
-    st: u64,
+    /// One `[T, kv]` activation (k or v; `a` without grouping).
+    akv: u64,
+    /// One `[T, F]` activation of the MLP.
+    af: u64,
+    /// Bytes of one norm's statistics (LayerNorm: mean and rstd; RMSNorm: rstd).
+    ns: u64,
     core: u64,
     delta: u64,
     scores: u64,
     naive: bool,
+    /// A repeated K or V for naive grouped attention (0 without grouping).
+    rep: u64,
+    swiglu: bool,
+    /// With a vocabulary: the head's ledger.
+    head: Option<(DType, HeadLoss, HeadShape)>,
 }
 
 impl Sizes {
@@ -114,79 +126,140 @@ impl Sizes {
         let (c, h, n) = (shape.hidden as u64, shape.heads as u64, shape.seq as u64);
         let naive = policy.attention == Variant::Naive;
         let scores = s * t * h * n;
+        let st = 4 * t;
         Sizes {
             a: t * c * s,
-            st: 4 * t,
+            akv: t * shape.kv_dim() as u64 * s,
+            af: t * shape.ffn() as u64 * s,
+            ns: if shape.arch.norm == Norm::LayerNorm {
+                2 * st
+            } else {
+                st
+            },
             core: if naive { scores } else { 4 * t * h },
             delta: 4 * t * h,
             scores,
             naive,
+            rep: if naive && shape.kv_heads() != shape.heads {
+                t * c * s
+            } else {
+                0
+            },
+            swiglu: shape.arch.mlp == Mlp::SwiGlu,
+            head: (shape.vocab() > 0).then(|| {
+                (
+                    policy.dtype,
+                    policy.head,
+                    HeadShape {
+                        tokens: t as usize,
+                        hidden: shape.hidden,
+                        vocab: shape.vocab(),
+                    },
+                )
+            }),
+        }
+    }
+
+    fn mlp_acts(&self) -> u64 {
+        if self.swiglu {
+            3 * self.af
+        } else {
+            2 * self.af
         }
     }
 
     /// A block's saved activations besides its output.
     fn rest(&self, keep_core: bool) -> u64 {
-        14 * self.a + 4 * self.st + if keep_core { self.a + self.core } else { 0 }
+        4 * self.a
+            + 2 * self.akv
+            + 2 * self.ns
+            + self.mlp_acts()
+            + if keep_core { self.a + self.core } else { 0 }
+    }
+
+    /// The repeated K then V of naive grouped attention's forward, each freed after use.
+    fn repeats(&self, l: &mut Ledger, times: usize) {
+        if self.rep > 0 {
+            for _ in 0..times {
+                l.alloc(Cat::Workspace, self.rep);
+                l.free(Cat::Workspace, self.rep);
+            }
+        }
+    }
+
+    fn attention_forward(&self, l: &mut Ledger) {
+        l.alloc(Cat::Activations, self.a + self.core); // attention output + statistic
+        if self.naive {
+            self.repeats(l, 2);
+        }
     }
 
     fn block_forward(&self, l: &mut Ledger, keep_core: bool) {
         use Cat::*;
         let a = self.a;
-        l.alloc(Activations, a + 2 * self.st); // ln1, mean, rstd
-        for _ in 0..3 {
-            l.alloc(Workspace, a); // q/k/v in tokens layout
-            l.alloc(Activations, a); // ... permuted to heads
-            l.free(Workspace, a);
+        l.alloc(Activations, a + self.ns); // ln1 and its statistics
+        for w in [a, self.akv, self.akv] {
+            l.alloc(Workspace, w); // q/k/v in tokens layout
+            l.alloc(Activations, w); // ... permuted to heads
+            l.free(Workspace, w);
         }
-        l.alloc(Activations, a + self.core); // attention output + statistic
+        self.attention_forward(l);
         l.alloc(Workspace, a); // attention output in tokens layout
         l.alloc(Activations, a); // x_mid
         l.free(Workspace, a);
         if !keep_core {
             l.free(Activations, a + self.core);
         }
-        l.alloc(Activations, a + 2 * self.st); // ln2, mean, rstd
-        l.alloc(Activations, 4 * a); // fc
-        l.alloc(Activations, 4 * a); // GELU
+        l.alloc(Activations, a + self.ns); // ln2 and its statistics
+        l.alloc(Activations, self.mlp_acts()); // fc and GELU, or gate, up and SwiGLU
         l.alloc(Activations, a); // block output
     }
 
     fn block_backward(&self, l: &mut Ledger, core_kept: bool) {
         use Cat::*;
-        let a = self.a;
-        l.alloc(Workspace, 4 * a); // dGELU
-        l.free(Activations, 4 * a); // GELU output
-        l.alloc(Workspace, 4 * a); // dfc
-        l.free(Workspace, 4 * a);
-        l.free(Activations, 4 * a); // fc output
-        l.alloc(Workspace, a); // dln2
-        l.free(Workspace, 4 * a);
+        let (a, af) = (self.a, self.af);
+        l.alloc(Workspace, af); // d of the MLP's activation
+        l.free(Activations, af); // the activation
+        if self.swiglu {
+            l.alloc(Workspace, 2 * af); // d gate, d up
+            l.free(Workspace, af);
+            l.free(Activations, 2 * af); // gate, up
+            l.alloc(Workspace, a); // dln2
+            l.free(Workspace, 2 * af);
+        } else {
+            l.alloc(Workspace, af); // dfc
+            l.free(Workspace, af);
+            l.free(Activations, af); // fc output
+            l.alloc(Workspace, a); // dln2
+            l.free(Workspace, af);
+        }
         l.free(Activations, a); // ln2
         l.free(Workspace, a);
-        l.free(Activations, a + 2 * self.st); // x_mid, ln2 statistics
+        l.free(Activations, a + self.ns); // x_mid, ln2 statistics
         if !core_kept {
-            l.alloc(Activations, a + self.core); // selective: recompute the core
+            self.attention_forward(l); // selective: recompute the core
         }
         l.alloc(Workspace, a); // d attention output (tokens)
         l.alloc(Workspace, a); // attention output (tokens)
         l.free(Workspace, a);
         l.alloc(Workspace, a); // dO (heads)
         l.free(Workspace, a);
-        l.alloc(Workspace, 3 * a + self.delta); // dq, dk, dv, delta
+        l.alloc(Workspace, a + 2 * self.akv + self.delta); // dq, dk, dv, delta
         if self.naive {
             l.alloc(Workspace, self.scores); // dP
+            self.repeats(l, 4); // dV over every head, V, K, dK over every head
             l.free(Workspace, self.scores);
         }
         l.free(Workspace, self.delta);
-        l.free(Activations, 3 * a + a + self.core); // q, k, v and the core
+        l.free(Activations, a + 2 * self.akv + a + self.core); // q, k, v and the core
         l.free(Workspace, a); // dO
         l.alloc(Workspace, a); // dln1
-        for _ in 0..3 {
-            l.alloc(Workspace, a); // dq/dk/dv in tokens layout
-            l.free(Workspace, a); // ... its heads layout
-            l.free(Workspace, a);
+        for w in [a, self.akv, self.akv] {
+            l.alloc(Workspace, w); // dq/dk/dv in tokens layout
+            l.free(Workspace, w); // ... its heads layout
+            l.free(Workspace, w);
         }
-        l.free(Activations, a + 2 * self.st); // ln1 and its statistics
+        l.free(Activations, a + self.ns); // ln1 and its statistics
         l.free(Workspace, a); // dln1
     }
 }
@@ -202,8 +275,10 @@ pub fn model(shape: &ModelShape, policy: &Policy) -> Breakdown {
     }
     l.alloc(Grads, 4 * params);
     l.alloc(Optimizer, 8 * params);
-    let z = Sizes::new(shape, policy);
-    l.alloc(Inputs, z.a * policy.micro_batches as u64);
+    l.alloc(
+        Inputs,
+        input_bytes(shape, policy) * policy.micro_batches as u64,
+    );
     l.alloc(Workspace, 4 * policy.micro_batches as u64); // one loss per micro-batch
     micro_batches(&mut l, shape, policy, &mut NoUnits);
     let p = l.at_peak;
@@ -219,9 +294,14 @@ pub fn model(shape: &ModelShape, policy: &Policy) -> Breakdown {
     }
 }
 
-/// Bytes of one micro-batch's input: `shape.batch` is the sequences of the rank.
+/// Bytes of one micro-batch's inputs (hidden states; or token ids and targets, i32 each):
+/// `shape.batch` is the sequences of the rank.
 pub(crate) fn input_bytes(shape: &ModelShape, policy: &Policy) -> u64 {
-    Sizes::new(shape, policy).a
+    if shape.vocab() > 0 {
+        2 * 4 * (shape.batch / policy.micro_batches * shape.seq) as u64
+    } else {
+        Sizes::new(shape, policy).a
+    }
 }
 
 /// Every micro-batch's forward and backward (`model::micro_batch`) in the ledger, with the
@@ -240,6 +320,9 @@ pub(crate) fn micro_batches(
     let keep_core = policy.checkpoint != Checkpoint::Selective;
     for micro in 0..policy.micro_batches {
         let last = micro + 1 == policy.micro_batches;
+        if z.head.is_some() {
+            l.alloc(Activations, z.a); // the embedding's output, block 0's input
+        }
         for b in 0..layers {
             units.before_forward(l, b, false);
             z.block_forward(l, keep_core);
@@ -251,8 +334,22 @@ pub(crate) fn micro_batches(
                 }
             }
         }
-        l.alloc(Workspace, z.a); // d residual
-        l.free(Activations, z.a); // the last output, after the loss
+        match z.head {
+            None => {
+                l.alloc(Workspace, z.a); // d residual
+                l.free(Activations, z.a); // the last output, after the loss
+            }
+            Some((dt, variant, hs)) => {
+                l.alloc(Activations, z.a + z.ns); // final norm and its statistics
+                head::ledger_forward(l, dt, variant, hs);
+                l.alloc(Workspace, z.a); // d final norm
+                head::ledger_backward(l, dt, variant, hs);
+                l.free(Activations, z.a); // the final norm's output
+                l.alloc(Workspace, z.a); // d residual
+                l.free(Workspace, z.a); // d final norm
+                l.free(Activations, z.ns + z.a); // its statistics, the last output
+            }
+        }
         let mut start = ((layers - 1) / seg) * seg;
         loop {
             let end = (start + seg).min(layers);
@@ -278,6 +375,9 @@ pub(crate) fn micro_batches(
                 break;
             }
             start -= seg;
+        }
+        if z.head.is_some() {
+            l.free(Activations, z.a); // the embedding's output, before its backward
         }
         l.free(Workspace, z.a); // d residual
     }

@@ -19,7 +19,7 @@ use crate::dtype::DType;
 use crate::error::{invalid, Result};
 use crate::memory::format_bytes;
 use crate::model::memory::{model, Breakdown};
-use crate::model::{Checkpoint, ModelShape, Policy};
+use crate::model::{Checkpoint, HeadLoss, ModelShape, Policy};
 use crate::report::{CaseRecord, Report, Status};
 use crate::shapes::AttentionShape;
 use crate::shard::memory::{headroom_tensors, model_states, peak_rank, RankBreakdown};
@@ -45,12 +45,13 @@ pub struct PlanRow {
 /// Model FLOPs of one training step (the convention of the training cases).
 pub fn step_flops(shape: &ModelShape) -> f64 {
     let att = AttentionShape::new(shape.batch, shape.heads, shape.seq, shape.head_dim(), true);
-    6.0 * shape.params() as f64 * (shape.batch * shape.seq) as f64
+    6.0 * shape.flop_params() as f64 * (shape.batch * shape.seq) as f64
         + shape.layers as f64 * attention::flops(Pass::ForwardBackward, &att)
 }
 
 /// Every policy combination for `shape`: checkpointing none, full, every √L, selective;
-/// naive and flash attention; fp32 and bf16; micro-batches dividing the global batch.
+/// naive and flash attention; fp32 and bf16; micro-batches dividing the global batch; and
+/// with a vocabulary, the head and loss materialized, chunked or fused.
 pub fn policies(shape: &ModelShape) -> Vec<Policy> {
     let mut checkpoints = vec![Checkpoint::None, Checkpoint::Full];
     if let Checkpoint::EveryK(k) = Checkpoint::sqrt_default(shape.layers) {
@@ -65,12 +66,15 @@ pub fn policies(shape: &ModelShape) -> Vec<Policy> {
         for attention in [Variant::Flash, Variant::Naive] {
             for dtype in [DType::Bf16, DType::F32] {
                 for &micro_batches in &micro {
-                    out.push(Policy {
-                        checkpoint,
-                        attention,
-                        dtype,
-                        micro_batches,
-                    });
+                    for &head in heads(shape) {
+                        out.push(Policy {
+                            checkpoint,
+                            attention,
+                            dtype,
+                            micro_batches,
+                            head,
+                        });
+                    }
                 }
             }
         }
@@ -78,16 +82,24 @@ pub fn policies(shape: &ModelShape) -> Vec<Policy> {
     out
 }
 
-/// A training case's shape parsed back from its id's last part (`L12-h768-heads12-n1024-b8`).
+/// The head and loss variants a plan compares: the three with a vocabulary, the one
+/// without.
+pub fn heads(shape: &ModelShape) -> &'static [HeadLoss] {
+    if shape.vocab() > 0 {
+        &[HeadLoss::Materialized, HeadLoss::CHUNKED, HeadLoss::Fused]
+    } else {
+        &[HeadLoss::Materialized]
+    }
+}
+
+/// A training case's shape parsed back from its id's last part (`L12-h768-heads12-n1024-b8`,
+/// and any architecture tokens after it).
 fn parse_shape(text: &str) -> Option<ModelShape> {
-    let mut s = ModelShape {
-        layers: 0,
-        hidden: 0,
-        heads: 0,
-        seq: 0,
-        batch: 0,
-    };
+    let mut s = ModelShape::gpt(0, 0, 0, 0, 0);
     for part in text.split('-') {
+        if crate::model::arch::parse_arch_token(&mut s.arch, part) {
+            continue;
+        }
         let (key, num) = part.split_at(part.find(|c: char| c.is_ascii_digit())?);
         let v: usize = num.parse().ok()?;
         match key {
@@ -163,15 +175,10 @@ pub fn plan(shape: &ModelShape, budget: u64, report: Option<&Report>) -> Vec<Pla
             let fits = memory.peak <= budget;
             let reason = (!fits).then(|| {
                 format!(
-                    "needs {}, {} over the budget: weights {}, gradients {}, optimizer {}, inputs {}, activations {}, workspace {} at the peak",
+                    "needs {}, {} over the budget: {} at the peak",
                     format_bytes(memory.peak),
                     format_bytes(memory.peak - budget),
-                    format_bytes(memory.weights),
-                    format_bytes(memory.grads),
-                    format_bytes(memory.optimizer),
-                    format_bytes(memory.inputs),
-                    format_bytes(memory.activations),
-                    format_bytes(memory.workspace)
+                    breakdown(&memory)
                 )
             });
             let (predicted_step_s, time_source) = match report {
@@ -196,6 +203,34 @@ pub fn plan(shape: &ModelShape, budget: u64, report: Option<&Report>) -> Vec<Pla
             .then_with(|| a.memory.peak.cmp(&b.memory.peak))
     });
     rows
+}
+
+/// A breakdown's parts in words: `weights 15.0 GiB, gradients …, logits 4.0 GiB`.
+pub fn breakdown(m: &Breakdown) -> String {
+    let mut parts = vec![
+        format!("weights {}", format_bytes(m.weights)),
+        format!("gradients {}", format_bytes(m.grads)),
+        format!("optimizer {}", format_bytes(m.optimizer)),
+        format!("inputs {}", format_bytes(m.inputs)),
+        format!("activations {}", format_bytes(m.activations)),
+        format!("workspace {}", format_bytes(m.workspace)),
+    ];
+    if m.logits > 0 {
+        parts.push(format!("logits {}", format_bytes(m.logits)));
+    }
+    parts.join(", ")
+}
+
+/// A parameter count as people write it: 124.4M, 8.03B.
+pub fn params_text(n: usize) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2}B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1}M", n / 1e6)
+    } else {
+        format!("{n}")
+    }
 }
 
 /// Plans' order: fitting rows first; among them, known times first, fastest first. None
@@ -227,18 +262,27 @@ pub fn render(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "plan for {} ({} parameters) under {}; memory from the analytic model; times from {}",
+        "plan for {} ({} parameters, {}) under {}; memory from the analytic model; times from {}",
         shape.name(),
+        params_text(shape.params()),
         shape.params(),
         format_bytes(budget),
         report_label.unwrap_or("no report (pass --report to predict times)")
     );
+    if shape.vocab() > 0 {
+        let _ = writeln!(
+            out,
+            "vocabulary {}: the logits of one micro-batch in fp32 take {} per sequence; the head and loss are one more axis (materialized, chunked, fused)",
+            shape.vocab(),
+            format_bytes(4 * (shape.seq * shape.vocab()) as u64)
+        );
+    }
     let fitting = rows.iter().filter(|r| r.fits).count();
     let _ = writeln!(out, "\n{fitting} of {} configurations fit:\n", rows.len());
     let _ = writeln!(
         out,
-        "{:<28} {:<5} {:>12} {:>12} {:>12}  time from",
-        "policy", "dtype", "step (ms)", "peak", "margin"
+        "{:<40} {:<5} {:>10} {:>11} {:>11} {:>11} {:>11}  time from",
+        "policy", "dtype", "step (ms)", "peak", "activations", "logits", "margin"
     );
     for r in rows.iter().filter(|r| r.fits) {
         let ms = r
@@ -247,11 +291,13 @@ pub fn render(
             .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
-            "{:<28} {:<5} {:>12} {:>12} {:>12}  {}",
+            "{:<40} {:<5} {:>10} {:>11} {:>11} {:>11} {:>11}  {}",
             r.policy,
             r.dtype.name(),
             ms,
             format_bytes(r.memory.peak),
+            format_bytes(r.memory.activations),
+            format_bytes(r.memory.logits),
             format_bytes(r.margin_bytes as u64),
             r.time_source
         );
@@ -260,7 +306,7 @@ pub fn render(
     for r in rows.iter().filter(|r| !r.fits) {
         let _ = writeln!(
             out,
-            "{:<28} {:<5} {}",
+            "{:<40} {:<5} {}",
             r.policy,
             r.dtype.name(),
             r.reason.as_deref().unwrap_or("")
@@ -682,5 +728,6 @@ fn parse_policy(text: &str, dtype: DType) -> Option<Policy> {
         attention,
         dtype,
         micro_batches: micro.parse().ok().filter(|&m| m > 0)?,
+        head: crate::model::HeadLoss::Materialized,
     })
 }

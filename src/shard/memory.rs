@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dtype::DType;
 use crate::model::memory::{input_bytes, micro_batches, Cat, Ledger, LedgerUnits};
-use crate::model::{param_lens, ModelShape, Policy};
+use crate::model::{ModelShape, Policy};
 use crate::shard::step::compute_dtype;
 use crate::shard::{buckets, shard_len, ShardSpec, Strategy, Traffic};
 
@@ -151,12 +151,12 @@ pub fn model_states(
 
 /// Every parameter tensor of `shape` with headroom's widths under `policy`.
 pub fn headroom_tensors(shape: &ModelShape, policy: &Policy) -> Vec<(usize, StateWidths)> {
-    let lens = param_lens(shape.hidden);
+    let lens = shape.layout().lens();
     (0..shape.layers)
         .flat_map(|_| {
             lens.iter()
                 .enumerate()
-                .map(|(i, &len)| (len, StateWidths::headroom(compute_dtype(policy, i))))
+                .map(|(i, &len)| (len, StateWidths::headroom(compute_dtype(shape, policy, i))))
         })
         .collect()
 }
@@ -165,7 +165,7 @@ pub fn headroom_tensors(shape: &ModelShape, policy: &Policy) -> Vec<(usize, Stat
 pub fn model(shape: &ModelShape, policy: &Policy, spec: &ShardSpec, rank: usize) -> RankModel {
     let strategy = spec.strategy;
     let world = spec.world.max(1);
-    let lens = param_lens(shape.hidden);
+    let lens = shape.layout().lens();
     let mut l = Ledger::default();
     // The state, as `RankState::new` allocates it.
     if rank == 0 && spec.rank0_extra > 0 {
@@ -197,7 +197,7 @@ pub fn model(shape: &ModelShape, policy: &Policy, spec: &ShardSpec, rank: usize)
         sizes: lens
             .iter()
             .enumerate()
-            .map(|(i, &len)| (len, compute_dtype(policy, i).size() as u64))
+            .map(|(i, &len)| (len, compute_dtype(shape, policy, i).size() as u64))
             .collect(),
         gathered: vec![false; shape.layers],
         traffic: Traffic::default(),

@@ -39,27 +39,28 @@ use crate::backend::{AdamW, Backend, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::{
-    inputs_and_losses, micro_batch, param_lens, InitialValues, LayerView, ModelShape, Policy, Step,
-    Units, MATRICES, PARAM_NAMES,
+    inputs_and_losses, micro_batch, InitialValues, LayerView, MicroBatch, ModelShape, ParamSpec,
+    Policy, Step, Units,
 };
 use crate::shard::{
     buckets, comm_group, owned, shard_len, Bucket, Comm, ShardSpec, Strategy, Traffic,
 };
 
-/// The dtype block `i` of a block's parameters is computed in under `policy`.
-pub fn compute_dtype(policy: &Policy, param: usize) -> DType {
-    if policy.dtype == DType::Bf16 && MATRICES.contains(&param) {
+/// The dtype parameter `param` of a block is computed in under `policy`.
+pub fn compute_dtype(shape: &ModelShape, policy: &Policy, param: usize) -> DType {
+    if policy.dtype == DType::Bf16 && shape.layout().params[param].matrix {
         DType::Bf16
     } else {
         DType::F32
     }
 }
 
-fn tag(category: &str, layer: usize, param: usize, what: &str) -> String {
+fn tag(shape: &ModelShape, category: &str, layer: usize, param: usize, what: &str) -> String {
+    let name = shape.layout().params[param].name;
     if what.is_empty() {
-        format!("{category}: layer {layer} {}", PARAM_NAMES[param])
+        format!("{category}: layer {layer} {name}")
     } else {
-        format!("{category}: layer {layer} {} ({what})", PARAM_NAMES[param])
+        format!("{category}: layer {layer} {name} ({what})")
     }
 }
 
@@ -69,6 +70,8 @@ pub struct RankState {
     /// One input per micro-batch of this rank's sequences.
     pub inputs: Vec<Tensor>,
     pub losses: Vec<Tensor>,
+    /// What each micro-batch's loss is multiplied by (see `model::TrainState::loss_scale`).
+    pub loss_scale: f32,
     /// Rank 0's extra bytes (metrics, logging tensors), alive through the step.
     pub extra: Option<Tensor>,
     pub step: u32,
@@ -100,6 +103,8 @@ pub struct RankUnits {
     reduced: Vec<bool>,
     /// Which micro-batch runs now.
     micro: usize,
+    /// A block's parameters.
+    specs: Vec<ParamSpec>,
 }
 
 impl RankState {
@@ -131,7 +136,7 @@ impl RankState {
         }
         let rank = comm.rank();
         let (world, strategy) = (spec.world, spec.strategy);
-        let lens = param_lens(shape.hidden);
+        let lens = shape.layout().lens();
         let extra = if rank == 0 && spec.rank0_extra > 0 {
             let len = spec.rank0_extra.div_ceil(4) as usize;
             let mut t = be.alloc(DType::F32, len, "extra: rank-0 metrics and logs")?;
@@ -153,7 +158,7 @@ impl RankState {
             let mut f_layer = Vec::new();
             let mut m_layer = Vec::new();
             for (i, &len) in lens.iter().enumerate() {
-                let dt = compute_dtype(&policy, i);
+                let dt = compute_dtype(&shape, &policy, i);
                 let separate = dt != DType::F32 || strategy.shards_params();
                 let master_len = if strategy.shards_optimizer() {
                     shard_len(len, world)
@@ -161,8 +166,11 @@ impl RankState {
                     len
                 };
                 let m = if separate {
-                    let mut t =
-                        be.alloc(DType::F32, master_len, &tag("weights", l, i, "fp32 master"))?;
+                    let mut t = be.alloc(
+                        DType::F32,
+                        master_len,
+                        &tag(&shape, "weights", l, i, "fp32 master"),
+                    )?;
                     match weights(l, i) {
                         Some(w) if master_len == len => be.write(&mut t, w)?,
                         Some(w) => be.write(&mut t, &shard_values(w))?,
@@ -173,7 +181,7 @@ impl RankState {
                     None
                 };
                 if !strategy.shards_params() {
-                    let mut t = be.alloc(dt, len, &tag("weights", l, i, ""))?;
+                    let mut t = be.alloc(dt, len, &tag(&shape, "weights", l, i, ""))?;
                     match weights(l, i) {
                         Some(w) => be.write(&mut t, w)?,
                         None => be.zero(&mut t)?,
@@ -195,7 +203,8 @@ impl RankState {
                         .map(|(i, &len)| {
                             let n = if sharded { shard_len(len, world) } else { len };
                             let what = if sharded { "shard" } else { "" };
-                            let mut t = be.alloc(DType::F32, n, &tag(category, l, i, what))?;
+                            let mut t =
+                                be.alloc(DType::F32, n, &tag(&shape, category, l, i, what))?;
                             be.zero(&mut t)?;
                             Ok(t)
                         })
@@ -222,7 +231,7 @@ impl RankState {
             batch: local_batch,
             ..shape
         };
-        let (inputs, losses) = inputs_and_losses(be, &local, &policy, rank * local_batch, init)?;
+        let (inputs, _, losses) = inputs_and_losses(be, &local, &policy, rank * local_batch, init)?;
         let reduced = vec![false; bucket_plan.len()];
         Ok(RankState {
             units: RankUnits {
@@ -242,9 +251,11 @@ impl RankState {
                 unit_grads: (0..shape.layers).map(|_| None).collect(),
                 reduced,
                 micro: 0,
+                specs: shape.layout().params,
             },
             inputs,
             losses,
+            loss_scale: init.loss_scale(&shape),
             extra,
             step: 0,
             adamw: AdamW::default(),
@@ -273,16 +284,14 @@ impl RankState {
             let step = Step {
                 shape: local,
                 policy: self.units.policy,
-                global_batch: self.units.shape.batch,
+                loss_scale: self.loss_scale,
                 micro: j,
             };
-            micro_batch(
-                be,
-                &step,
-                &mut self.units,
-                &self.inputs[j],
-                &mut self.losses[j],
-            )?;
+            let data = MicroBatch {
+                input: &self.inputs[j],
+                targets: None,
+            };
+            micro_batch(be, &step, &mut self.units, data, &mut self.losses[j])?;
         }
         if let Some(b) = self.units.reduced.iter().position(|r| !r) {
             return Err(Error::Invalid(format!(
@@ -336,18 +345,22 @@ impl RankUnits {
         if !self.spec.strategy.shards_params() || self.gathered[l].is_some() {
             return Ok(());
         }
-        let lens = param_lens(self.shape.hidden);
+        let lens = self.shape.layout().lens();
         let mut unit = Vec::with_capacity(lens.len());
         for (i, &len) in lens.iter().enumerate() {
-            let dt = compute_dtype(&self.policy, i);
-            let mut full = be.alloc(dt, len, &tag("comm", l, i, "gathered"))?;
+            let dt = compute_dtype(&self.shape, &self.policy, i);
+            let mut full = be.alloc(dt, len, &tag(&self.shape, "comm", l, i, "gathered"))?;
             let shard = self.master[l][i]
                 .as_ref()
                 .expect("fsdp keeps every master shard");
             if dt == DType::F32 {
                 self.comm.all_gather(be, shard, &mut full)?;
             } else {
-                let mut cast = be.alloc(dt, shard.len(), &tag("comm", l, i, "cast shard"))?;
+                let mut cast = be.alloc(
+                    dt,
+                    shard.len(),
+                    &tag(&self.shape, "comm", l, i, "cast shard"),
+                )?;
                 be.cast_to_bf16(shard, &mut cast)?;
                 self.comm.all_gather(be, &cast, &mut full)?;
             }
@@ -372,7 +385,11 @@ impl RankUnits {
             } else {
                 // Later micro-batches add to the shard: reduce into a staging shard first.
                 let s = self.grads[l][i].len();
-                let mut part = be.alloc(DType::F32, s, &tag("comm", l, i, "reduced shard"))?;
+                let mut part = be.alloc(
+                    DType::F32,
+                    s,
+                    &tag(&self.shape, "comm", l, i, "reduced shard"),
+                )?;
                 self.comm.reduce_scatter(be, full, &mut part)?;
                 be.column_sum(&part, 1, s, &mut self.grads[l][i], true)?;
             }
@@ -409,8 +426,8 @@ impl RankUnits {
         let strategy = self.spec.strategy;
         let (world, rank) = (self.spec.world, self.rank);
         for l in 0..self.layers() {
-            for i in 0..PARAM_NAMES.len() {
-                let len = param_lens(self.shape.hidden)[i];
+            for i in 0..self.specs.len() {
+                let len = self.shape.layout().lens()[i];
                 if strategy == Strategy::Ddp {
                     let (m, v) = (&mut self.m[l][i], &mut self.v[l][i]);
                     match self.master[l][i].as_mut() {
@@ -448,7 +465,11 @@ impl RankUnits {
                 let staged_grad = if strategy.shards_grads() {
                     None
                 } else {
-                    let mut t = be.alloc(DType::F32, s, &tag("comm", l, i, "gradient shard"))?;
+                    let mut t = be.alloc(
+                        DType::F32,
+                        s,
+                        &tag(&self.shape, "comm", l, i, "gradient shard"),
+                    )?;
                     if count < s {
                         be.zero(&mut t)?;
                     }
@@ -459,14 +480,18 @@ impl RankUnits {
                 let (m, v) = (&mut self.m[l][i], &mut self.v[l][i]);
                 match self.master[l][i].as_mut() {
                     Some(master) => {
-                        let dt = compute_dtype(&self.policy, i);
-                        let mut cast = be.alloc(dt, s, &tag("comm", l, i, "updated shard"))?;
+                        let dt = compute_dtype(&self.shape, &self.policy, i);
+                        let mut cast =
+                            be.alloc(dt, s, &tag(&self.shape, "comm", l, i, "updated shard"))?;
                         be.adamw(h, step, master, grad, m, v, Some(&mut cast))?;
                         self.comm.all_gather(be, &cast, &mut self.full[l][i])?;
                     }
                     None => {
-                        let mut own =
-                            be.alloc(DType::F32, s, &tag("comm", l, i, "updated shard"))?;
+                        let mut own = be.alloc(
+                            DType::F32,
+                            s,
+                            &tag(&self.shape, "comm", l, i, "updated shard"),
+                        )?;
                         if count < s {
                             be.zero(&mut own)?;
                         }
@@ -484,7 +509,7 @@ impl RankUnits {
     /// copy, or its own shard padded with NaN where other ranks own the elements), for
     /// validation.
     pub fn read_master(&self, be: &dyn Backend, l: usize, i: usize) -> Result<Vec<f32>> {
-        let len = param_lens(self.shape.hidden)[i];
+        let len = self.shape.layout().lens()[i];
         match (&self.master[l][i], self.full.get(l).map(|f| &f[i])) {
             (Some(m), _) if m.len() == len => be.read(m),
             (Some(m), _) => {
@@ -496,7 +521,7 @@ impl RankUnits {
             (None, Some(f)) => be.read(f),
             (None, None) => Err(Error::Invalid(format!(
                 "bug: layer {l} {} has neither a master nor a compute copy",
-                PARAM_NAMES[i]
+                self.specs[i].name
             ))),
         }
     }
@@ -504,7 +529,7 @@ impl RankUnits {
     /// This rank's gradient of block `l`'s parameter `i` after the step's reduction: the
     /// full gradient, or its own shard padded with NaN elsewhere.
     pub fn read_grad(&self, be: &dyn Backend, l: usize, i: usize) -> Result<Vec<f32>> {
-        let len = param_lens(self.shape.hidden)[i];
+        let len = self.shape.layout().lens()[i];
         let g = be.read(&self.grads[l][i])?;
         if g.len() == len {
             return Ok(g);
@@ -543,10 +568,14 @@ impl Units for RankUnits {
 
     fn before_backward(&mut self, be: &dyn Backend, l: usize) -> Result<()> {
         if self.spec.strategy.shards_grads() {
-            let lens = param_lens(self.shape.hidden);
+            let lens = self.shape.layout().lens();
             let mut unit = Vec::with_capacity(lens.len());
             for (i, &len) in lens.iter().enumerate() {
-                let mut g = be.alloc(DType::F32, len, &tag("grads", l, i, "unsharded"))?;
+                let mut g = be.alloc(
+                    DType::F32,
+                    len,
+                    &tag(&self.shape, "grads", l, i, "unsharded"),
+                )?;
                 be.zero(&mut g)?;
                 unit.push(g);
             }
@@ -585,7 +614,14 @@ impl Units for RankUnits {
                 )))
             }
         };
-        Ok((LayerView { base, bf16: None }, grads))
+        Ok((
+            LayerView {
+                base,
+                bf16: None,
+                specs: &self.specs,
+            },
+            grads,
+        ))
     }
 }
 

@@ -269,12 +269,14 @@ fn training_traces() -> Vec<Trace> {
         heads: 12,
         seq: 1024,
         batch: 8,
+        arch: crate::model::Arch::GPT,
     };
     let policy = |checkpoint, micro_batches| Policy {
         checkpoint,
         attention: Variant::Flash,
         dtype: DType::Bf16,
         micro_batches,
+        head: crate::model::HeadLoss::Materialized,
     };
     [
         ("train-gpt2-small-none", policy(Checkpoint::None, 1)),

@@ -17,9 +17,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{AttentionShape, Backend, BackendKind};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::model::{
-    param_lens, param_rows, Checkpoint, InitialValues, ModelShape, Policy, TrainState, PARAM_NAMES,
-};
+use crate::model::{Checkpoint, InitialValues, ModelShape, Policy, TrainState};
 use crate::report::Timeline;
 use crate::rng::Rng;
 use crate::shard::memory::model;
@@ -143,8 +141,9 @@ fn adamw_first_step(h: &crate::backend::AdamW, w: &[f32], g: &[f32]) -> Vec<f32>
 }
 
 /// The updated weights' name as validation reads them back.
-pub fn weight_name(layer: usize, param: usize) -> String {
-    format!("layer {layer} {} (updated)", PARAM_NAMES[param])
+pub fn weight_name(shape: &ModelShape, layer: usize, param: usize) -> String {
+    let name = shape.layout().params[param].name;
+    format!("layer {layer} {name} (updated)")
 }
 
 impl Instance for ShardInstance {
@@ -176,8 +175,9 @@ impl Instance for ShardInstance {
                 loss += backends[r].read(t)?[0];
             }
         }
-        let rows = param_rows(sh.hidden);
-        let lens = param_lens(sh.hidden);
+        let specs = sh.layout().params;
+        let rows: Vec<usize> = specs.iter().map(|p| p.row).collect();
+        let lens: Vec<usize> = specs.iter().map(|p| p.len).collect();
         let mut grads = Vec::with_capacity(sh.layers);
         let mut weights = Vec::with_capacity(sh.layers);
         // The gradients as the ranks reduced them, before any tampering: what the weights'
@@ -197,7 +197,7 @@ impl Instance for ShardInstance {
                     wparts.push(st.units.read_master(backends[r], l, i)?);
                     if let (true, Some(first)) = (r > 0, &first) {
                         if let Some(mut mine) = st.units.read_full(backends[r], l, i)? {
-                            let name = format!("rank {r} replica of {}", weight_name(l, i));
+                            let name = format!("rank {r} replica of {}", weight_name(&sh, l, i));
                             tamper(Readback {
                                 name: &name,
                                 values: &mut mine,
@@ -211,12 +211,12 @@ impl Instance for ShardInstance {
                 let mut w = merge(wparts);
                 reduced.push(g.clone());
                 tamper(Readback {
-                    name: &grad_name(l, i),
+                    name: &grad_name(&sh, l, i),
                     values: &mut g,
                     row,
                 });
                 tamper(Readback {
-                    name: &weight_name(l, i),
+                    name: &weight_name(&sh, l, i),
                     values: &mut w,
                     row,
                 });
@@ -241,7 +241,7 @@ impl Instance for ShardInstance {
                 for i in 0..lens.len() {
                     let want_w = cpu.read(&r.params.master[l][i])?;
                     checks.push(tensor_check(
-                        grad_name(l, i),
+                        grad_name(&sh, l, i),
                         &grads[l][i],
                         &want_grads[l][i],
                         true,
@@ -249,7 +249,7 @@ impl Instance for ShardInstance {
                         0.0,
                     ));
                     checks.push(tensor_check(
-                        weight_name(l, i),
+                        weight_name(&sh, l, i),
                         &weights[l][i],
                         &want_w,
                         true,
@@ -270,6 +270,7 @@ impl Instance for ShardInstance {
                 _ => grad_tolerance(self.kind, &policy),
             };
             checks.extend(reference_checks(
+                &sh,
                 &grads,
                 &want_grads,
                 tolerance,
@@ -284,7 +285,7 @@ impl Instance for ShardInstance {
                     let want_w =
                         adamw_first_step(&self.world.ranks[0].adamw, &self.init.weights[l][i], g);
                     checks.push(tensor_check(
-                        weight_name(l, i),
+                        weight_name(&sh, l, i),
                         &weights[l][i],
                         &want_w,
                         false,
@@ -357,12 +358,14 @@ fn suite_policies() -> [Policy; 2] {
             attention: Variant::Flash,
             dtype: DType::Bf16,
             micro_batches: 1,
+            head: crate::model::HeadLoss::Materialized,
         },
         Policy {
             checkpoint: Checkpoint::None,
             attention: Variant::Flash,
             dtype: DType::F32,
             micro_batches: 1,
+            head: crate::model::HeadLoss::Materialized,
         },
     ]
 }
@@ -378,6 +381,7 @@ pub fn cases(_profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
                 heads: 2,
                 seq: 32,
                 batch: 4,
+                arch: crate::model::Arch::GPT,
             },
             &[2, 4],
         ),
@@ -389,6 +393,7 @@ pub fn cases(_profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
                 heads: 2,
                 seq: 128,
                 batch: 8,
+                arch: crate::model::Arch::GPT,
             },
             &[1, 2, 4],
         ),
@@ -421,6 +426,7 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
         heads: 2,
         seq: 17,
         batch: 24,
+        arch: crate::model::Arch::GPT,
     };
     let worlds: &[usize] = match kind {
         BackendKind::Cpu | BackendKind::Dry => &[1, 2, 3, 4],
@@ -443,6 +449,7 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
                     attention,
                     dtype,
                     micro_batches,
+                    head: crate::model::HeadLoss::Materialized,
                 };
                 out.push(Box::new(ShardCase::new(shape, p, spec)));
             }

@@ -13,7 +13,8 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::model::memory;
 use crate::model::{
-    param_rows, Checkpoint, InitialValues, ModelShape, Policy, TrainState, PARAM_NAMES,
+    unit_specs, Arch, Bias, Checkpoint, HeadLoss, InitialValues, Mlp, ModelShape, Norm, Policy,
+    TrainState,
 };
 use crate::report::Timeline;
 use crate::rng::Rng;
@@ -107,13 +108,25 @@ fn grad_elementwise(tolerance: f64, dtype: DType) -> (f64, f64) {
 /// against the 4.8% error of a gradient scaled by 1.05. The cap at 1/2 makes a zeroed
 /// gradient (error exactly 1) fail even where the loss barely moves.
 const PROBE_STEP: f64 = 1e-3;
-/// The probes of each layer, by [`PARAM_NAMES`] index: one over the attention half (ln1, q,
-/// k, v, proj) and one over the MLP half (ln2, fc, fc2). One probe over the whole layer
+/// The probes of each block, by index in its [`crate::model::Layout`]: one over the
+/// attention half (ln1, q, k, v, proj) and one over the MLP half (ln2, fc (gate, up), fc2);
+/// with a vocabulary, one more over the root (embedding, positions, final norm, head). One probe over the whole layer
 /// would be dominated by the MLP's matrices (84% of ⟨g, v⟩ on the check model, q and k 0.25%
 /// each), so a sign or layout slip in q's or k's gradient would hide under a bf16 bound;
 /// split, q and k weigh about 2% of their probe each, above every bound (v and proj 45%,
 /// fc and fc2 48%). Four forward passes per layer: 48 for GPT-2 small.
-const PROBE_GROUPS: [(&str, std::ops::Range<usize>); 2] = [("attention", 0..10), ("MLP", 10..16)];
+fn probe_groups(shape: &ModelShape, unit: usize) -> Vec<(&'static str, std::ops::Range<usize>)> {
+    if unit < shape.layers {
+        let layout = shape.layout();
+        vec![
+            ("attention", 0..layout.attention_end),
+            ("MLP", layout.attention_end..layout.params.len()),
+        ]
+    } else {
+        let root = shape.root_layout().map_or(0, |r| r.params.len());
+        vec![("embedding, final norm and head", 0..root)]
+    }
+}
 const PROBE_TRUNCATION: f64 = 100.0;
 const PROBE_ROUNDING_OPS: f64 = 200.0;
 const PROBE_LOOSEST: f64 = 0.5;
@@ -144,7 +157,7 @@ impl TrainCase {
         let mut info = CaseInfo::new("train", &policy.name(), policy.dtype, shape.name());
         let tokens = (shape.batch * shape.seq) as f64;
         let att = AttentionShape::new(shape.batch, shape.heads, shape.seq, shape.head_dim(), true);
-        info.flops = 6.0 * shape.params() as f64 * tokens
+        info.flops = 6.0 * shape.flop_params() as f64 * tokens
             + shape.layers as f64 * attention::flops(Pass::ForwardBackward, &att);
         let model = memory::model(&shape, &policy);
         info.predicted_peak_bytes = model.peak;
@@ -204,9 +217,16 @@ impl Case for TrainCase {
     }
 }
 
-/// The name of a gradient as validation reads it back and records it.
-pub fn grad_name(layer: usize, param: usize) -> String {
-    format!("layer {layer} {}.grad", PARAM_NAMES[param])
+/// The name of a gradient as validation reads it back and records it: `layer 2 q.weight.grad`,
+/// or `head.weight.grad` outside the blocks.
+pub fn grad_name(shape: &ModelShape, unit: usize, param: usize) -> String {
+    let specs = unit_specs(shape);
+    let name = specs[unit][param].name;
+    if unit < shape.layers {
+        format!("layer {unit} {name}.grad")
+    } else {
+        format!("{name}.grad")
+    }
 }
 
 fn finite_or_inf(x: f64) -> f64 {
@@ -237,6 +257,7 @@ pub(crate) fn loss_check(loss: f32) -> TensorCheck {
 /// its gradient is zero in exact arithmetic (adding q·b_k to a whole score row leaves the
 /// softmax unchanged), so its reference is rounding noise that no relative error could match.
 pub(crate) fn reference_checks(
+    shape: &ModelShape,
     got: &[Vec<Vec<f32>>],
     want: &[Vec<Vec<f32>>],
     tolerance: f64,
@@ -252,9 +273,15 @@ pub(crate) fn reference_checks(
     let mut checks = Vec::new();
     for (l, (g_layer, w_layer)) in got.iter().zip(want).enumerate() {
         for (i, (g, w)) in g_layer.iter().zip(w_layer).enumerate() {
-            let name = grad_name(l, i);
+            let name = grad_name(shape, l, i);
             let scale = w.iter().fold(floor, |m, x| m.max(x.abs() as f64));
-            let rms = (w.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / w.len() as f64)
+            // The RMS over the elements the reference makes nonzero: the typical size of a
+            // gradient where it has one. A dense tensor's is its RMS; the embedding table's
+            // gradient is nonzero only in the rows of the ids a batch holds (66 of 4099 in
+            // the check cases), and an RMS over all its rows would be a fraction of any of
+            // its values.
+            let nonzero = w.iter().filter(|&&x| x != 0.0).count().max(1);
+            let rms = (w.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / nonzero as f64)
                 .sqrt()
                 .max(floor);
             let atol = atol_of_rms * rms;
@@ -305,6 +332,7 @@ pub(crate) fn reference_checks(
 /// One check per layer: every gradient of the layer bitwise equal to `want`'s (a run that
 /// must give the same bits: another checkpointing policy, or the same step again).
 fn bitwise_checks(
+    shape: &ModelShape,
     got: &[Vec<Vec<f32>>],
     want: &[Vec<Vec<f32>>],
     against: &str,
@@ -330,12 +358,17 @@ fn bitwise_checks(
             let worst = match first {
                 Some((i, j, a, b)) => format!(
                     "{}[{j}]: {a} vs {b} ({differ} elements of the layer differ)",
-                    grad_name(l, i)
+                    grad_name(shape, l, i)
                 ),
                 None => "bitwise equal".into(),
             };
             TensorCheck {
-                name: format!("layer {l} gradients, bitwise vs {against}"),
+                name: match l < shape.layers {
+                    true => format!("layer {l} gradients, bitwise vs {against}"),
+                    false => {
+                        format!("embedding, final norm and head gradients, bitwise vs {against}")
+                    }
+                },
                 compared: g_layer.iter().map(Vec::len).sum(),
                 error: if scale > 0.0 {
                     max_err / scale
@@ -378,15 +411,20 @@ pub fn directional_checks(
     seed: u64,
 ) -> Result<Vec<TensorCheck>> {
     let sh = st.shape;
-    let host_inputs = match st.policy.dtype {
-        DType::F32 | DType::I32 => Vec::new(),
-        DType::Bf16 => st
+    let host_inputs = match (st.policy.dtype, sh.vocab()) {
+        (DType::Bf16, 0) => st
             .inputs
             .iter()
             .map(|t| be.read(t))
             .collect::<Result<Vec<_>>>()?,
+        _ => Vec::new(),
     };
-    let outputs = (sh.batch * sh.seq * sh.hidden) as f64;
+    // The loss sums this many rounded terms: the last hidden state's elements, or the tokens'
+    // cross-entropies.
+    let outputs = match sh.vocab() {
+        0 => sh.batch * sh.seq * sh.hidden,
+        _ => sh.batch * sh.seq,
+    } as f64;
     let unit_roundoff = f64::from(f32::EPSILON) / 2.0;
     let eta = PROBE_ROUNDING_OPS * unit_roundoff / outputs.sqrt();
     let beta = probe_gradient_precision(st.policy.dtype);
@@ -395,7 +433,7 @@ pub fn directional_checks(
     let mut rng = Rng::new(seed);
     let mut checks = Vec::with_capacity(sh.layers);
     for (l, g_layer) in grads.iter().enumerate() {
-        for (group, range) in PROBE_GROUPS {
+        for (group, range) in probe_groups(&sh, l) {
             let tensors = range.clone();
             let saved: Vec<Vec<f32>> = st.params.master[l][tensors.clone()]
                 .iter()
@@ -446,7 +484,10 @@ pub fn directional_checks(
             };
             let passed = error <= tolerance;
             checks.push(TensorCheck {
-                name: format!("layer {l} {group} directional derivative"),
+                name: match l < sh.layers {
+                    true => format!("layer {l} {group} directional derivative"),
+                    false => format!("{group} directional derivative"),
+                },
                 compared: g_layer[tensors].iter().map(Vec::len).sum(),
                 error,
                 tolerance,
@@ -492,13 +533,13 @@ impl Instance for TrainInstance {
         self.state.forward_backward(be)?;
         let loss = self.state.loss(be)?;
         let mut grads = self.state.read_grads(be)?;
-        let rows = param_rows(shape.hidden);
+        let specs = unit_specs(&shape);
         for (l, layer) in grads.iter_mut().enumerate() {
             for (i, g) in layer.iter_mut().enumerate() {
                 tamper(Readback {
-                    name: &grad_name(l, i),
+                    name: &grad_name(&shape, l, i),
                     values: g,
-                    row: rows[i],
+                    row: specs[l][i].row,
                 });
             }
         }
@@ -509,17 +550,26 @@ impl Instance for TrainInstance {
             // The fp32, full-batch step without checkpointing on the CPU backend, from the
             // same weights and inputs; its memory is its own tracker's, not this case's.
             let cpu = CpuBackend::new(None, None);
+            // The same head and loss variant: the variants agree only within rounding, which
+            // their own tests bound (tests/models.rs, tests/loss.rs).
             let reference = Policy {
                 checkpoint: Checkpoint::None,
                 attention: policy.attention,
                 dtype: DType::F32,
                 micro_batches: 1,
+                head: policy.head,
             };
             let mut r = TrainState::new(&cpu, shape, reference, &self.init)?;
             r.forward_backward(&cpu)?;
             let want = r.read_grads(&cpu)?;
             let tolerance = grad_tolerance(self.kind, &policy);
-            checks.extend(reference_checks(&grads, &want, tolerance, policy.dtype));
+            checks.extend(reference_checks(
+                &shape,
+                &grads,
+                &want,
+                tolerance,
+                policy.dtype,
+            ));
             what.push(format!(
                 "every gradient against the fp32 full-batch step without checkpointing \
                  (tolerance {tolerance:.0e})"
@@ -545,7 +595,7 @@ impl Instance for TrainInstance {
             "a second identical step"
         };
         let again = self.state.read_grads(be)?;
-        checks.extend(bitwise_checks(&grads, &again, against));
+        checks.extend(bitwise_checks(&shape, &grads, &again, against));
         what.push(format!("every gradient bitwise against {against}"));
         let mut v = Validation::from_checks(checks);
         v.detail = format!("checked {}; {}", what.join("; "), v.detail);
@@ -589,6 +639,7 @@ fn policies(layers: usize, variants: &[(Checkpoint, Variant, DType, usize)]) -> 
             attention,
             dtype,
             micro_batches,
+            head: crate::model::HeadLoss::Materialized,
         })
         .collect()
 }
@@ -618,6 +669,74 @@ fn sweep(shape: ModelShape) -> Vec<Box<dyn Case>> {
     .collect()
 }
 
+/// A model with a vocabulary: its head and loss materialized, chunked (`chunk` tokens at a
+/// time) and fused, under bf16 flash attention with full checkpointing (where the logits'
+/// share of the peak is largest).
+fn head_sweep(shape: ModelShape, chunk: usize) -> Vec<Box<dyn Case>> {
+    [
+        HeadLoss::Materialized,
+        HeadLoss::Chunked { rows: chunk },
+        HeadLoss::Fused,
+    ]
+    .into_iter()
+    .map(|head| {
+        let p = Policy {
+            checkpoint: Checkpoint::Full,
+            attention: Variant::Flash,
+            dtype: DType::Bf16,
+            micro_batches: 1,
+            head,
+        };
+        Box::new(TrainCase::new(shape, p)) as Box<dyn Case>
+    })
+    .collect()
+}
+
+/// A Llama-style model at CPU sizes: grouped-query attention, SwiGLU, RMSNorm, no biases,
+/// an untied head over an odd vocabulary.
+pub const SMALL_LLAMA: ModelShape = ModelShape {
+    layers: 2,
+    hidden: 128,
+    heads: 2,
+    seq: 32,
+    batch: 4,
+    arch: Arch {
+        kv_heads: 1,
+        ffn: 352,
+        vocab: 4099,
+        mlp: Mlp::SwiGlu,
+        norm: Norm::RmsNorm,
+        bias: Bias::None,
+        tied: false,
+        positions: 0,
+    },
+};
+
+/// The models with a vocabulary each profile trains.
+fn vocab_cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
+    let preset = |name: &str, seq: usize, batch: usize| {
+        crate::model::Preset::find(name)
+            .and_then(|p| p.shape(seq, batch))
+            .expect("the presets are valid")
+    };
+    match (kind, profile) {
+        (BackendKind::Cpu, _) => head_sweep(SMALL_LLAMA, 32),
+        (BackendKind::Cuda | BackendKind::Dry, Profile::Quick) => {
+            head_sweep(preset("gpt2-small", 1024, 8), 1024)
+        }
+        (BackendKind::Cuda | BackendKind::Dry, Profile::Full) => {
+            let mut out = head_sweep(preset("gpt2-small", 1024, 8), 1024);
+            // Llama-3-8B's vocabulary and blocks, two of them: the head is half the model.
+            let llama = ModelShape {
+                layers: 2,
+                ..preset("llama3-8b", 4096, 1)
+            };
+            out.extend(head_sweep(llama, 1024));
+            out
+        }
+    }
+}
+
 pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
     let shapes: Vec<ModelShape> = match (kind, profile) {
         (BackendKind::Cpu, Profile::Quick) => vec![ModelShape {
@@ -626,6 +745,7 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
             heads: 2,
             seq: 32,
             batch: 4,
+            arch: crate::model::Arch::GPT,
         }],
         (BackendKind::Cpu, Profile::Full) => vec![
             ModelShape {
@@ -634,6 +754,7 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
                 heads: 2,
                 seq: 32,
                 batch: 4,
+                arch: crate::model::Arch::GPT,
             },
             ModelShape {
                 layers: 9,
@@ -641,6 +762,7 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
                 heads: 2,
                 seq: 64,
                 batch: 4,
+                arch: crate::model::Arch::GPT,
             },
         ],
         // GPT-2 small (124M without embeddings: 85M in its blocks).
@@ -650,6 +772,7 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
             heads: 12,
             seq: 1024,
             batch: 8,
+            arch: crate::model::Arch::GPT,
         }],
         (BackendKind::Cuda | BackendKind::Dry, Profile::Full) => vec![
             ModelShape {
@@ -658,6 +781,7 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
                 heads: 12,
                 seq: 1024,
                 batch: 8,
+                arch: crate::model::Arch::GPT,
             },
             // About 1.2B parameters in 24 blocks of hidden 2048.
             ModelShape {
@@ -666,10 +790,13 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
                 heads: 16,
                 seq: 2048,
                 batch: 4,
+                arch: crate::model::Arch::GPT,
             },
         ],
     };
-    shapes.into_iter().flat_map(sweep).collect()
+    let mut out: Vec<Box<dyn Case>> = shapes.into_iter().flat_map(sweep).collect();
+    out.extend(vocab_cases(profile, kind));
+    out
 }
 
 /// Every checkpointing policy, both attention variants, both precisions and micro-batching,
@@ -681,6 +808,7 @@ pub fn check_cases() -> Vec<Box<dyn Case>> {
         heads: 2,
         seq: 33,
         batch: 2,
+        arch: crate::model::Arch::GPT,
     };
     let mut out: Vec<Box<dyn Case>> = Vec::new();
     for attention in [Variant::Flash, Variant::Naive] {
@@ -703,10 +831,55 @@ pub fn check_cases() -> Vec<Box<dyn Case>> {
                         attention,
                         dtype,
                         micro_batches,
+                        head: crate::model::HeadLoss::Materialized,
                     };
                     out.push(Box::new(TrainCase::new(shape, p)));
                 }
             }
+        }
+    }
+    // The architectures: Llama-style blocks and vocabulary with each head variant, and
+    // GPT-2-style with a tied head and learned positions, at an odd sequence length.
+    let llama = ModelShape {
+        seq: 33,
+        batch: 2,
+        ..SMALL_LLAMA
+    };
+    let gpt2 = ModelShape {
+        arch: Arch {
+            vocab: 1031,
+            tied: true,
+            positions: 64,
+            ..Arch::GPT
+        },
+        ..shape
+    };
+    for (sh, dtype, checkpoint, head) in [
+        (llama, DType::F32, Checkpoint::None, HeadLoss::Materialized),
+        (
+            llama,
+            DType::Bf16,
+            Checkpoint::Full,
+            HeadLoss::Chunked { rows: 16 },
+        ),
+        (llama, DType::Bf16, Checkpoint::Selective, HeadLoss::Fused),
+        (gpt2, DType::Bf16, Checkpoint::Full, HeadLoss::Fused),
+        (
+            gpt2,
+            DType::F32,
+            Checkpoint::None,
+            HeadLoss::Chunked { rows: 16 },
+        ),
+    ] {
+        for attention in [Variant::Flash, Variant::Naive] {
+            let p = Policy {
+                checkpoint,
+                attention,
+                dtype,
+                micro_batches: 1,
+                head,
+            };
+            out.push(Box::new(TrainCase::new(sh, p)));
         }
     }
     out
