@@ -13,8 +13,11 @@ use headroom::rng::Rng;
 use headroom::techniques::attention::{
     cases, gqa_check_cases, model_peak_bytes, AttentionCase, Pass, Variant,
 };
-use headroom::techniques::mutation::{apply, Mutation};
-use headroom::techniques::{random_tensor, untouched, Case, Profile, Readback, Validation};
+use headroom::techniques::mutation::Mutation;
+use headroom::techniques::{random_tensor, untouched, Case, Profile};
+
+mod common;
+use common::validate;
 
 /// Values of scale `range` from `rng`, rounded to `dt`, in a new tensor.
 fn random(
@@ -462,32 +465,6 @@ fn copy_of(be: &dyn Backend, t: &Tensor) -> Tensor {
     let mut c = t.clone_shape(be);
     be.copy(&mut c, t).unwrap();
     c
-}
-
-/// Runs and validates `case` once, corrupting the output named `target` with `m` (or nothing).
-fn validate(case: &dyn Case, target: &str, m: Option<Mutation>) -> (Validation, bool) {
-    let be = CpuBackend::new(None, None);
-    let mut rng = Rng::new(11);
-    let mut inst = case.setup(&be, &mut rng).expect("setup");
-    let mut changed = false;
-    let mut seen = false;
-    let v = match m {
-        None => inst.validate(&be, &mut rng, &mut untouched),
-        Some(m) => {
-            let mut tamper = |mut r: Readback<'_>| {
-                if r.name == target {
-                    seen = true;
-                    changed |= apply(m, &mut r);
-                }
-            };
-            inst.validate(&be, &mut rng, &mut tamper)
-        }
-    }
-    .expect("validation runs");
-    if m.is_some() {
-        assert!(seen, "{}: no output named {target}", case.info().id);
-    }
-    (v, changed)
 }
 
 /// dK and dV of a GQA case are kv-head sized: every mutation of them fails naming them.

@@ -8,8 +8,11 @@ use headroom::dtype::DType;
 use headroom::model::head::{self, HeadLoss, HeadShape, IGNORE_INDEX};
 use headroom::rng::Rng;
 use headroom::techniques::loss::{self as family, LossCase};
-use headroom::techniques::mutation::{apply, Mutation};
-use headroom::techniques::{untouched, Case, Readback, Validation};
+use headroom::techniques::mutation::Mutation;
+use headroom::techniques::{untouched, Case};
+
+mod common;
+use common::validate;
 
 fn shape(tokens: usize, hidden: usize, vocab: usize) -> HeadShape {
     HeadShape {
@@ -290,31 +293,6 @@ fn a_target_outside_the_vocabulary_is_an_error() {
     assert!(be
         .cross_entropy_backward(&logits, &targets, IGNORE_INDEX, 1.0, &short, &mut dl)
         .is_err());
-}
-
-fn validate(case: &dyn Case, target: &str, m: Option<Mutation>) -> (Validation, bool) {
-    let be = CpuBackend::new(None, None);
-    let mut rng = Rng::new(11);
-    let mut inst = case.setup(&be, &mut rng).expect("setup");
-    let mut changed = false;
-    let mut seen = false;
-    let v = match m {
-        None => inst.validate(&be, &mut rng, &mut untouched),
-        Some(m) => {
-            let mut tamper = |mut r: Readback<'_>| {
-                if r.name == target {
-                    seen = true;
-                    changed |= apply(m, &mut r);
-                }
-            };
-            inst.validate(&be, &mut rng, &mut tamper)
-        }
-    }
-    .expect("validation runs");
-    if m.is_some() {
-        assert!(seen, "no output named {target} was read back");
-    }
-    (v, changed)
 }
 
 /// Each output corrupted each way fails validation and is named as the worst tensor.

@@ -1964,56 +1964,40 @@ impl<'a> Ctx<'a> {
         drop(g);
         // The order of the frees and allocations below is the memory model's (see
         // `memory::Sizes::block_backward`).
-        let dln2 = match (up, lay.up_w) {
+        // The gradient of the first projection (GELU's fc, SwiGLU's gate) and SwiGLU's up's.
+        let (d_fc, d_up) = match (up, lay.up_w) {
             (Some(up), Some(up_w)) => {
                 let mut dgate = self.work(dt, tf, "d gate")?;
                 let mut dup = self.work(dt, tf, "d up")?;
                 be.swiglu_backward(&h, &up, &dg, &mut dgate, &mut dup)?;
                 drop(dg);
                 drop((h, up));
-                let mut dln2 = self.work(dt, t * c, "d ln2")?;
-                {
-                    let (dw, db) = split_pair(gr, lay.fc_w, lay.fc_b);
-                    self.linear_backward(
-                        &ln2,
-                        params.matrix(lay.fc_w),
-                        &dgate,
-                        (&mut dln2, false),
-                        (dw, db),
-                    )?;
-                }
-                drop(dgate);
-                {
-                    let (dw, db) = split_pair(gr, up_w, lay.up_b);
-                    self.linear_backward(
-                        &ln2,
-                        params.matrix(up_w),
-                        &dup,
-                        (&mut dln2, true),
-                        (dw, db),
-                    )?;
-                }
-                dln2
+                (dgate, Some((dup, up_w)))
             }
             _ => {
                 let mut dh = self.work(dt, tf, "d fc")?;
                 be.gelu_backward(&h, &dg, &mut dh)?;
                 drop(dg);
                 drop(h);
-                let mut dln2 = self.work(dt, t * c, "d ln2")?;
-                {
-                    let (dw, db) = split_pair(gr, lay.fc_w, lay.fc_b);
-                    self.linear_backward(
-                        &ln2,
-                        params.matrix(lay.fc_w),
-                        &dh,
-                        (&mut dln2, false),
-                        (dw, db),
-                    )?;
-                }
-                dln2
+                (dh, None)
             }
         };
+        let mut dln2 = self.work(dt, t * c, "d ln2")?;
+        {
+            let (dw, db) = split_pair(gr, lay.fc_w, lay.fc_b);
+            self.linear_backward(
+                &ln2,
+                params.matrix(lay.fc_w),
+                &d_fc,
+                (&mut dln2, false),
+                (dw, db),
+            )?;
+        }
+        drop(d_fc);
+        if let Some((dup, up_w)) = d_up {
+            let (dw, db) = split_pair(gr, up_w, lay.up_b);
+            self.linear_backward(&ln2, params.matrix(up_w), &dup, (&mut dln2, true), (dw, db))?;
+        }
         drop(ln2);
         {
             let (dw, db) = split_pair(gr, lay.ln2_w, lay.ln2_b);
