@@ -920,8 +920,10 @@ __device__ __forceinline__ void rmsnorm_fwd_row(const T *xr, const float *__rest
 
 // x, out: [T, C]; weight: [C]; rstd: [T]. One warp per row. x and out may alias (each row is
 // read whole before it is written, each element by the same lane).
+// At least one block per SM (see fused_forward_kernel in loss.cu): with the default occupancy
+// target ptxas spills the fp32 instantiation on sm_8x.
 template <typename T>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kRowThreads, 1)
 rmsnorm_fwd_kernel(const T *x, const float *__restrict__ weight, T *out,
                    float *__restrict__ rstd, int tokens, int C, float eps, int vec) {
     const int lane = threadIdx.x & 31;

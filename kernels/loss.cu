@@ -203,8 +203,10 @@ __device__ __forceinline__ void warp_dots(const float *sh, const T *w, int rows,
     for (int r = 0; r < kMaxRows; ++r) acc[r] = warp_sum(acc[r]);
 }
 
+// At least one block per SM, not the occupancy ptxas otherwise aims for on sm_8x (it caps the
+// fp32 instantiation at 40 registers there and spills).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 fused_forward_kernel(const T *__restrict__ hidden, const T *__restrict__ weight,
                      const int32_t *__restrict__ targets, float *__restrict__ lse, int tokens,
                      int channels, int vocab, int ignore, int rows) {
