@@ -482,7 +482,20 @@ fn plan_shape(
     batch: usize,
 ) -> Result<ModelShape, Error> {
     use headroom::model::{Bias, Mlp, Norm, Preset};
+    // A preset as published (its count checked), unless flags change it: then as changed.
+    let changed = layers.is_some()
+        || hidden.is_some()
+        || heads.is_some()
+        || a.kv_heads.is_some()
+        || a.ffn.is_some()
+        || a.vocab.is_some()
+        || a.mlp.is_some()
+        || a.norm.is_some()
+        || a.bias.is_some()
+        || a.tied
+        || a.positions.is_some();
     let mut shape = match preset {
+        Some(name) if changed => Preset::find(name)?.unchecked_shape(seq, batch),
         Some(name) => Preset::find(name)?.shape(seq, batch)?,
         None => ModelShape::gpt(0, 0, 0, seq, batch),
     };

@@ -249,17 +249,23 @@ impl Preset {
             })
     }
 
-    /// The preset at a sequence length and batch. A learned position table bounds the
-    /// sequence.
-    pub fn shape(&self, seq: usize, batch: usize) -> Result<ModelShape> {
-        let shape = ModelShape {
+    /// The preset at a sequence length and batch, before any check: the base a user's own
+    /// changes (a longer position table, another vocabulary) start from.
+    pub fn unchecked_shape(&self, seq: usize, batch: usize) -> ModelShape {
+        ModelShape {
             layers: self.layers,
             hidden: self.hidden,
             heads: self.heads,
             seq,
             batch,
             arch: self.arch,
-        };
+        }
+    }
+
+    /// The preset at a sequence length and batch, with its parameter count checked against
+    /// the published one. A learned position table bounds the sequence.
+    pub fn shape(&self, seq: usize, batch: usize) -> Result<ModelShape> {
+        let shape = self.unchecked_shape(seq, batch);
         shape.check()?;
         let counted = shape.params() as f64;
         let published = self.published_params as f64;
