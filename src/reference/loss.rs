@@ -14,6 +14,10 @@ pub struct HeadReference {
     pub d_hidden: Vec<f64>,
     /// `[V, C]`: Σ_t dz[t, v]·hidden[t] (without what d_weight held before).
     pub d_weight: Vec<f64>,
+    /// The same sums of absolute values, Σ_v |dz[t, v]|·|W[v]| and Σ_t |dz[t, v]|·|hidden[t]|:
+    /// what a relative rounding of every dz moves each element by, at most.
+    pub d_hidden_abs: Vec<f64>,
+    pub d_weight_abs: Vec<f64>,
 }
 
 /// hidden `[T, C]`, weight `[V, C]`, targets `[T]` (`ignore_index` rows add nothing);
@@ -35,6 +39,8 @@ pub fn head_cross_entropy(
         lse: vec![0.0; t_n],
         d_hidden: vec![0.0; t_n * c],
         d_weight: vec![0.0; v_n * c],
+        d_hidden_abs: vec![0.0; t_n * c],
+        d_weight_abs: vec![0.0; v_n * c],
     };
     let mut z = vec![0f64; v_n];
     for (t, &y) in targets.iter().enumerate() {
@@ -58,9 +64,17 @@ pub fn head_cross_entropy(
             for (o, &wj) in dh.iter_mut().zip(w) {
                 *o += g * wj as f64;
             }
+            let dh_abs = &mut out.d_hidden_abs[t * c..(t + 1) * c];
+            for (o, &wj) in dh_abs.iter_mut().zip(w) {
+                *o += (g * wj as f64).abs();
+            }
             let dw = &mut out.d_weight[v * c..(v + 1) * c];
             for (o, &hj) in dw.iter_mut().zip(h) {
                 *o += g * hj as f64;
+            }
+            let dw_abs = &mut out.d_weight_abs[v * c..(v + 1) * c];
+            for (o, &hj) in dw_abs.iter_mut().zip(h) {
+                *o += (g * hj as f64).abs();
             }
         }
     }

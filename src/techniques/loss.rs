@@ -37,19 +37,18 @@ const IGNORE_OFFSET: usize = 5;
 /// The loss is accumulated: validation starts it here (and d_weight at random values).
 const LOSS_START: f32 = 0.5;
 /// The gradients of a variant that stores dlogits in bf16 (materialized and chunked, as
-/// PyTorch's bf16 cross-entropy backward does). Each row's largest dlogit by far is its
-/// target's, scale·(p − 1); its rounding to bf16 (up to 2^-9 of it) moves that row's whole
-/// contribution to d_weight[target] and to d_hidden by up to 2^-9·scale·|h| or |w|, which
-/// for elements whose gradient nearly cancels is more than 1e-2 of the tensor's RMS: the
-/// CPU measures up to 1.14 of bf16's element-wise bound at 67 tokens. The atol is raised to
-/// 3e-2 of the RMS, so atol + rtol = 0.046 of it stays under 0.05: an element off by 5% of
-/// itself or of the RMS still fails (the mutation tests hold to that); the relative bound
-/// is bf16's.
-const STORED_DLOGITS: Bounds = Bounds {
-    relative: 1.5e-2,
-    atol_of_rms: 3e-2,
-    rtol: 1.6e-2,
-};
+/// PyTorch's bf16 cross-entropy backward does): each dlogit is rounded to bf16 (2^-9 of it)
+/// before the sums that make d_hidden and d_weight, so an element is off by up to
+/// 2^-9·Σ|dz·x| (x the weight's or the hidden state's element) however well the sum is
+/// taken; where the terms nearly cancel (the target's scale·(p − 1) against the rest of the
+/// row) that is far above bf16's bound relative to the tensor (measured on the CPU: up to
+/// 1.35 of a bound raised threefold, over 60 seeds). Each element is allowed
+/// STORED_DLOGITS_ROUNDINGS times that rounding's bound and held to bf16's bounds beyond it.
+/// Measured on the CPU over the check cases: an allowance of one rounding left 6 of 60 seeds
+/// failing (at up to 1.57 of it: the fp32 logits' and exponentials' own roundings add to the
+/// dlogits'), two left none of 100; three leaves that margin again. An element off by 5% of
+/// itself or of the tensor's RMS still fails: the mutation tests hold to that.
+const STORED_DLOGITS_ROUNDINGS: f64 = 3.0;
 /// Above this many T·C·V multiply-adds, validation samples rows (see `validate`).
 const FULL_CHECK_WORK: usize = 1 << 31;
 /// Sampled rows of the hidden states' gradient and log-sum-exp, and of the weight's
@@ -273,10 +272,13 @@ impl Instance for LossInstance {
         // variant stores them: bf16 bounds then).
         cmp.bounds("loss", Bounds::statistic());
         cmp.bounds("lse", Bounds::statistic());
-        if self.dtype == DType::Bf16 && self.variant != HeadLoss::Fused {
-            cmp.bounds("d_hidden", STORED_DLOGITS);
-            cmp.bounds("d_weight", STORED_DLOGITS);
-        }
+        // What rounding the stored dlogits may move each gradient element by (0 where they
+        // stay in fp32).
+        let stored = if self.dtype == DType::Bf16 && self.variant != HeadLoss::Fused {
+            STORED_DLOGITS_ROUNDINGS * DType::Bf16.epsilon() / 2.0
+        } else {
+            0.0
+        };
         for (name, values) in [
             ("loss", &loss),
             ("lse", &lse),
@@ -308,11 +310,12 @@ impl Instance for LossInstance {
                 cmp.add("lse", &|| format!("lse[{j}]"), g, w);
             }
             for (j, (&g, &w)) in dh.iter().zip(&r.d_hidden).enumerate() {
-                cmp.add(
+                cmp.add_allowing(
                     "d_hidden",
                     &|| format!("d_hidden[{}, {}]", j / c, j % c),
                     g,
                     w,
+                    stored * r.d_hidden_abs[j],
                 );
             }
             for (j, ((&g, &w), &s)) in dw
@@ -321,11 +324,12 @@ impl Instance for LossInstance {
                 .zip(&self.d_weight_start)
                 .enumerate()
             {
-                cmp.add(
+                cmp.add_allowing(
                     "d_weight",
                     &|| format!("d_weight[{}, {}]", j / c, j % c),
                     g,
                     w + s as f64,
+                    stored * r.d_weight_abs[j],
                 );
             }
             return Ok(cmp.finish());
@@ -340,22 +344,25 @@ impl Instance for LossInstance {
                 0.0
             };
             cmp.add("lse", &|| format!("lse[{r}]"), lse[r], want_lse);
-            let mut want = vec![0f64; c];
+            let (mut want, mut want_abs) = (vec![0f64; c], vec![0f64; c]);
             if counted(r) {
                 for (j, &zj) in z.iter().enumerate() {
                     let onehot = if j == ys[r] as usize { 1.0 } else { 0.0 };
                     let g = scale * ((zj - want_lse).exp() - onehot);
-                    for (o, &w) in want.iter_mut().zip(&self.host_weight[j * c..(j + 1) * c]) {
+                    let w_row = &self.host_weight[j * c..(j + 1) * c];
+                    for ((o, a), &w) in want.iter_mut().zip(want_abs.iter_mut()).zip(w_row) {
                         *o += g * w as f64;
+                        *a += (g * w as f64).abs();
                     }
                 }
             }
             for (k, &w) in want.iter().enumerate() {
-                cmp.add(
+                cmp.add_allowing(
                     "d_hidden",
                     &|| format!("d_hidden[{r}, {k}]"),
                     dh[r * c + k],
                     w,
+                    stored * want_abs[k],
                 );
             }
         }
@@ -378,19 +385,23 @@ impl Instance for LossInstance {
                 .iter()
                 .map(|&x| x as f64)
                 .collect();
+            let mut want_abs = vec![0f64; c];
             for r in (0..t).filter(|&r| counted(r)) {
                 let onehot = if j == ys[r] as usize { 1.0 } else { 0.0 };
                 let g = scale * ((dot(r, j) - lse[r] as f64).exp() - onehot);
-                for (o, &h) in want.iter_mut().zip(&self.host_hidden[r * c..(r + 1) * c]) {
+                let h_row = &self.host_hidden[r * c..(r + 1) * c];
+                for ((o, a), &h) in want.iter_mut().zip(want_abs.iter_mut()).zip(h_row) {
                     *o += g * h as f64;
+                    *a += (g * h as f64).abs();
                 }
             }
             for (k, &w) in want.iter().enumerate() {
-                cmp.add(
+                cmp.add_allowing(
                     "d_weight",
                     &|| format!("d_weight[{j}, {k}]"),
                     dw[j * c + k],
                     w,
+                    stored * want_abs[k],
                 );
             }
         }
