@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use headroom::alloc::pickle;
 use headroom::alloc::snapshot::{self, alloc_conf, parse, record, replay_snapshot};
 use headroom::alloc::trace::{
     fragmenting_trace, replay_simulated, steady_trace, walkthrough_trace, FRAGMENTING_CAPACITY,
@@ -218,13 +219,10 @@ fn pickles_python_writes_are_read() {
     let status = Command::new("python3")
         .args(["-c", py, base.to_str().unwrap()])
         .status();
-    match status {
-        Ok(s) if s.success() => {}
-        other => {
-            println!("skipped: python3 could not write the fixtures ({other:?})");
-            return;
-        }
-    }
+    assert!(
+        status.as_ref().is_ok_and(|s| s.success()),
+        "python3 (which CI installs) could not write the fixtures: {status:?}"
+    );
     for p in [4, 5] {
         let path = PathBuf::from(format!("{}{p}", base.display()));
         let snap = snapshot::read(&path).unwrap();
@@ -291,6 +289,19 @@ fn bad_snapshots_are_one_sentence_each() {
     one_line_error(&["replay", &text], "could not be read as a pickle");
     let list = write("list.pickle", &pickle(&Value::List(vec![Value::I64(1)])));
     one_line_error(&["replay", &list], "not of a memory snapshot");
+    // A pickle of Python objects (here, an instance of a class) is no snapshot either.
+    let object = write("object.pickle", b"\x80\x02c__main__\nModel\n)\x81.");
+    one_line_error(&["replay", &object], "holds Python objects");
+    let empty_file = write("empty.pickle", b"");
+    one_line_error(&["replay", &empty_file], "the file is empty");
+    // A trace list holding something other than entries.
+    let mut odd = BTreeMap::new();
+    odd.insert(
+        HashableValue::String("device_traces".into()),
+        Value::List(vec![Value::List(vec![Value::I64(3)])]),
+    );
+    let odd = write("odd.pickle", &pickle(&Value::Dict(odd)));
+    one_line_error(&["replay", &odd], "where a trace entry");
     let good = record(&steady_trace(), AllocatorSpec::Pool, 8 << 30).unwrap();
     let bytes = pickle(&good);
     let cut = write("cut.pickle", &bytes[..bytes.len() / 2]);
@@ -378,4 +389,251 @@ fn the_fidelity_figure_drops_when_the_snapshot_disagrees_with_the_replay() {
     assert!(off.matched_fraction() < 1.0, "{off:?}");
     assert_eq!(off.matched, control.matched - 1, "{off:?}");
     assert!(off.reserved_error > 0.0, "{off:?}");
+}
+
+/// The metrics with the host's allocation latencies (which differ from run to run) zeroed.
+fn untimed(mut results: Vec<snapshot::ReplayResult>) -> Vec<snapshot::ReplayResult> {
+    for r in &mut results {
+        for (_, m) in &mut r.rows {
+            m.alloc_latency_median_ns = 0.0;
+            m.alloc_latency_p99_ns = 0.0;
+        }
+    }
+    results
+}
+
+#[test]
+fn streaming_replays_equal_whole_ones() {
+    // The CLI replays as it reads; the whole snapshot in memory must give the same rows,
+    // timelines, fidelity and recommendation, on every fixture kind.
+    let mut cases: Vec<(String, Vec<u8>, Option<u64>)> = Vec::new();
+    for (trace, spec) in [
+        (
+            steady_trace(),
+            AllocatorSpec::Caching(CachingOptions::default()),
+        ),
+        (
+            fragmenting_trace(),
+            AllocatorSpec::Caching(CachingOptions::default()),
+        ),
+        (
+            walkthrough_trace(),
+            AllocatorSpec::Expandable(CachingOptions::default()),
+        ),
+    ] {
+        let cap = trace.capacity.unwrap_or(FRAGMENTING_CAPACITY);
+        let v = record(&trace, spec, cap).unwrap();
+        cases.push((trace.name.clone(), pickle(&v), None));
+        cases.push((format!("{} capped", trace.name), pickle(&v), Some(cap / 2)));
+    }
+    let dir = scratch("stream");
+    let fake = dir.join("fake.pickle");
+    fake_snapshot(&fake, &["--steps", "30", "--layers", "6", "--devices", "2"]);
+    cases.push(("fake".into(), std::fs::read(&fake).unwrap(), None));
+    for (name, bytes, cap) in &cases {
+        let whole = untimed(replay_snapshot(&parse(bytes, name).unwrap(), *cap).unwrap());
+        let streamed = untimed(snapshot::replay_bytes(bytes, name, *cap).unwrap());
+        assert_eq!(whole, streamed, "{name}");
+        assert!(
+            !whole.is_empty() && whole.iter().all(|r| r.events > 0),
+            "{name}"
+        );
+    }
+    // The file route is the bytes route.
+    let from_file = untimed(snapshot::replay_file(&fake, None, &mut |_, _| {}).unwrap());
+    assert_eq!(
+        from_file,
+        untimed(
+            snapshot::replay_bytes(
+                &std::fs::read(&fake).unwrap(),
+                &fake.display().to_string(),
+                None
+            )
+            .unwrap()
+        )
+    );
+    // Two devices, each with its weights half allocated before recording.
+    assert_eq!(from_file.len(), 2);
+    assert!(
+        from_file.iter().all(|r| r.preexisting == 3),
+        "{:?}",
+        from_file[0].preexisting
+    );
+}
+
+fn fake_snapshot(out: &Path, args: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fake-snapshot.py");
+    let status = Command::new("python3")
+        .arg(&script)
+        .arg(out)
+        .args(args)
+        .status();
+    assert!(
+        status.as_ref().is_ok_and(|s| s.success()),
+        "python3 (which CI installs) could not run {}: {status:?}",
+        script.display()
+    );
+}
+
+#[test]
+fn reading_holds_the_live_state_not_the_history() {
+    // The same loop recorded for 8 times as many steps: the decoder's stack and memo must
+    // not grow with it (Python's pickler appends in batches of 1000, and entries leave
+    // the memo when handed on), and the replay sees every entry.
+    let dir = scratch("bounded");
+    let mut stats = Vec::new();
+    for steps in [25u64, 200] {
+        let path = dir.join(format!("fake{steps}.pickle"));
+        fake_snapshot(&path, &["--steps", &steps.to_string(), "--layers", "12"]);
+        let f = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
+        let mut n = 0u64;
+        let (_, s) = pickle::decode(f, &mut |_, _| {
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+        // Per step and layer: an activation's alloc and two frees, a temporary's three.
+        let expected = steps * 12 * 6 + 6 + 2 * 12;
+        assert_eq!((n, s.entries), (expected, expected));
+        stats.push(s);
+    }
+    let (small, large) = (stats[0], stats[1]);
+    assert!(large.bytes > 7 * small.bytes);
+    assert_eq!(large.max_memo, small.max_memo, "{small:?} {large:?}");
+    assert_eq!(large.memo_at_end, small.memo_at_end, "{small:?} {large:?}");
+    // A batch of 1000 entries, each a dict of six items: the most the stack ever holds.
+    assert!(large.max_stack <= 1000 + 12 + 8, "{large:?}");
+}
+
+/// The decoder's value as serde-pickle's (sets as lists, bytes and big integers as their
+/// own markers, which the random values below do not hold).
+fn as_value(o: &pickle::Obj) -> Value {
+    use pickle::Obj;
+    match o {
+        Obj::None => Value::None,
+        Obj::Bool(b) => Value::Bool(*b),
+        Obj::Int(i) => Value::I64(*i),
+        Obj::BigInt => Value::String("<bigint>".into()),
+        Obj::Float(f) => Value::F64(*f),
+        Obj::Str(s) => Value::String(s.to_string()),
+        Obj::Bytes(n) => Value::String(format!("<{n} bytes>")),
+        Obj::List(l) => Value::List(l.borrow().items.iter().map(as_value).collect()),
+        Obj::Tuple(t) => Value::Tuple(t.iter().map(as_value).collect()),
+        Obj::Dict(d) => Value::Dict(
+            d.borrow()
+                .items
+                .iter()
+                .map(|(k, v)| (as_value(k).into_hashable().unwrap(), as_value(v)))
+                .collect(),
+        ),
+    }
+}
+
+fn random_value(rng: &mut headroom::rng::Rng, depth: usize) -> Value {
+    let leaf = depth >= 4 || rng.below(3) == 0;
+    match if leaf { rng.below(6) } else { 6 + rng.below(3) } {
+        0 => Value::None,
+        1 => Value::Bool(rng.below(2) == 1),
+        2 => {
+            // Every width: one byte, two, four, eight, and negative ones.
+            let bits = [7u32, 15, 31, 40, 63][rng.below(5)];
+            let v = (rng.next_u64() >> (64 - bits)) as i64;
+            Value::I64(if rng.below(2) == 0 { v } else { -v - 1 })
+        }
+        3 => Value::F64(f64::from(rng.uniform()) * 1e6 - 5e5),
+        4 => Value::String(
+            [
+                "",
+                "alloc",
+                "segment_map",
+                "främe",
+                "x".repeat(300).as_str(),
+            ][rng.below(5)]
+            .to_string(),
+        ),
+        5 => Value::Tuple(
+            (0..rng.below(4))
+                .map(|_| random_value(rng, depth + 1))
+                .collect(),
+        ),
+        6 => Value::List(
+            (0..rng.below(2500))
+                .map(|_| random_value(rng, depth + 2))
+                .collect(),
+        ),
+        _ => Value::Dict(
+            (0..rng.below(1200))
+                .map(|i| {
+                    let k = if i % 2 == 0 {
+                        HashableValue::String(format!("k{i}"))
+                    } else {
+                        HashableValue::I64(i as i64)
+                    };
+                    (k, random_value(rng, depth + 2))
+                })
+                .collect(),
+        ),
+    }
+}
+
+#[test]
+fn the_reader_agrees_with_serde_pickle() {
+    // Random values (lists and dicts past a batch of 1000, every integer width, strings
+    // past 255 bytes) written by serde-pickle, read by both.
+    let mut rng = headroom::rng::Rng::new(headroom::rng::Rng::fresh_seed());
+    for _ in 0..40 {
+        let v = random_value(&mut rng, 0);
+        for options in [SerOptions::new(), SerOptions::new().proto_v2()] {
+            let bytes = serde_pickle::value_to_vec(&v, options).unwrap();
+            let (o, _) = pickle::decode(&bytes[..], &mut |_, _| Ok(())).unwrap();
+            assert_eq!(as_value(&o), v);
+        }
+    }
+    // What Python itself writes, in every protocol: memo references, sets, tuples of
+    // every length, bytes, floats, non-ASCII text, large and negative integers.
+    // (Before protocol 4, Python writes sets, and before 3 bytes, as calls to builtins.)
+    let py = "import pickle,sys\nshared=[1,2]\nd={'a':[shared,shared,(),(1,),(1,2),(1,2,3),(1,2,3,4)],'b':{'x':1.5,'y':-2**40,'z':2**63-1,'w':-2**63},'c':['främe','back\\\\slash\\nline','\\u20ac'],'e':[None,True,False],'f':list(range(2500)),'g':{i:str(i) for i in range(1100)}}\nfor p in range(6):\n  if p>=4: d.update({'h':{3},'i':frozenset([4]),'j':b'xyz'})\n  open(sys.argv[1]+str(p),'wb').write(pickle.dumps(d,protocol=p))\n";
+    let dir = scratch("protocols");
+    let base = dir.join("v.pickle");
+    let status = Command::new("python3")
+        .args(["-c", py, base.to_str().unwrap()])
+        .status();
+    assert!(
+        status.as_ref().is_ok_and(|s| s.success()),
+        "python3 (which CI installs) could not write the fixtures: {status:?}"
+    );
+    for p in 0..6 {
+        let bytes = std::fs::read(format!("{}{p}", base.display())).unwrap();
+        let (o, _) = pickle::decode(&bytes[..], &mut |_, _| Ok(()))
+            .unwrap_or_else(|e| panic!("protocol {p}: {e:?}"));
+        let mut theirs = serde_pickle::value_from_slice(&bytes, Default::default()).unwrap();
+        let mut ours = as_value(&o);
+        // Sets, frozensets and bytes: serde-pickle's own types against the decoder's.
+        for v in [&mut theirs, &mut ours] {
+            let Value::Dict(d) = v else { panic!() };
+            for k in ["h", "i", "j"] {
+                d.remove(&HashableValue::String(k.into()));
+            }
+        }
+        assert_eq!(ours, theirs, "protocol {p}");
+        let Value::Dict(d) = as_value(&o) else {
+            panic!()
+        };
+        if p >= 4 {
+            assert_eq!(
+                d.get(&HashableValue::String("j".into())),
+                Some(&Value::String("<3 bytes>".into())),
+                "protocol {p}"
+            );
+        }
+        assert_eq!(
+            d.get(&HashableValue::String("c".into())),
+            Some(&Value::List(vec![
+                Value::String("främe".into()),
+                Value::String("back\\slash\nline".into()),
+                Value::String("€".into())
+            ])),
+            "protocol {p}"
+        );
+    }
 }

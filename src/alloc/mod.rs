@@ -29,6 +29,7 @@ pub mod direct;
 #[cfg(headroom_cuda)]
 pub mod driver;
 pub mod expandable;
+pub mod pickle;
 pub mod pool;
 pub mod snapshot;
 pub mod space;

@@ -15,16 +15,23 @@
 //! `free_requested` only precedes it), an `oom` an allocation of the refused size that is
 //! released at once if it succeeds; blocks freed in the trace but allocated before recording
 //! began are allocated first, in the order they are freed.
+//!
+//! A file is read twice, streaming ([`super::pickle`]): the first pass finds the blocks
+//! allocated before recording, the first OOM (the device's capacity) and the recorded
+//! settings; the second hands each event to every allocator as it is read. Memory follows
+//! the live blocks, not the length of the history.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::BufRead;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde_pickle::{HashableValue, Value};
 
+use super::pickle::{self, Entry, Obj, PickleError};
 use super::space::{DriverCalls, SpaceResult};
-use super::trace::{replay_observed, AllocatorMetrics, Trace, TraceEvent};
-use super::{AddressSpace, AllocatorSpec, CachingOptions, SimulatedSpace};
+use super::trace::{AllocatorMetrics, Replayer, Trace, TraceEvent};
+use super::{AddressSpace, Allocator, AllocatorSpec, CachingOptions, SimulatedSpace};
 use crate::error::{invalid, Error, Result};
 
 /// One device's history from a snapshot.
@@ -78,221 +85,343 @@ fn key(k: &str) -> HashableValue {
     HashableValue::String(k.into())
 }
 
-fn get<'a>(d: &'a BTreeMap<HashableValue, Value>, k: &str) -> Option<&'a Value> {
-    d.get(&key(k))
+/// What the first pass learns of one trace list.
+#[derive(Debug, Default)]
+struct Scan {
+    entries: u64,
+    /// Addresses allocated in the trace and not yet freed, with their sizes.
+    live: HashMap<u64, u64>,
+    /// Frees of blocks allocated before recording began: (addr, size, stream).
+    before: Vec<(u64, u64, u64)>,
+    expandable: bool,
+    reserved: i64,
+    oom: Option<SnapshotOom>,
 }
 
-fn as_u64(v: &Value) -> Option<u64> {
-    match v {
-        Value::I64(i) => u64::try_from(*i).ok(),
-        Value::Int(b) => b.to_string().parse().ok(),
-        Value::Bool(b) => Some(u64::from(*b)),
-        _ => None,
-    }
-}
-
-fn as_str(v: &Value) -> Option<&str> {
-    match v {
-        Value::String(s) => Some(s),
-        _ => None,
-    }
-}
-
-/// The innermost frame of an entry, `file:line name`, or `?`.
-fn frame_of(entry: &BTreeMap<HashableValue, Value>) -> String {
-    let Some(Value::List(frames)) = get(entry, "frames") else {
-        return "?".into();
-    };
-    for f in frames {
-        if let Value::Dict(f) = f {
-            let file = get(f, "filename").and_then(as_str).unwrap_or("?");
-            let line = get(f, "line").and_then(as_u64).unwrap_or(0);
-            let name = get(f, "name").and_then(as_str).unwrap_or("?");
-            return format!("{file}:{line} {name}");
+impl Scan {
+    fn entry(&mut self, e: &Entry) {
+        self.entries += 1;
+        let (addr, size) = (e.int("addr"), e.int("size"));
+        match e.action().as_str() {
+            "alloc" => {
+                self.live.insert(addr, size);
+            }
+            "free_completed" if self.live.remove(&addr).is_none() && size > 0 => {
+                self.before.push((addr, size, e.int("stream")));
+            }
+            "segment_alloc" => self.reserved += size as i64,
+            "segment_map" => {
+                self.expandable = true;
+                self.reserved += size as i64;
+            }
+            "segment_free" | "segment_unmap" => self.reserved -= size as i64,
+            "oom" if self.oom.is_none() => {
+                self.oom = Some(SnapshotOom {
+                    requested: size,
+                    device_free: e.int("device_free"),
+                    reserved: self.reserved.max(0) as u64,
+                    frame: e.frame(),
+                })
+            }
+            _ => {}
         }
     }
-    "?".into()
 }
 
-/// Reads the snapshot at `path`.
-pub fn read(path: &Path) -> Result<Snapshot> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::Io(format!("could not read {}: {e}", path.display())))?;
-    parse(&bytes, &path.display().to_string())
+/// What the first pass learns of a device, all the second needs before its first event.
+#[derive(Debug, Clone)]
+struct Plan {
+    device: usize,
+    list: u32,
+    entries: u64,
+    preexisting: Vec<(u64, u64, u64)>,
+    expandable: bool,
+    oom: Option<SnapshotOom>,
 }
 
-/// Reads a snapshot from its bytes; `name` names it in messages and traces.
-pub fn parse(bytes: &[u8], name: &str) -> Result<Snapshot> {
-    let value = serde_pickle::value_from_slice(bytes, serde_pickle::DeOptions::new()).map_err(
-        |e| {
-            invalid(format!(
-                "{name} could not be read as a pickle ({e}); it may be truncated or not a snapshot: expected the file torch.cuda.memory._dump_snapshot writes ({HOW_TO_RECORD})"
-            ))
-        },
-    )?;
-    let Value::Dict(top) = value else {
+/// The first pass: the snapshot's devices and recorded max split size.
+struct Survey {
+    plans: Vec<Plan>,
+    max_split: Option<u64>,
+}
+
+fn pickle_error(name: &str, e: PickleError, sunk: &mut Option<Error>) -> Error {
+    match e {
+        PickleError::Malformed(m) => invalid(format!(
+            "{name} could not be read as a pickle ({m}); it may be truncated or not a snapshot: expected the file torch.cuda.memory._dump_snapshot writes ({HOW_TO_RECORD})"
+        )),
+        PickleError::NotPlain(op) => invalid(format!(
+            "{name} is a pickle, but not of a memory snapshot: it holds Python objects (opcode {op}) where a snapshot has only dicts, lists, strings and numbers ({HOW_TO_RECORD})"
+        )),
+        PickleError::Io(m) => Error::Io(format!("could not read {name}: {m}")),
+        PickleError::Sink(m) => sunk.take().unwrap_or_else(|| invalid(m)),
+    }
+}
+
+/// Opens the snapshot for one pass.
+type Open<'a> = dyn FnMut() -> Result<Box<dyn BufRead + 'a>> + 'a;
+
+fn survey(open: &mut Open<'_>, name: &str) -> Result<Survey> {
+    let mut scans: HashMap<u32, Scan> = HashMap::new();
+    let (top, _) = pickle::decode(open()?, &mut |list, e| {
+        scans.entry(list).or_default().entry(&e);
+        Ok(())
+    })
+    .map_err(|e| pickle_error(name, e, &mut None))?;
+    let Obj::Dict(top) = top else {
         return Err(invalid(format!(
-            "{name} is a pickle, but not of a memory snapshot: expected a dict with 'segments' and 'device_traces' ({HOW_TO_RECORD})"
+            "{name} is a pickle, but not of a memory snapshot: it holds {}, where a snapshot is a dict with 'segments' and 'device_traces' ({HOW_TO_RECORD})",
+            top.kind()
         )));
     };
-    let traces = match get(&top, "device_traces") {
-        Some(Value::List(t)) => t,
-        _ => {
-            return Err(invalid(format!(
-                "{name} is a pickle, but not of a memory snapshot: it has no 'device_traces' list ({HOW_TO_RECORD})"
-            )))
-        }
+    let top = top.borrow();
+    let Some(Obj::List(traces)) = top.get("device_traces") else {
+        return Err(invalid(format!(
+            "{name} is a pickle, but not of a memory snapshot: it has no 'device_traces' list ({HOW_TO_RECORD})"
+        )));
     };
-    let max_split = match get(&top, "allocator_settings") {
-        Some(Value::Dict(s)) => get(s, "max_split_size")
-            .and_then(as_u64)
+    let max_split = match top.get("allocator_settings") {
+        Some(Obj::Dict(s)) => s
+            .borrow()
+            .get("max_split_size")
+            .and_then(Obj::as_u64)
             .filter(|&b| b > 0 && b < u64::MAX / 2),
         _ => None,
     };
-    let mut devices = Vec::new();
-    for (device, entries) in traces.iter().enumerate() {
-        let Value::List(entries) = entries else {
+    let mut plans = Vec::new();
+    for (device, list) in traces.borrow().items.iter().enumerate() {
+        let Obj::List(list) = list else {
             return Err(invalid(format!(
-                "{name}: device_traces[{device}] is not a list of trace entries"
+                "{name}: device_traces[{device}] is {}, not a list of trace entries",
+                list.kind()
             )));
         };
-        if entries.is_empty() {
-            continue;
+        let list = list.borrow();
+        // Entries left in the list are what the decoder did not take for trace entries.
+        if let Some(other) = list.items.first() {
+            return Err(invalid(format!(
+                "{name}: device {device}'s trace holds {} where a trace entry (a dict with an 'action') belongs",
+                other.kind()
+            )));
         }
-        devices.push(history(name, device, entries)?);
+        let Some(scan) = scans.remove(&list.id) else {
+            continue;
+        };
+        plans.push(Plan {
+            device,
+            list: list.id,
+            entries: scan.entries,
+            preexisting: scan.before,
+            expandable: scan.expandable,
+            oom: scan.oom,
+        });
     }
-    if devices.is_empty() {
+    if plans.is_empty() {
         return Err(invalid(format!(
             "{name} records no allocation history (its device_traces are empty): it was dumped without recording; {HOW_TO_RECORD}"
         )));
     }
-    Ok(Snapshot { devices, max_split })
+    Ok(Survey { plans, max_split })
 }
 
-fn history(name: &str, device: usize, entries: &[Value]) -> Result<DeviceHistory> {
-    // First pass: which freed addresses were never allocated in the trace (live before
-    // recording began), with the sizes their frees report.
-    let mut live: HashMap<u64, u64> = HashMap::new();
-    let mut before: Vec<(u64, u64, u32)> = Vec::new();
-    let mut streams: HashMap<u64, u32> = HashMap::new();
-    let mut stream_of = |s: u64| -> u32 {
-        let n = streams.len() as u32;
-        *streams.entry(s).or_insert(n)
-    };
-    let mut parsed = Vec::with_capacity(entries.len());
-    for (i, e) in entries.iter().enumerate() {
-        let Value::Dict(e) = e else {
-            return Err(invalid(format!(
-                "{name}: device {device} trace entry {i} is not a dict"
-            )));
+/// Where a device's history goes as the second pass reads it.
+trait HistorySink {
+    fn event(&mut self, e: TraceEvent) -> Result<()>;
+    /// A segment action of the snapshot's own allocator (+ allocated or mapped bytes,
+    /// − freed or unmapped), recorded before the next event.
+    fn segment(&mut self, delta: i64) -> Result<()>;
+}
+
+/// Turns a device's entries into trace events (see the module's documentation).
+struct Translator {
+    name: String,
+    device: usize,
+    ids: HashMap<u64, u64>,
+    streams: HashMap<u64, u32>,
+    next: u64,
+    unmatched_frees: usize,
+}
+
+impl Translator {
+    /// Starts a device's history with the blocks allocated before recording began.
+    fn new(name: &str, plan: &Plan, out: &mut dyn HistorySink) -> Result<Translator> {
+        let mut t = Translator {
+            name: name.into(),
+            device: plan.device,
+            ids: HashMap::new(),
+            streams: HashMap::new(),
+            next: 0,
+            unmatched_frees: 0,
         };
-        let action = get(e, "action").and_then(as_str).ok_or_else(|| {
-            invalid(format!(
-                "{name}: device {device} trace entry {i} has no 'action'"
-            ))
-        })?;
-        let addr = get(e, "addr").and_then(as_u64).unwrap_or(0);
-        let size = get(e, "size").and_then(as_u64).unwrap_or(0);
-        let stream = stream_of(get(e, "stream").and_then(as_u64).unwrap_or(0));
-        match action {
-            "alloc" => {
-                live.insert(addr, size);
-            }
-            "free_completed" if live.remove(&addr).is_none() && size > 0 => {
-                before.push((addr, size, stream));
-            }
-            _ => {}
+        for &(addr, size, stream) in &plan.preexisting {
+            let stream = t.stream(stream);
+            t.ids.insert(addr, t.next);
+            out.event(TraceEvent::Alloc {
+                id: t.next,
+                size,
+                tag: "allocated before recording began".into(),
+                stream,
+            })?;
+            t.next += 1;
         }
-        parsed.push((action.to_string(), addr, size, stream, e));
+        Ok(t)
     }
-    let mut events = Vec::with_capacity(parsed.len() + before.len());
-    let mut ids: HashMap<u64, u64> = HashMap::new();
-    let mut next = 0u64;
-    for &(addr, size, stream) in &before {
-        ids.insert(addr, next);
-        events.push(TraceEvent::Alloc {
-            id: next,
-            size,
-            tag: "allocated before recording began".into(),
-            stream,
-        });
-        next += 1;
+
+    fn stream(&mut self, s: u64) -> u32 {
+        let n = self.streams.len() as u32;
+        *self.streams.entry(s).or_insert(n)
     }
-    let preexisting = before.len();
-    let mut segments = Vec::new();
-    let mut expandable = false;
-    let mut reserved: i64 = 0;
-    let mut oom = None;
-    let mut unmatched_frees = 0;
-    for (action, addr, size, stream, e) in parsed {
-        match action.as_str() {
+
+    fn entry(&mut self, e: &Entry, out: &mut dyn HistorySink) -> Result<()> {
+        let (addr, size) = (e.int("addr"), e.int("size"));
+        match e.action().as_str() {
             "alloc" => {
-                if ids.contains_key(&addr) {
+                if self.ids.contains_key(&addr) {
                     return Err(invalid(format!(
-                        "{name}: device {device} allocates address {addr:#x} twice without freeing it"
+                        "{}: device {} allocates address {addr:#x} twice without freeing it",
+                        self.name, self.device
                     )));
                 }
-                ids.insert(addr, next);
-                events.push(TraceEvent::Alloc {
-                    id: next,
+                let stream = self.stream(e.int("stream"));
+                self.ids.insert(addr, self.next);
+                out.event(TraceEvent::Alloc {
+                    id: self.next,
                     size,
-                    tag: frame_of(e),
+                    tag: e.frame(),
                     stream,
-                });
-                next += 1;
+                })?;
+                self.next += 1;
             }
-            "free_completed" => match ids.remove(&addr) {
-                Some(id) => events.push(TraceEvent::Free { id }),
-                None => unmatched_frees += 1,
+            "free_completed" => match self.ids.remove(&addr) {
+                Some(id) => out.event(TraceEvent::Free { id })?,
+                None => self.unmatched_frees += 1,
             },
-            "segment_alloc" | "segment_map" => {
-                expandable |= action == "segment_map";
-                reserved += size as i64;
-                segments.push((events.len(), size as i64));
-            }
-            "segment_free" | "segment_unmap" => {
-                reserved -= size as i64;
-                segments.push((events.len(), -(size as i64)));
-            }
+            "segment_alloc" | "segment_map" => out.segment(size as i64)?,
+            "segment_free" | "segment_unmap" => out.segment(-(size as i64))?,
             "oom" => {
-                let device_free = get(e, "device_free").and_then(as_u64).unwrap_or(0);
-                let frame = frame_of(e);
-                if oom.is_none() {
-                    oom = Some(SnapshotOom {
-                        requested: size,
-                        device_free,
-                        reserved: reserved.max(0) as u64,
-                        frame: frame.clone(),
-                    });
-                }
-                events.push(TraceEvent::Alloc {
-                    id: next,
+                let stream = self.stream(e.int("stream"));
+                out.event(TraceEvent::Alloc {
+                    id: self.next,
                     size,
-                    tag: format!("the request that ran out of memory ({frame})"),
+                    tag: format!("the request that ran out of memory ({})", e.frame()),
                     stream,
-                });
-                events.push(TraceEvent::Free { id: next });
-                next += 1;
+                })?;
+                out.event(TraceEvent::Free { id: self.next })?;
+                self.next += 1;
             }
             // free_requested precedes free_completed; snapshot and annotate mark the trace.
             _ => {}
         }
+        Ok(())
     }
-    let trace = Trace {
-        name: format!("{name} device {device}"),
-        capacity: oom.as_ref().map(SnapshotOom::capacity),
-        events,
+}
+
+/// The second pass: every device's entries through its translator into its sink.
+fn second_pass(
+    open: &mut Open<'_>,
+    name: &str,
+    survey: &Survey,
+    sinks: &mut [&mut dyn HistorySink],
+    progress: &mut dyn FnMut(u64),
+) -> Result<Vec<Translator>> {
+    let mut translators = Vec::new();
+    for (plan, sink) in survey.plans.iter().zip(sinks.iter_mut()) {
+        translators.push(Translator::new(name, plan, &mut **sink)?);
+    }
+    let device_of: HashMap<u32, usize> = survey
+        .plans
+        .iter()
+        .enumerate()
+        .map(|(k, p)| (p.list, k))
+        .collect();
+    let mut failed: Option<Error> = None;
+    let mut entries = 0u64;
+    let decoded = pickle::decode(open()?, &mut |list, e| {
+        entries += 1;
+        if entries % 65536 == 0 {
+            progress(entries);
+        }
+        let Some(&k) = device_of.get(&list) else {
+            return Ok(());
+        };
+        translators[k].entry(&e, &mut *sinks[k]).map_err(|err| {
+            let m = err.to_string();
+            failed = Some(err);
+            m
+        })
+    });
+    if let Err(e) = decoded {
+        return Err(pickle_error(name, e, &mut failed));
+    }
+    Ok(translators)
+}
+
+/// A device's history kept whole (for tests and small snapshots).
+#[derive(Default)]
+struct Collect {
+    events: Vec<TraceEvent>,
+    segments: Vec<(usize, i64)>,
+}
+
+impl HistorySink for Collect {
+    fn event(&mut self, e: TraceEvent) -> Result<()> {
+        self.events.push(e);
+        Ok(())
+    }
+    fn segment(&mut self, delta: i64) -> Result<()> {
+        self.segments.push((self.events.len(), delta));
+        Ok(())
+    }
+}
+
+fn materialize(open: &mut Open<'_>, name: &str) -> Result<Snapshot> {
+    let survey = survey(open, name)?;
+    let mut collects: Vec<Collect> = survey.plans.iter().map(|_| Collect::default()).collect();
+    let translators = {
+        let mut sinks: Vec<&mut dyn HistorySink> = collects
+            .iter_mut()
+            .map(|c| c as &mut dyn HistorySink)
+            .collect();
+        second_pass(open, name, &survey, &mut sinks, &mut |_| {})?
     };
-    trace.validate()?;
-    Ok(DeviceHistory {
-        device,
-        trace,
-        segments,
-        expandable,
-        oom,
-        preexisting,
-        unmatched_frees,
+    let mut devices = Vec::new();
+    for ((plan, c), t) in survey.plans.iter().zip(collects).zip(translators) {
+        let trace = Trace {
+            name: format!("{name} device {}", plan.device),
+            capacity: plan.oom.as_ref().map(SnapshotOom::capacity),
+            events: c.events,
+        };
+        trace.validate()?;
+        devices.push(DeviceHistory {
+            device: plan.device,
+            trace,
+            segments: c.segments,
+            expandable: plan.expandable,
+            oom: plan.oom.clone(),
+            preexisting: plan.preexisting.len(),
+            unmatched_frees: t.unmatched_frees,
+        });
+    }
+    Ok(Snapshot {
+        devices,
+        max_split: survey.max_split,
     })
+}
+
+fn open_file(path: &Path) -> Result<Box<dyn BufRead>> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| Error::Io(format!("could not read {}: {e}", path.display())))?;
+    Ok(Box::new(std::io::BufReader::with_capacity(1 << 16, f)))
+}
+
+/// Reads the snapshot at `path`, whole.
+pub fn read(path: &Path) -> Result<Snapshot> {
+    materialize(&mut || open_file(path), &path.display().to_string())
+}
+
+/// Reads a snapshot from its bytes, whole; `name` names it in messages and traces.
+pub fn parse(bytes: &[u8], name: &str) -> Result<Snapshot> {
+    materialize(&mut || Ok(Box::new(bytes) as Box<dyn BufRead>), name)
 }
 
 /// An address space that records the segments (and mapped pages) an allocator asks for.
@@ -400,86 +529,144 @@ impl Fidelity {
 
 /// The allocator a snapshot was recorded under: expandable segments where it mapped pages,
 /// else the caching allocator with its recorded max split size.
-pub fn recorded_spec(snapshot: &Snapshot, history: &DeviceHistory) -> AllocatorSpec {
+pub fn recorded_spec(max_split: Option<u64>, expandable: bool) -> AllocatorSpec {
     let options = CachingOptions {
-        max_split: snapshot.max_split,
+        max_split,
         ..Default::default()
     };
-    if history.expandable {
+    if expandable {
         AllocatorSpec::Expandable(options)
     } else {
         AllocatorSpec::Caching(options)
     }
 }
 
+/// A replay through the allocator the snapshot was recorded under, compared as it goes
+/// with the snapshot's own segment actions and reserved bytes.
+struct FidelityRun {
+    spec: AllocatorSpec,
+    alloc: Box<dyn Allocator>,
+    replayer: Replayer,
+    log: Arc<Mutex<Vec<(u64, i64, bool)>>>,
+    logged: usize,
+    /// The snapshot's reserved bytes so far, and their peak.
+    reserved: i64,
+    peak: i64,
+    /// After the last event replayed: the replay's reserved bytes and the snapshot's
+    /// before that event (compared with the snapshot's before the next one too).
+    pending: Option<(i64, i64)>,
+    worst: i64,
+    /// Segment actions of one side not yet paired with the other's, position by position.
+    wanted: VecDeque<i64>,
+    replayed: VecDeque<i64>,
+    matched: usize,
+    snapshot_segments: usize,
+    replay_segments: usize,
+}
+
+impl FidelityRun {
+    fn new(spec: AllocatorSpec, capacity: u64, name: &str) -> FidelityRun {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let space = Recording {
+            inner: SimulatedSpace::new(capacity),
+            log: log.clone(),
+        };
+        let mut alloc = spec.build(Box::new(space));
+        let replayer = Replayer::new(name, alloc.as_mut(), None);
+        FidelityRun {
+            spec,
+            alloc,
+            replayer,
+            log,
+            logged: 0,
+            reserved: 0,
+            peak: 0,
+            pending: None,
+            worst: 0,
+            wanted: VecDeque::new(),
+            replayed: VecDeque::new(),
+            matched: 0,
+            snapshot_segments: 0,
+            replay_segments: 0,
+        }
+    }
+
+    fn pair(&mut self) {
+        while let (Some(a), Some(b)) = (self.wanted.front(), self.replayed.front()) {
+            self.matched += usize::from(a == b);
+            self.wanted.pop_front();
+            self.replayed.pop_front();
+        }
+    }
+
+    /// The snapshot's reserved bytes before the next event are known: settle the last one.
+    /// A segment action recorded between events i and i+1 belongs to one of them (PyTorch
+    /// records a malloc's segment actions before its `alloc`, and a release's after the
+    /// free that caused it): after event i the replay may agree with either.
+    fn settle(&mut self) {
+        if let Some((r, before)) = self.pending.take() {
+            let diff = (r - before).abs().min((r - self.reserved).abs());
+            self.worst = self.worst.max(diff);
+        }
+    }
+
+    fn segment(&mut self, delta: i64) {
+        self.reserved += delta;
+        self.peak = self.peak.max(self.reserved);
+        self.snapshot_segments += 1;
+        self.wanted.push_back(delta);
+        self.pair();
+    }
+
+    fn event(&mut self, e: &TraceEvent) -> Result<()> {
+        self.settle();
+        if self.replayer.step(self.alloc.as_mut(), e)? {
+            let r = self.alloc.stats().reserved as i64;
+            self.pending = Some((r, self.reserved));
+        }
+        let log = self.log.lock().expect("log");
+        for &(_, delta, _) in &log[self.logged..] {
+            self.replayed.push_back(delta);
+        }
+        self.replay_segments += log.len() - self.logged;
+        self.logged = log.len();
+        drop(log);
+        self.pair();
+        Ok(())
+    }
+
+    fn finish(mut self) -> Fidelity {
+        self.settle();
+        Fidelity {
+            allocator: self.spec.to_string(),
+            snapshot_segments: self.snapshot_segments,
+            matched: self.matched,
+            replay_segments: self.replay_segments,
+            reserved_error: if self.peak > 0 {
+                self.worst as f64 / self.peak as f64
+            } else {
+                0.0
+            },
+            snapshot_peak_reserved: self.peak.max(0) as u64,
+        }
+    }
+}
+
 /// Replays the device's trace through `spec` on a device of `capacity` bytes, comparing
 /// its segments and reserved bytes with the snapshot's, event by event.
 pub fn fidelity(history: &DeviceHistory, spec: AllocatorSpec, capacity: u64) -> Result<Fidelity> {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let space = Recording {
-        inner: SimulatedSpace::new(capacity),
-        log: log.clone(),
-    };
-    let mut alloc = spec.build(Box::new(space));
-    // The snapshot's reserved bytes once every segment action recorded before event k has
-    // happened, for k = 0 ..= events.
-    let n = history.trace.events.len();
-    let mut snap_at = vec![0i64; n + 2];
-    let mut reserved: i64 = 0;
-    let mut snap_peak: i64 = 0;
+    let mut run = FidelityRun::new(spec, capacity, &history.trace.name);
     let mut actions = history.segments.iter().peekable();
-    for (k, slot) in snap_at.iter_mut().enumerate() {
-        while let Some(&&(at, delta)) = actions.peek() {
-            if at > k {
-                break;
-            }
-            reserved += delta;
-            snap_peak = snap_peak.max(reserved);
-            actions.next();
+    for (k, e) in history.trace.events.iter().enumerate() {
+        while let Some(&(_, delta)) = actions.next_if(|a| a.0 <= k) {
+            run.segment(delta);
         }
-        *slot = reserved;
+        run.event(e)?;
     }
-    // A segment action recorded between events i and i+1 belongs to one of them (PyTorch
-    // records a malloc's segment actions before its `alloc`, and a release's after the free
-    // that caused it): after event i the replay may agree with either.
-    let mut worst: i64 = 0;
-    let mut live = HashMap::new();
-    for (i, e) in history.trace.events.iter().enumerate() {
-        match e {
-            TraceEvent::Alloc {
-                id, size, stream, ..
-            } => match alloc.allocate(*size, *stream) {
-                Ok(b) => {
-                    live.insert(*id, b);
-                }
-                Err(Error::OutOfMemory(_)) => break,
-                Err(e) => return Err(e),
-            },
-            TraceEvent::Free { id } => {
-                if let Some(b) = live.remove(id) {
-                    alloc.free(b)?;
-                }
-            }
-        }
-        let r = alloc.stats().reserved as i64;
-        let diff = (r - snap_at[i]).abs().min((r - snap_at[i + 1]).abs());
-        worst = worst.max(diff);
+    for &(_, delta) in actions {
+        run.segment(delta);
     }
-    let replayed: Vec<i64> = log.lock().expect("log").iter().map(|e| e.1).collect();
-    let wanted: Vec<i64> = history.segments.iter().map(|s| s.1).collect();
-    let matched = replayed.iter().zip(&wanted).filter(|(a, b)| a == b).count();
-    Ok(Fidelity {
-        allocator: spec.to_string(),
-        snapshot_segments: wanted.len(),
-        matched,
-        replay_segments: replayed.len(),
-        reserved_error: if snap_peak > 0 {
-            worst as f64 / snap_peak as f64
-        } else {
-            0.0
-        },
-        snapshot_peak_reserved: snap_peak.max(0) as u64,
-    })
+    Ok(run.finish())
 }
 
 /// The allocators a replay compares: every one of the shootout's, and the caching
@@ -534,11 +721,76 @@ pub struct Series {
 
 pub const SERIES_POINTS: usize = 1500;
 
+/// A [`Series`] built without knowing the length of the history: windows start one event
+/// wide and double (neighbouring points merged, each keeping the larger values) whenever
+/// the points would exceed [`SERIES_POINTS`].
+#[derive(Debug, Clone)]
+struct SeriesBuilder {
+    series: Series,
+    window: usize,
+    filled: usize,
+    last: usize,
+    hi: (u64, u64),
+}
+
+impl SeriesBuilder {
+    fn new() -> SeriesBuilder {
+        SeriesBuilder {
+            series: Series::default(),
+            window: 1,
+            filled: 0,
+            last: 0,
+            hi: (0, 0),
+        }
+    }
+
+    fn observe(&mut self, event: usize, allocated: u64, reserved: u64) {
+        self.hi = (self.hi.0.max(allocated), self.hi.1.max(reserved));
+        self.last = event;
+        self.filled += 1;
+        if self.filled < self.window {
+            return;
+        }
+        self.series.points.push((event, self.hi.0, self.hi.1));
+        (self.filled, self.hi) = (0, (0, 0));
+        if self.series.points.len() > SERIES_POINTS {
+            let merged = self
+                .series
+                .points
+                .chunks(2)
+                .map(|c| {
+                    let last = c[c.len() - 1].0;
+                    let a = c.iter().map(|p| p.1).max().unwrap_or(0);
+                    let r = c.iter().map(|p| p.2).max().unwrap_or(0);
+                    (last, a, r)
+                })
+                .collect();
+            self.series.points = merged;
+            self.window *= 2;
+        }
+    }
+
+    fn finish(mut self) -> Series {
+        if self.filled > 0 {
+            self.series.points.push((self.last, self.hi.0, self.hi.1));
+        }
+        self.series
+    }
+}
+
 /// One device's replay through every candidate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReplayResult {
     pub device: usize,
     pub capacity: u64,
+    /// Events in the device's trace (allocations, frees, and each OOM as both).
+    pub events: usize,
+    /// Frees of blocks allocated before recording began (allocated first).
+    pub preexisting: usize,
+    /// Frees of addresses the trace never shows allocated and whose size is unknown.
+    pub unmatched_frees: usize,
+    /// The snapshot's first OOM.
+    pub oom: Option<SnapshotOom>,
     pub rows: Vec<(AllocatorSpec, AllocatorMetrics)>,
     /// Each row's allocated and reserved bytes over the replay.
     pub series: Vec<Series>,
@@ -546,6 +798,100 @@ pub struct ReplayResult {
     /// The candidate with PyTorch setting and the lowest peak reserved that never ran out of
     /// memory, if one did not.
     pub recommendation: Option<AllocatorSpec>,
+}
+
+/// One candidate's replay in progress.
+struct Row {
+    spec: AllocatorSpec,
+    alloc: Box<dyn Allocator>,
+    replayer: Replayer,
+    series: SeriesBuilder,
+}
+
+/// A device's history replayed through every candidate and the fidelity run at once, an
+/// event at a time.
+struct DeviceReplay {
+    device: usize,
+    capacity: u64,
+    rows: Vec<Row>,
+    fidelity: FidelityRun,
+    events: usize,
+}
+
+impl DeviceReplay {
+    fn new(name: &str, device: usize, capacity: u64, recorded: AllocatorSpec) -> DeviceReplay {
+        let rows = candidates()
+            .into_iter()
+            .map(|spec| {
+                let mut alloc = spec.build(Box::new(SimulatedSpace::new(capacity)));
+                let replayer = Replayer::new(name, alloc.as_mut(), None);
+                Row {
+                    spec,
+                    alloc,
+                    replayer,
+                    series: SeriesBuilder::new(),
+                }
+            })
+            .collect();
+        DeviceReplay {
+            device,
+            capacity,
+            rows,
+            fidelity: FidelityRun::new(recorded, capacity, name),
+            events: 0,
+        }
+    }
+
+    fn finish(
+        self,
+        preexisting: usize,
+        unmatched_frees: usize,
+        oom: Option<SnapshotOom>,
+    ) -> Result<ReplayResult> {
+        let mut rows = Vec::new();
+        let mut series = Vec::new();
+        for mut row in self.rows {
+            let m = row.replayer.finish(row.alloc.as_mut())?;
+            rows.push((row.spec, m));
+            series.push(row.series.finish());
+        }
+        let recommendation = rows
+            .iter()
+            .filter(|(s, m)| m.oom.is_none() && alloc_conf(s).is_some())
+            .min_by_key(|(_, m)| m.peak_reserved)
+            .map(|(s, _)| *s);
+        Ok(ReplayResult {
+            device: self.device,
+            capacity: self.capacity,
+            events: self.events,
+            preexisting,
+            unmatched_frees,
+            oom,
+            rows,
+            series,
+            fidelity: self.fidelity.finish(),
+            recommendation,
+        })
+    }
+}
+
+impl HistorySink for DeviceReplay {
+    fn event(&mut self, e: TraceEvent) -> Result<()> {
+        let i = self.events;
+        self.events += 1;
+        for row in &mut self.rows {
+            if row.replayer.step(row.alloc.as_mut(), &e)? {
+                let st = row.alloc.stats();
+                row.series.observe(i, st.allocated, st.reserved);
+            }
+        }
+        self.fidelity.event(&e)
+    }
+
+    fn segment(&mut self, delta: i64) -> Result<()> {
+        self.fidelity.segment(delta);
+        Ok(())
+    }
 }
 
 /// Replays every device of `snapshot` on a device of `capacity` bytes (default: what the
@@ -560,60 +906,103 @@ pub fn replay_snapshot_with(
     capacity: Option<u64>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Vec<ReplayResult>> {
-    let specs = candidates();
     let total: u64 = snapshot
         .devices
         .iter()
-        .map(|h| (h.trace.events.len() * specs.len()) as u64)
+        .map(|h| h.trace.events.len() as u64)
         .sum();
     let mut done = 0u64;
     let mut out = Vec::new();
     for h in &snapshot.devices {
         let capacity = capacity.or(h.trace.capacity).unwrap_or(UNBOUNDED);
-        let n = h.trace.events.len();
-        let window = n.div_ceil(SERIES_POINTS).max(1);
-        let mut rows = Vec::new();
-        let mut series = Vec::new();
-        for spec in &specs {
-            let mut a = spec.build(Box::new(SimulatedSpace::new(capacity)));
-            let mut s = Series::default();
-            let (mut hi_alloc, mut hi_res) = (0u64, 0u64);
-            let m = replay_observed(&h.trace, a.as_mut(), None, &mut |i, st| {
-                hi_alloc = hi_alloc.max(st.allocated);
-                hi_res = hi_res.max(st.reserved);
-                if (i + 1) % window == 0 || i + 1 == n {
-                    s.points.push((i, hi_alloc, hi_res));
-                    (hi_alloc, hi_res) = (0, 0);
-                }
-                if i % 65536 == 0 {
-                    progress(done + i as u64, total);
-                }
-            })?;
-            if hi_alloc > 0 || hi_res > 0 {
-                // The window an out-of-memory cut short.
-                s.points
-                    .push((m.events_replayed.saturating_sub(1), hi_alloc, hi_res));
-            }
-            done += n as u64;
-            progress(done, total);
-            rows.push((*spec, m));
-            series.push(s);
-        }
-        let recommendation = rows
-            .iter()
-            .filter(|(s, m)| m.oom.is_none() && alloc_conf(s).is_some())
-            .min_by_key(|(_, m)| m.peak_reserved)
-            .map(|(s, _)| *s);
-        let fidelity = fidelity(h, recorded_spec(snapshot, h), capacity)?;
-        out.push(ReplayResult {
-            device: h.device,
+        let mut r = DeviceReplay::new(
+            &h.trace.name,
+            h.device,
             capacity,
-            rows,
-            series,
-            fidelity,
-            recommendation,
-        });
+            recorded_spec(snapshot.max_split, h.expandable),
+        );
+        let mut actions = h.segments.iter().peekable();
+        for (k, e) in h.trace.events.iter().enumerate() {
+            while let Some(&(_, delta)) = actions.next_if(|a| a.0 <= k) {
+                r.segment(delta)?;
+            }
+            r.event(e.clone())?;
+            done += 1;
+            if done % 65536 == 0 {
+                progress(done, total);
+            }
+        }
+        for &(_, delta) in actions {
+            r.segment(delta)?;
+        }
+        out.push(r.finish(h.preexisting, h.unmatched_frees, h.oom.clone())?);
     }
+    progress(total, total);
+    Ok(out)
+}
+
+/// Replays the snapshot at `path` as it reads it (twice: see the module's documentation),
+/// calling `progress(trace entries read, trace entries in all)` as it goes.
+pub fn replay_file(
+    path: &Path,
+    capacity: Option<u64>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<ReplayResult>> {
+    replay_stream(
+        &mut || open_file(path),
+        &path.display().to_string(),
+        capacity,
+        progress,
+    )
+}
+
+/// [`replay_file`] on a snapshot's bytes.
+pub fn replay_bytes(bytes: &[u8], name: &str, capacity: Option<u64>) -> Result<Vec<ReplayResult>> {
+    replay_stream(
+        &mut || Ok(Box::new(bytes) as Box<dyn BufRead>),
+        name,
+        capacity,
+        &mut |_, _| {},
+    )
+}
+
+fn replay_stream(
+    open: &mut Open<'_>,
+    name: &str,
+    capacity: Option<u64>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<ReplayResult>> {
+    let survey = survey(open, name)?;
+    let total: u64 = survey.plans.iter().map(|p| p.entries).sum();
+    let mut replays: Vec<DeviceReplay> = survey
+        .plans
+        .iter()
+        .map(|p| {
+            let cap = capacity
+                .or(p.oom.as_ref().map(SnapshotOom::capacity))
+                .unwrap_or(UNBOUNDED);
+            DeviceReplay::new(
+                &format!("{name} device {}", p.device),
+                p.device,
+                cap,
+                recorded_spec(survey.max_split, p.expandable),
+            )
+        })
+        .collect();
+    let translators = {
+        let mut sinks: Vec<&mut dyn HistorySink> = replays
+            .iter_mut()
+            .map(|c| c as &mut dyn HistorySink)
+            .collect();
+        second_pass(open, name, &survey, &mut sinks, &mut |done| {
+            progress(done, total)
+        })?
+    };
+    let mut out = Vec::new();
+    for ((plan, r), t) in survey.plans.iter().zip(replays).zip(translators) {
+        out.push(r.finish(plan.preexisting.len(), t.unmatched_frees, plan.oom.clone())?);
+    }
+    progress(total, total);
     Ok(out)
 }
 

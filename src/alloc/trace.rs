@@ -321,13 +321,222 @@ pub fn check_invariants(
     Ok(())
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
+/// Allocation latencies, counted in buckets 1/64 of a power of two wide (values below 128 ns
+/// exactly), so that a replay of millions of allocations keeps a few kilobytes instead of
+/// every latency; a percentile is its bucket's lower end, within 1.6% of the latency.
+#[derive(Debug, Clone, Default)]
+pub struct LatencyHistogram {
+    counts: Vec<u64>,
+    total: u64,
+}
+
+const SUB_BITS: u32 = 6;
+
+impl LatencyHistogram {
+    fn bucket(v: u64) -> usize {
+        if v < (2 << SUB_BITS) {
+            return v as usize;
+        }
+        let exp = 63 - v.leading_zeros() - SUB_BITS;
+        let mantissa = (v >> exp) as usize;
+        ((exp as usize) << SUB_BITS) + mantissa
     }
-    // Nearest rank.
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1] as f64
+
+    fn lower(bucket: usize) -> u64 {
+        if bucket < (2 << SUB_BITS) {
+            return bucket as u64;
+        }
+        let exp = (bucket >> SUB_BITS) as u32 - 1;
+        let mantissa = (bucket - ((exp as usize) << SUB_BITS)) as u64;
+        mantissa << exp
+    }
+
+    pub fn record(&mut self, ns: u64) {
+        let b = Self::bucket(ns);
+        if b >= self.counts.len() {
+            self.counts.resize(b + 1, 0);
+        }
+        self.counts[b] += 1;
+        self.total += 1;
+    }
+
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// The nearest-rank percentile `p` (0 to 1), 0 when nothing was recorded.
+    pub fn percentile(&self, p: f64) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        let rank = ((p * self.total as f64).ceil() as u64).clamp(1, self.total);
+        let mut seen = 0;
+        for (b, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Self::lower(b) as f64;
+            }
+        }
+        unreachable!("the counts add up to the total")
+    }
+}
+
+/// A replay one event at a time: the allocator is handed in with each event, so that a
+/// snapshot's events can be replayed through several allocators as they are read.
+pub struct Replayer {
+    name: String,
+    capacity: u64,
+    check_every: Option<usize>,
+    live: HashMap<u64, Block>,
+    latencies: LatencyHistogram,
+    oom: Option<OomEvent>,
+    violation: Option<String>,
+    seen: usize,
+    replayed: usize,
+}
+
+impl Replayer {
+    /// A replay of the trace `name` on `alloc` (whose peaks are reset); see [`replay`].
+    pub fn new(name: &str, alloc: &mut dyn Allocator, check_every: Option<usize>) -> Replayer {
+        alloc.reset_peaks();
+        Replayer {
+            name: name.into(),
+            capacity: alloc.space().capacity(),
+            check_every,
+            live: HashMap::new(),
+            latencies: LatencyHistogram::default(),
+            oom: None,
+            violation: None,
+            seen: 0,
+            replayed: 0,
+        }
+    }
+
+    /// Whether the replay stopped at an out-of-memory (later events are only counted).
+    pub fn stopped(&self) -> bool {
+        self.oom.is_some()
+    }
+
+    /// Replays the next event; returns whether it was replayed (false once an
+    /// out-of-memory has stopped the replay, and for the request that ran out).
+    pub fn step(&mut self, alloc: &mut dyn Allocator, e: &TraceEvent) -> Result<bool> {
+        let i = self.seen;
+        self.seen += 1;
+        if self.oom.is_some() {
+            return Ok(false);
+        }
+        match e {
+            TraceEvent::Alloc {
+                id,
+                size,
+                tag,
+                stream,
+            } => {
+                let t0 = Instant::now();
+                let r = alloc.allocate(*size, *stream);
+                self.latencies.record(t0.elapsed().as_nanos() as u64);
+                match r {
+                    Ok(b) => {
+                        if self.live.insert(*id, b).is_some() {
+                            return Err(invalid(format!(
+                                "trace '{}' event {i} allocates buffer {id}, which is already live",
+                                self.name
+                            )));
+                        }
+                    }
+                    Err(Error::OutOfMemory(mut o)) => {
+                        o.tag = tag.clone();
+                        let allocated = alloc.stats().allocated;
+                        self.oom = Some(OomEvent {
+                            event: i,
+                            tag: tag.clone(),
+                            requested: *size,
+                            allocated,
+                            reserved: alloc.stats().reserved,
+                            free_bytes: self.capacity.saturating_sub(allocated),
+                            message: o.to_string(),
+                        });
+                        return Ok(false);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            TraceEvent::Free { id } => {
+                let b = self.live.remove(id).ok_or_else(|| {
+                    invalid(format!(
+                        "trace '{}' event {i} frees buffer {id}, which is not live",
+                        self.name
+                    ))
+                })?;
+                alloc.free(b)?;
+            }
+        }
+        self.replayed = i + 1;
+        if self.violation.is_none() && self.check_every.is_some_and(|k| k > 0 && (i + 1) % k == 0) {
+            self.violation = check_invariants(alloc, &self.live).err();
+        }
+        Ok(true)
+    }
+
+    /// Ends the replay: checks the invariants, frees what is live, empties the cache and
+    /// checks that nothing is left held.
+    pub fn finish(mut self, alloc: &mut dyn Allocator) -> Result<AllocatorMetrics> {
+        let mut violation = self.violation.take();
+        if violation.is_none() {
+            violation = check_invariants(alloc, &self.live).err();
+        }
+        let s = alloc.stats();
+        // Teardown: everything freed, the cache emptied, nothing left held.
+        for (_, b) in self.live.drain() {
+            alloc.free(b)?;
+        }
+        alloc.empty_cache()?;
+        let end = alloc.stats();
+        if violation.is_none()
+            && (end.requested != 0 || end.allocated != 0 || end.live != 0 || end.reserved != 0)
+        {
+            violation = Some(format!(
+                "after freeing everything and emptying the cache: {} requested, {} allocated, {} live, {} reserved",
+                end.requested, end.allocated, end.live, end.reserved
+            ));
+        }
+        if violation.is_none() && alloc.space().used() != 0 {
+            violation = Some(format!(
+                "the device still holds {} after the cache was emptied",
+                format_bytes(alloc.space().used())
+            ));
+        }
+        let despite = self.oom.as_ref().is_some_and(OomEvent::despite_free_memory);
+        Ok(AllocatorMetrics {
+            allocator: alloc.name(),
+            trace: self.name,
+            capacity: self.capacity,
+            events: self.seen,
+            events_replayed: self.replayed,
+            peak_requested: s.peak_requested,
+            peak_allocated: s.peak_allocated,
+            peak_active: s.peak_active,
+            peak_reserved: s.peak_reserved,
+            reserved_over_allocated: if s.peak_allocated > 0 {
+                s.peak_reserved as f64 / s.peak_allocated as f64
+            } else {
+                1.0
+            },
+            driver_calls: s.driver_calls.total(),
+            driver_calls_by_kind: s.driver_calls,
+            allocations: self.latencies.len(),
+            alloc_latency_median_ns: self.latencies.percentile(0.5),
+            alloc_latency_p99_ns: self.latencies.percentile(0.99),
+            retries: s.retries,
+            oom: self.oom,
+            oom_despite_free_memory: despite,
+            invariant_violation: violation,
+        })
+    }
 }
 
 /// Replays `trace` on `alloc` until its end or the first out-of-memory, then frees what is
@@ -350,112 +559,16 @@ pub fn replay_observed(
     check_every: Option<usize>,
     observe: &mut dyn FnMut(usize, &super::AllocatorStats),
 ) -> Result<AllocatorMetrics> {
-    let capacity = alloc.space().capacity();
-    let mut live: HashMap<u64, Block> = HashMap::new();
-    let mut latencies: Vec<u64> = Vec::new();
-    let mut oom = None;
-    let mut violation: Option<String> = None;
-    let mut replayed = 0;
-    alloc.reset_peaks();
+    let mut r = Replayer::new(&trace.name, alloc, check_every);
     for (i, e) in trace.events.iter().enumerate() {
-        match e {
-            TraceEvent::Alloc {
-                id,
-                size,
-                tag,
-                stream,
-            } => {
-                let t0 = Instant::now();
-                let r = alloc.allocate(*size, *stream);
-                latencies.push(t0.elapsed().as_nanos() as u64);
-                match r {
-                    Ok(b) => {
-                        live.insert(*id, b);
-                    }
-                    Err(Error::OutOfMemory(mut o)) => {
-                        o.tag = tag.clone();
-                        let allocated = alloc.stats().allocated;
-                        oom = Some(OomEvent {
-                            event: i,
-                            tag: tag.clone(),
-                            requested: *size,
-                            allocated,
-                            reserved: alloc.stats().reserved,
-                            free_bytes: capacity.saturating_sub(allocated),
-                            message: o.to_string(),
-                        });
-                        break;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            TraceEvent::Free { id } => {
-                let b = live.remove(id).ok_or_else(|| {
-                    invalid(format!(
-                        "trace '{}' event {i} frees buffer {id}, which is not live",
-                        trace.name
-                    ))
-                })?;
-                alloc.free(b)?;
-            }
+        if !r.step(alloc, e)? {
+            break;
         }
-        replayed = i + 1;
         observe(i, &alloc.stats());
-        if violation.is_none() && check_every.is_some_and(|k| k > 0 && (i + 1) % k == 0) {
-            violation = check_invariants(alloc, &live).err();
-        }
     }
-    if violation.is_none() {
-        violation = check_invariants(alloc, &live).err();
-    }
-    let s = alloc.stats();
-    // Teardown: everything freed, the cache emptied, nothing left held.
-    for (_, b) in live.drain() {
-        alloc.free(b)?;
-    }
-    alloc.empty_cache()?;
-    let end = alloc.stats();
-    if violation.is_none()
-        && (end.requested != 0 || end.allocated != 0 || end.live != 0 || end.reserved != 0)
-    {
-        violation = Some(format!(
-            "after freeing everything and emptying the cache: {} requested, {} allocated, {} live, {} reserved",
-            end.requested, end.allocated, end.live, end.reserved
-        ));
-    }
-    if violation.is_none() && alloc.space().used() != 0 {
-        violation = Some(format!(
-            "the device still holds {} after the cache was emptied",
-            format_bytes(alloc.space().used())
-        ));
-    }
-    latencies.sort_unstable();
-    let despite = oom.as_ref().is_some_and(OomEvent::despite_free_memory);
-    Ok(AllocatorMetrics {
-        allocator: alloc.name(),
-        trace: trace.name.clone(),
-        capacity,
-        events: trace.events.len(),
-        events_replayed: replayed,
-        peak_requested: s.peak_requested,
-        peak_allocated: s.peak_allocated,
-        peak_active: s.peak_active,
-        peak_reserved: s.peak_reserved,
-        reserved_over_allocated: if s.peak_allocated > 0 {
-            s.peak_reserved as f64 / s.peak_allocated as f64
-        } else {
-            1.0
-        },
-        driver_calls: s.driver_calls.total(),
-        driver_calls_by_kind: s.driver_calls,
-        allocations: latencies.len() as u64,
-        alloc_latency_median_ns: percentile(&latencies, 0.5),
-        alloc_latency_p99_ns: percentile(&latencies, 0.99),
-        retries: s.retries,
-        oom,
-        oom_despite_free_memory: despite,
-        invariant_violation: violation,
-    })
+    let mut m = r.finish(alloc)?;
+    m.events = trace.events.len();
+    Ok(m)
 }
 
 /// Replays `trace` on a fresh simulated device of `capacity` bytes with the allocator `spec`.
@@ -660,4 +773,43 @@ pub fn walkthrough_trace() -> Trace {
     let last = rec.alloc(2048 * MIB, "two-gib", 0);
     rec.free(last);
     rec.finish("expandable-walkthrough", Some(7 << 30))
+}
+
+#[cfg(test)]
+mod latency_tests {
+    use super::LatencyHistogram;
+
+    #[test]
+    fn percentiles_are_within_a_bucket_of_the_exact_ones() {
+        let mut rng = crate::rng::Rng::new(7);
+        let mut all: Vec<u64> = (0..20_000)
+            .map(|_| {
+                // Latencies from 1 ns to about 4 ms, spread over the powers of two.
+                let exp = rng.below(22) as u32;
+                (1u64 << exp) + rng.next_u64() % (1u64 << exp)
+            })
+            .collect();
+        let mut h = LatencyHistogram::default();
+        for &v in &all {
+            h.record(v);
+        }
+        all.sort_unstable();
+        for p in [0.0, 0.01, 0.5, 0.9, 0.99, 1.0] {
+            let rank = ((p * all.len() as f64).ceil() as usize).clamp(1, all.len());
+            let exact = all[rank - 1] as f64;
+            let got = h.percentile(p);
+            assert!(
+                got <= exact && got >= exact * (1.0 - 1.0 / 64.0),
+                "p{p}: {got} vs {exact}"
+            );
+        }
+        // Below 128 ns every value is its own bucket.
+        let mut small = LatencyHistogram::default();
+        for v in [3u64, 5, 9, 127] {
+            small.record(v);
+        }
+        assert_eq!(small.percentile(0.5), 5.0);
+        assert_eq!(small.percentile(1.0), 127.0);
+        assert_eq!(LatencyHistogram::default().percentile(0.5), 0.0);
+    }
 }

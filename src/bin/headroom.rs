@@ -645,34 +645,33 @@ fn compare_reports(paths: &[PathBuf], format: compare::Format) -> Outcome {
 fn replay(path: &std::path::Path, capacity: Option<&str>, out: Option<PathBuf>) -> Outcome {
     use headroom::alloc::snapshot;
     let capacity = capacity.map(headroom::memory::parse_bytes).transpose()?;
-    let snap = snapshot::read(path)?;
     // A bar on a terminal for traces long enough to wait for; nothing otherwise.
-    let total: usize = snap.devices.iter().map(|h| h.trace.events.len()).sum();
-    let bar = if total >= 100_000 {
-        indicatif::ProgressBar::new(1)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = indicatif::ProgressBar::hidden();
     bar.set_style(
-        indicatif::ProgressStyle::with_template("replaying {bar:40} {pos}/{len} events {eta}")
-            .map_err(|e| Error::Invalid(format!("progress bar: {e}")))?,
+        indicatif::ProgressStyle::with_template(
+            "replaying {bar:40} {pos}/{len} trace entries {eta}",
+        )
+        .map_err(|e| Error::Invalid(format!("progress bar: {e}")))?,
     );
-    let results = snapshot::replay_snapshot_with(&snap, capacity, &mut |done, all| {
+    let results = snapshot::replay_file(path, capacity, &mut |done, all| {
+        if all >= 100_000 && bar.is_hidden() {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
         bar.set_length(all);
         bar.set_position(done);
     })?;
     bar.finish_and_clear();
-    for (h, r) in snap.devices.iter().zip(&results) {
+    for r in &results {
         println!(
             "{} device {}: {} events{}{}; replayed on {} ({})",
             path.display(),
             r.device,
-            h.trace.events.len(),
-            match h.preexisting {
+            r.events,
+            match r.preexisting {
                 0 => String::new(),
                 n => format!(", {n} blocks allocated before recording began (allocated first)"),
             },
-            match h.unmatched_frees {
+            match r.unmatched_frees {
                 0 => String::new(),
                 n => format!(", {n} frees of unknown blocks skipped"),
             },
@@ -681,7 +680,7 @@ fn replay(path: &std::path::Path, capacity: Option<&str>, out: Option<PathBuf>) 
             } else {
                 format!("a device of {}", format_bytes(r.capacity))
             },
-            match (capacity, &h.oom) {
+            match (capacity, &r.oom) {
                 (Some(_), _) => "--capacity".to_string(),
                 (None, Some(o)) => format!(
                     "the snapshot's OOM: {} reserved + {} free",
@@ -693,7 +692,7 @@ fn replay(path: &std::path::Path, capacity: Option<&str>, out: Option<PathBuf>) 
                 }
             }
         );
-        if let Some(o) = &h.oom {
+        if let Some(o) = &r.oom {
             println!(
                 "the recorded run ran out of memory asking for {} at {}",
                 format_bytes(o.requested),
