@@ -69,6 +69,14 @@ fn main() {
         Some(nvcc) => Some(build_kernels(&nvcc, &sources, &out)),
     };
     write_kernel_table(&out, built.as_ref());
+
+    // The host side of the kernels' pure index arithmetic, for the tests, in every build.
+    cc::Build::new()
+        .cpp(true)
+        .file("kernels/raster.cpp")
+        .flag_if_supported("-std=c++17")
+        .cargo_warnings(true)
+        .compile("headroom_host");
 }
 
 /// The commit the suite is built from (reports carry it), `unknown` outside a git checkout,

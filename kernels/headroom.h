@@ -78,6 +78,10 @@ typedef struct hr_matmul_params {
     int32_t c_dtype;    /* hr_dtype of C (and residual) */
     int32_t accumulate; /* 1: C += result */
     float alpha;
+    /* hr_matmul_bf16_wgmma only: the persistent grid visits its output tiles in bands of
+     * this many tile rows, down each column of a band (kernels/raster.h); 0 or 1: row by
+     * row. The other kernels ignore it. */
+    int32_t raster_group;
 } hr_matmul_params;
 
 /* FP32 on the SIMT cores (FFMA only, no TF32). A, B float; c_dtype must be HR_F32. */

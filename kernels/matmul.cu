@@ -15,6 +15,7 @@
 //
 // All three share one epilogue (epilogue_store), so the fused math is identical everywhere.
 #include "common.cuh"
+#include "raster.h"
 
 #include <cuda.h>          // CUtensorMap and its enums (types only: we never link libcuda)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled, fetched at run time from the driver
@@ -50,6 +51,7 @@ struct MatmulArgs {
     int a_vec, b_vec;        // every row of A / B starts 16-byte aligned: vector loads allowed
     int c_vec;               // C and residual allow the kernel's vector epilogue width
     int c_bf16;              // C (and residual) are bf16, else fp32
+    int raster_group;        // wgmma: tile order in bands of this many tile rows (raster.h)
 };
 
 // ------------------------------------------------------------------------------------
@@ -579,7 +581,8 @@ __global__ void __launch_bounds__(tc::THREADS, 2) matmul_bf16_mma_kernel(const M
 //     the k16 step kk starts kk*16 rows = kk*2048 bytes in; wgmma transpose bit set.
 // Block = 3 warpgroups: thread 0 of warpgroup 0 is the producer (issues every TMA), the other
 // producer threads retire at once; consumer warpgroup w (of 2) owns tile rows 64w..64w+63 and
-// all 128 columns. The grid is persistent (one block per SM, tiles strided by gridDim.x), so
+// all 128 columns. The grid is persistent (one block per SM, tiles strided by gridDim.x, in the
+// order of raster.h: row by row, or in bands of raster_group tile rows), so
 // the producer streams the next tile's k-tiles while the consumers run the epilogue, which
 // stores straight from the accumulator registers with row/col guards.
 // Barriers: full[s] (1 producer arrival + the stage's TMA bytes: 32 KB, less when a second
@@ -720,10 +723,8 @@ __global__ void __launch_bounds__(hg::THREADS, 1)
                          : "memory");
             uint32_t it = 0; // k-tiles issued so far: stage = it % STAGES, use = it / STAGES
             for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
-                const int bz = (int)(t / tiles_mn);
-                const int64_t rem = t - (int64_t)bz * tiles_mn;
-                const int m0 = (int)(rem / tiles_n) * BM;
-                const int n0 = (int)(rem % tiles_n) * BN;
+                const HrTileCoord tc = hr_tile_coord(t, tiles_m, tiles_n, p.raster_group);
+                const int bz = tc.bz, m0 = tc.tm * BM, n0 = tc.tn * BN;
                 // A broadcast operand (stride 0) was encoded with a batch extent of 1.
                 const int za = p.stride_a != 0 ? bz : 0;
                 const int zb = p.stride_b != 0 ? bz : 0;
@@ -769,10 +770,9 @@ __global__ void __launch_bounds__(hg::THREADS, 1)
         const uint32_t b_step = TB ? 32u : 2048u;
         uint32_t it = 0;
         for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
-            const int bz = (int)(t / tiles_mn);
-            const int64_t rem = t - (int64_t)bz * tiles_mn;
-            const int m0 = (int)(rem / tiles_n) * BM;
-            const int n0 = (int)(rem % tiles_n) * BN;
+            // The producer's order, tile for tile.
+            const HrTileCoord tc = hr_tile_coord(t, tiles_m, tiles_n, p.raster_group);
+            const int bz = tc.bz, m0 = tc.tm * BM, n0 = tc.tn * BN;
 
             float acc[64];
 #pragma unroll
@@ -874,6 +874,7 @@ int prepare(const hr_matmul_params *p, MatmulArgs *a) {
     a->accumulate = p->accumulate != 0;
     a->alpha = p->alpha;
     a->c_bf16 = p->c_dtype == HR_BF16;
+    a->raster_group = p->raster_group;
     a->a_vec = a->b_vec = a->c_vec = 0;
     return 0;
 }

@@ -66,6 +66,8 @@ STEPS=(
     # Every wgmma case: NT, TN, TT, and the m = 1064 / n = 1064 shapes whose last tile skips
     # a TMA box (with NN again, which costs little).
     "check-matmul-wgmma         6     5    check      matmul/wgmma/"
+    # The same kernel in bands of 8 tile rows (m2056-n1064: three bands, two tiles per SM).
+    "check-matmul-wgmma-banded  5     5    check      matmul/wgmma-banded/"
     "check-matmul-cublas        5     5    check      matmul/cublas/"
     "check-attention-f32        12    5    check      attention/naive/f32/ attention/flash/f32/"
     "check-attention-bf16       12    5    check      attention/naive/bf16/ attention/flash/bf16/"
@@ -95,6 +97,7 @@ STEPS=(
     "bench-matmul-simt          8     10   bench      matmul/simt/"
     "bench-matmul-mma           8     10   bench      matmul/mma/"
     "bench-matmul-wgmma         8     10   bench      matmul/wgmma/"
+    "bench-matmul-wgmma-banded  8     10   bench      matmul/wgmma-banded/"
     "bench-attention-flash      12    10   bench      attention/flash/"
     "bench-headline             8     10   bench      headline"
     "bench-attention-naive      10    10   bench      attention/naive/"

@@ -24,16 +24,30 @@ pub enum MatmulKernel {
     Mma,
     /// BF16 wgmma + TMA (sm_90a).
     Wgmma,
+    /// The same wgmma kernel visiting its tiles in bands of [`WGMMA_BAND_ROWS`] tile rows
+    /// (`kernels/raster.h`) instead of row by row, so the A and B panels in flight stay in
+    /// L2. Its own technique until a GPU has validated and timed it beside `wgmma`.
+    WgmmaBanded,
     /// The library baseline (fp32 sgemm with TF32 off, or bf16 GemmEx).
     Cublas,
 }
 
+/// Tile rows per band of [`MatmulKernel::WgmmaBanded`]: on 132 SMs at 8192³ (64 x 64 tiles
+/// of 128 x 128) the tiles in flight touch about 26 panels of A and B instead of 65.
+pub const WGMMA_BAND_ROWS: i32 = 8;
+
 impl MatmulKernel {
+    /// Whether the kernel is Hopper's wgmma (in either tile order).
+    pub fn is_wgmma(self) -> bool {
+        matches!(self, MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             MatmulKernel::Simt => "simt",
             MatmulKernel::Mma => "mma",
             MatmulKernel::Wgmma => "wgmma",
+            MatmulKernel::WgmmaBanded => "wgmma-banded",
             MatmulKernel::Cublas => "cublas",
         }
     }

@@ -180,7 +180,7 @@ impl Backend for CpuBackend {
     ) -> std::result::Result<(), String> {
         match kernel {
             MatmulKernel::Cublas => Err("cuBLAS needs a GPU".into()),
-            MatmulKernel::Wgmma => Err("wgmma is a Hopper instruction; the CPU backend stands in for the simt and mma kernels only".into()),
+            MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded => Err("wgmma is a Hopper instruction; the CPU backend stands in for the simt and mma kernels only".into()),
             _ => Ok(()),
         }
     }
@@ -198,7 +198,7 @@ impl Backend for CpuBackend {
             .map_err(Error::Unsupported)?;
         let in_dtype = match kernel {
             MatmulKernel::Simt => DType::F32,
-            MatmulKernel::Mma | MatmulKernel::Wgmma => DType::Bf16,
+            MatmulKernel::Mma | MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded => DType::Bf16,
             MatmulKernel::Cublas => a.dtype(),
         };
         check_same_dtype("matmul", in_dtype, &[a, b])?;

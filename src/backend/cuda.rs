@@ -336,7 +336,7 @@ impl Backend for CudaBackend {
         dtype: DType,
     ) -> std::result::Result<(), String> {
         match kernel {
-            MatmulKernel::Wgmma => {
+            MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded => {
                 // SAFETY: a query with no arguments.
                 if unsafe { k::hr_matmul_wgmma_compiled() } == 0 {
                     Err("this build has no sm_90a code (add 90a to HEADROOM_CUDA_ARCHS)".into())
@@ -368,7 +368,7 @@ impl Backend for CudaBackend {
         self.bind()?;
         let in_dtype = match kernel {
             MatmulKernel::Simt => DType::F32,
-            MatmulKernel::Mma | MatmulKernel::Wgmma => DType::Bf16,
+            MatmulKernel::Mma | MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded => DType::Bf16,
             MatmulKernel::Cublas => a.dtype(),
         };
         check_same_dtype("matmul", in_dtype, &[a, b])?;
@@ -398,6 +398,11 @@ impl Backend for CudaBackend {
             c_dtype: dtype_code(c.dtype()),
             accumulate: mm.accumulate as i32,
             alpha: mm.alpha,
+            raster_group: if kernel == MatmulKernel::WgmmaBanded {
+                crate::shapes::WGMMA_BAND_ROWS
+            } else {
+                1
+            },
         };
         let s = self.stream();
         // SAFETY: Matmul::check verified every buffer holds what the shape reads and writes.
@@ -405,11 +410,11 @@ impl Backend for CudaBackend {
             match kernel {
                 MatmulKernel::Simt => k::hr_matmul_f32_simt(&p, s),
                 MatmulKernel::Mma => k::hr_matmul_bf16_mma(&p, s),
-                MatmulKernel::Wgmma => k::hr_matmul_bf16_wgmma(&p, s),
+                MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded => k::hr_matmul_bf16_wgmma(&p, s),
                 MatmulKernel::Cublas => unreachable!("handled above"),
             }
         };
-        if kernel == MatmulKernel::Wgmma && code == 801 {
+        if kernel.is_wgmma() && code == 801 {
             return Err(Error::Unsupported(format!(
                 "the wgmma kernel does not take this shape or layout (m={}, n={}, k={}, trans {}/{})",
                 mm.m, mm.n, mm.k, mm.trans_a, mm.trans_b

@@ -113,7 +113,9 @@ impl Backend for DryBackend {
     ) -> std::result::Result<(), String> {
         match kernel {
             // The dry run stands in for a GPU without Hopper's instructions or cuBLAS.
-            MatmulKernel::Wgmma | MatmulKernel::Cublas => Err("not on the dry backend".into()),
+            MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded | MatmulKernel::Cublas => {
+                Err("not on the dry backend".into())
+            }
             _ => Ok(()),
         }
     }

@@ -223,6 +223,11 @@ fn info() -> Outcome {
         };
         println!("  wgmma matmul: {}", usable(backend::MatmulKernel::Wgmma));
         println!(
+            "  wgmma matmul in bands of {} tile rows: {}",
+            headroom::shapes::WGMMA_BAND_ROWS,
+            usable(backend::MatmulKernel::WgmmaBanded)
+        );
+        println!(
             "  cuBLAS baseline: {}",
             usable(backend::MatmulKernel::Cublas)
         );

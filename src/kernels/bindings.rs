@@ -73,10 +73,11 @@ pub struct hr_matmul_params {
     pub c_dtype: i32,
     pub accumulate: i32,
     pub alpha: f32,
+    pub raster_group: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of hr_matmul_params"][::std::mem::size_of::<hr_matmul_params>() - 104usize];
+    ["Size of hr_matmul_params"][::std::mem::size_of::<hr_matmul_params>() - 112usize];
     ["Alignment of hr_matmul_params"][::std::mem::align_of::<hr_matmul_params>() - 8usize];
     ["Offset of field: hr_matmul_params::a"][::std::mem::offset_of!(hr_matmul_params, a) - 0usize];
     ["Offset of field: hr_matmul_params::b"][::std::mem::offset_of!(hr_matmul_params, b) - 8usize];
@@ -108,6 +109,8 @@ const _: () = {
         [::std::mem::offset_of!(hr_matmul_params, accumulate) - 96usize];
     ["Offset of field: hr_matmul_params::alpha"]
         [::std::mem::offset_of!(hr_matmul_params, alpha) - 100usize];
+    ["Offset of field: hr_matmul_params::raster_group"]
+        [::std::mem::offset_of!(hr_matmul_params, raster_group) - 104usize];
 };
 impl Default for hr_matmul_params {
     fn default() -> Self {

@@ -28,3 +28,24 @@ include!(concat!(env!("OUT_DIR"), "/kernel_table.rs"));
 pub fn built() -> bool {
     KERNELS_BUILT
 }
+
+mod host {
+    extern "C" {
+        pub fn hr_tile_coord_host(t: i64, tiles_m: i32, tiles_n: i32, group: i32, out: *mut i32);
+    }
+}
+
+/// The tile order of the persistent wgmma matmul (`kernels/raster.h`), run on the host by
+/// the same C++ the kernel compiles: the (batch entry, tile row, tile column) of the `t`-th
+/// tile of a grid of `tiles_m` x `tiles_n` tiles per batch entry, visited in bands of
+/// `group` tile rows (row by row when `group` is 0 or 1).
+pub fn tile_coord(t: i64, tiles_m: i32, tiles_n: i32, group: i32) -> (i32, i32, i32) {
+    assert!(
+        tiles_m > 0 && tiles_n > 0 && t >= 0,
+        "a tile of a non-empty grid"
+    );
+    let mut out = [0i32; 3];
+    // SAFETY: the function writes three i32 into `out` and reads nothing else.
+    unsafe { host::hr_tile_coord_host(t, tiles_m, tiles_n, group, out.as_mut_ptr()) };
+    (out[0], out[1], out[2])
+}

@@ -250,7 +250,12 @@ fn kernels_for(dtype: DType) -> &'static [MatmulKernel] {
     match dtype {
         DType::F32 => &[MatmulKernel::Simt, MatmulKernel::Cublas],
         DType::I32 => &[],
-        DType::Bf16 => &[MatmulKernel::Mma, MatmulKernel::Wgmma, MatmulKernel::Cublas],
+        DType::Bf16 => &[
+            MatmulKernel::Mma,
+            MatmulKernel::Wgmma,
+            MatmulKernel::WgmmaBanded,
+            MatmulKernel::Cublas,
+        ],
     }
 }
 
@@ -301,12 +306,16 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
         // rows or fewer, m mod 128 (or n mod 128) in 1..=64. n = 1064 (8·128 + 40) reaches B's
         // skipped box in the nn and tn forms, m = 1064 reaches A's in tn and tt; both are
         // multiples of 8, as TMA's 16-byte strides require of the leading dimension.
+        // 2056 x 1064 is 17 x 9 tiles of 128: more tiles than an H100 or H200 has SMs (the
+        // persistent grid takes a second tile), two full bands of 8 tile rows and a last
+        // band of one for wgmma-banded.
         BackendKind::Cuda | BackendKind::Dry => &[
             (127, 257, 131),
             (1, 1, 1),
             (1000, 1064, 520),
             (1064, 1000, 520),
             (4099, 33, 1029),
+            (2056, 1064, 136),
         ],
     };
     for dtype in [DType::F32, DType::Bf16] {
