@@ -92,6 +92,9 @@ int hr_matmul_bf16_mma(const hr_matmul_params *p, hr_stream_t stream);
  * Returns cudaErrorNotSupported (801) when the binary has no sm_90a code or the
  * device is not sm_90; callers then fall back to hr_matmul_bf16_mma. */
 int hr_matmul_bf16_wgmma(const hr_matmul_params *p, hr_stream_t stream);
+/* The same on 128x256 tiles (two consumer warpgroups on m64n256k16, registers moved to
+ * them with setmaxnreg, 4 stages), with the same requirements and fallback code. */
+int hr_matmul_bf16_wgmma_wide(const hr_matmul_params *p, hr_stream_t stream);
 /* 1 if this build carries sm_90a wgmma code, else 0. */
 int hr_matmul_wgmma_compiled(void);
 

@@ -589,14 +589,31 @@ __global__ void __launch_bounds__(tc::THREADS, 2) matmul_bf16_mma_kernel(const M
 // m|n box lies wholly outside the matrix and is skipped) and empty[s] (256 consumer
 // arrivals, each after that thread's wgmma reading stage s has retired).
 
+//
+// The wide form (WIDE = true, technique wgmma-wide): 128x256 tiles, each consumer warpgroup
+// on m64n256k16 with 128 accumulators per thread, which fits because `setmaxnreg` moves
+// registers from the producer warpgroup (40) to the consumers (232); 4 stages of 48 KB; B's
+// k-major box is 256 rows and its m|n-major tile four 64-wide boxes (those wholly past the
+// edge skipped); one empty-barrier arrival per consumer warpgroup instead of one per
+// thread; the first MMA of a tile overwrites the accumulators (scale-d = 0) instead of
+// adding to zeroed ones. It visits tiles in bands (raster.h) like wgmma-banded.
+
 namespace hg {
-constexpr int BM = 128, BN = 128, BK = 64, STAGES = 5, THREADS = 384;
+constexpr int BM = 128, BK = 64, THREADS = 384;
 constexpr int A_BYTES = BM * BK * 2;                 // 16 KB
-constexpr int B_BYTES = BN * BK * 2;                 // 16 KB
-constexpr int STAGE_BYTES = A_BYTES + B_BYTES;       // 32 KB, multiple of 1024
 constexpr int CONSUMERS = 256;                       // threads of the two consumer warpgroups
-constexpr int SMEM_BYTES = 1024 /* alignment slack */ + STAGES * STAGE_BYTES + 2 * STAGES * 8;
 static_assert(CONSUMERS == THREADS - 128, "warpgroup 0 produces, the rest consume");
+template <bool WIDE> struct Cfg {
+    static constexpr int BN = WIDE ? 256 : 128;
+    static constexpr int STAGES = WIDE ? 4 : 5;
+    static constexpr int B_BYTES = BN * BK * 2;                  // 16 or 32 KB
+    static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;        // multiple of 1024
+    static constexpr int ACC = BN / 2;                           // fp32 accumulators per thread
+    static constexpr int EMPTY_ARRIVALS = WIDE ? 2 : CONSUMERS;  // per warpgroup, or per thread
+    static constexpr int SMEM_BYTES =
+        1024 /* alignment slack */ + STAGES * STAGE_BYTES + 2 * STAGES * 8;
+    static_assert(SMEM_BYTES <= 227 * 1024, "fits Hopper's shared memory per block");
+};
 } // namespace hg
 
 // The flag the host reads to learn whether the loaded image holds the real sm_90a kernel.
@@ -648,9 +665,11 @@ __device__ __forceinline__ void wgmma_commit() {
 template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-// d[64x128] += A(desc) . B(desc), fp32 accumulate; TA / TB: operand is m|n-major (transposed).
+// d[64xN] (+)= A(desc) . B(desc), fp32 accumulate; TA / TB: operand is m|n-major
+// (transposed); scale_d = 0 overwrites d instead of adding to it.
 template <int TA, int TB>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, uint64_t db,
+                                                int scale_d) {
     asm volatile(
         "{\n\t.reg .pred p;\n\t"
         "setp.ne.b32 p, %66, 0;\n\t"
@@ -664,34 +683,71 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, ui
         "%48, %49, %50, %51, %52, %53, %54, %55, "
         "%56, %57, %58, %59, %60, %61, %62, %63}, "
         "%64, %65, p, 1, 1, %67, %68;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),
-          "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),
-          "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
-          "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),
-          "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
-          "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]),
-          "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]),
-          "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db), "r"(1), "n"(TA), "n"(TB));
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(scale_d), "n"(TA), "n"(TB));
+}
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t da, uint64_t db,
+                                                int scale_d) {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "setp.ne.b32 p, %130, 0;\n\t"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, "
+        "%8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, "
+        "%40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, "
+        "%56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, "
+        "%72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, "
+        "%88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, "
+        "%104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, "
+        "%120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, p, 1, 1, %131, %132;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(scale_d), "n"(TA), "n"(TB));
+}
+template <int N, int TA, int TB>
+__device__ __forceinline__ void wgmma_tile(float (&d)[N / 2], uint64_t da, uint64_t db,
+                                           int scale_d) {
+    if constexpr (N == 256) {
+        wgmma_m64n256k16<TA, TB>(d, da, db, scale_d);
+    } else {
+        wgmma_m64n128k16<TA, TB>(d, da, db, scale_d);
+    }
 }
 // Pin the accumulators at this point of the program: their ordinary reads and writes (zeroing,
 // epilogue) cannot then be moved by the compiler into the asynchronous wgmma window.
-__device__ __forceinline__ void fence_acc(float (&d)[64]) {
+template <int N> __device__ __forceinline__ void fence_acc(float (&d)[N]) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// Registers per thread from here on, for the whole warpgroup (all its threads execute it).
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 #endif // HR_WGMMA_DEVICE
 
 // TA: A stored [k, m] (m-major). TB: B stored [n, k] (k-major; wgmma's untransposed B).
-template <bool TA, bool TB>
+// WIDE: the 128x256 form (see above).
+template <bool TA, bool TB, bool WIDE>
 __global__ void __launch_bounds__(hg::THREADS, 1)
     matmul_bf16_wgmma_kernel(const __grid_constant__ CUtensorMap tma_a,
                              const __grid_constant__ CUtensorMap tma_b, const MatmulArgs p) {
 #if HR_WGMMA_DEVICE
     using namespace hg;
+    using C = Cfg<WIDE>;
+    constexpr int BN = C::BN, STAGES = C::STAGES, B_BYTES = C::B_BYTES;
+    constexpr int STAGE_BYTES = C::STAGE_BYTES;
     extern __shared__ __align__(1024) unsigned char hg_smem[];
     // 128B-swizzle atoms must sit on 1024-byte boundaries of the shared window.
     const uint32_t base = (smem_u32(hg_smem) + 1023u) & ~1023u;
@@ -702,7 +758,7 @@ __global__ void __launch_bounds__(hg::THREADS, 1)
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(full0 + 8 * s, 1);
-            mbar_init(empty0 + 8 * s, CONSUMERS);
+            mbar_init(empty0 + 8 * s, C::EMPTY_ARRIVALS);
         }
         // Make the initialised barriers visible to the async (TMA) proxy.
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -716,6 +772,7 @@ __global__ void __launch_bounds__(hg::THREADS, 1)
 
     if (wg == 0) {
         // Producer: one thread streams every k-tile of every tile this block owns.
+        if constexpr (WIDE) setmaxnreg_dec<40>(); // the whole warpgroup, converged here
         if (tid == 0) {
             asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tma_a))
                          : "memory");
@@ -740,8 +797,12 @@ __global__ void __launch_bounds__(hg::THREADS, 1)
                     // the transaction bytes. A second m|n box lying wholly past the edge is
                     // not issued: its stale smem only feeds rows/cols the epilogue never stores.
                     const bool a_hi = !TA || m0 + 64 < p.m;
-                    const bool b_hi = TB || n0 + 64 < p.n;
-                    const uint32_t bytes = (a_hi ? A_BYTES : A_BYTES / 2) + (b_hi ? B_BYTES : B_BYTES / 2);
+                    // B's m|n-major 64-wide boxes that hold a column of the matrix.
+                    int b_boxes = 1;
+                    if (!TB)
+                        while (b_boxes < BN / 64 && n0 + 64 * b_boxes < p.n) ++b_boxes;
+                    const uint32_t bytes = (a_hi ? A_BYTES : A_BYTES / 2) +
+                                           (TB ? B_BYTES : (uint32_t)b_boxes * 8192u);
                     mbar_arrive_expect_tx(full, bytes);
                     if (!TA) {
                         tma_load_3d(sa, &tma_a, k0, m0, za, full);
@@ -752,14 +813,15 @@ __global__ void __launch_bounds__(hg::THREADS, 1)
                     if (TB) {
                         tma_load_3d(sb, &tma_b, k0, n0, zb, full);
                     } else {
-                        tma_load_3d(sb, &tma_b, n0, k0, zb, full);
-                        if (b_hi) tma_load_3d(sb + B_BYTES / 2, &tma_b, n0 + 64, k0, zb, full);
+                        for (int j = 0; j < b_boxes; ++j)
+                            tma_load_3d(sb + 8192u * j, &tma_b, n0 + 64 * j, k0, zb, full);
                     }
                 }
             }
         }
     } else {
-        // Consumers: warpgroup cw computes rows 64cw..64cw+63 of each 128x128 tile.
+        // Consumers: warpgroup cw computes rows 64cw..64cw+63 of each 128xBN tile.
+        if constexpr (WIDE) setmaxnreg_inc<232>();
         const int cw = wg - 1;
         const int warp4 = (tid >> 5) & 3, lane = tid & 31;
         // Descriptor pieces that do not change: start offsets within a stage and LBO.
@@ -774,9 +836,11 @@ __global__ void __launch_bounds__(hg::THREADS, 1)
             const HrTileCoord tc = hr_tile_coord(t, tiles_m, tiles_n, p.raster_group);
             const int bz = tc.bz, m0 = tc.tm * BM, n0 = tc.tn * BN;
 
-            float acc[64];
+            float acc[C::ACC];
+            if constexpr (!WIDE) {
 #pragma unroll
-            for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+                for (int i = 0; i < C::ACC; ++i) acc[i] = 0.0f;
+            }
             fence_acc(acc);
 
             uint32_t prev = 0;
@@ -791,20 +855,22 @@ __global__ void __launch_bounds__(hg::THREADS, 1)
                 for (int kk = 0; kk < BK / 16; ++kk) {
                     const uint64_t da = wg_desc(sa + kk * a_step, a_lbo, 1024u);
                     const uint64_t db = wg_desc(sb + kk * b_step, b_lbo, 1024u);
-                    wgmma_m64n128k16<TA ? 1 : 0, TB ? 0 : 1>(acc, da, db);
+                    // The wide form's first MMA of a tile overwrites the accumulators (k >= 1).
+                    const int scale_d = WIDE ? (kt > 0 || kk > 0) : 1;
+                    wgmma_tile<BN, TA ? 1 : 0, TB ? 0 : 1>(acc, da, db, scale_d);
                 }
                 wgmma_commit();
                 // Keep this k-tile's MMAs in flight; the previous one has retired once at most
                 // one group is pending, so its stage can go back to the producer.
                 if (kt > 0) {
                     wgmma_wait<1>();
-                    mbar_arrive(empty0 + 8 * prev);
+                    if (!WIDE || (tid & 127) == 0) mbar_arrive(empty0 + 8 * prev);
                 }
                 prev = s;
             }
             wgmma_wait<0>();
             fence_acc(acc);
-            mbar_arrive(empty0 + 8 * prev);
+            if (!WIDE || (tid & 127) == 0) mbar_arrive(empty0 + 8 * prev);
 
             // Accumulator layout (per warp, like mma.m16n8 C repeated over n8 blocks j):
             // acc[4j + {0,1}] at (row 16*warp4 + lane/4, cols 8j + 2*(lane%4) + {0,1}),
@@ -935,9 +1001,11 @@ namespace {
 
 using WgmmaKernel = void (*)(const CUtensorMap, const CUtensorMap, const MatmulArgs);
 
-WgmmaKernel wgmma_kernel_for(bool ta, bool tb) {
-    return ta ? (tb ? matmul_bf16_wgmma_kernel<true, true> : matmul_bf16_wgmma_kernel<true, false>)
-              : (tb ? matmul_bf16_wgmma_kernel<false, true> : matmul_bf16_wgmma_kernel<false, false>);
+template <bool WIDE> WgmmaKernel wgmma_kernel_for(bool ta, bool tb) {
+    return ta ? (tb ? matmul_bf16_wgmma_kernel<true, true, WIDE>
+                    : matmul_bf16_wgmma_kernel<true, false, WIDE>)
+              : (tb ? matmul_bf16_wgmma_kernel<false, true, WIDE>
+                    : matmul_bf16_wgmma_kernel<false, false, WIDE>);
 }
 
 // Does `device` run the real sm_90a kernel? Needs compute capability 9.0 and the image the
@@ -957,7 +1025,7 @@ bool wgmma_usable(int device) {
         major == 9 && minor == 0) {
         cudaFuncAttributes attr;
         int flag = 0;
-        if (cudaFuncGetAttributes(&attr, matmul_bf16_wgmma_kernel<false, false>) == cudaSuccess &&
+        if (cudaFuncGetAttributes(&attr, matmul_bf16_wgmma_kernel<false, false, false>) == cudaSuccess &&
             cudaMemcpyFromSymbol(&flag, hr_wgmma_image_flag, sizeof(int)) == cudaSuccess)
             ok = flag == 1;
     }
@@ -983,15 +1051,17 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // 3-D map {inner, outer, batch} of one bf16 operand. k_major: inner = k, box {64, 128} (one
 // load per stage); else inner = m|n, box {64, 64} (two loads per stage). A broadcast or
 // single-entry operand gets batch extent 1 (the kernel then always asks for z = 0).
+// A k-major operand is one box {64 k, box_rows rows}; an m|n-major one boxes of {64, 64 k}.
 bool encode_operand(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap *map, const void *ptr,
-                    bool k_major, int rows, int k, int ld, int64_t stride, int batch) {
+                    bool k_major, int box_rows, int rows, int k, int ld, int64_t stride,
+                    int batch) {
     cuuint64_t dims[3], strides[2];
     cuuint32_t box[3], estr[3] = {1, 1, 1};
     if (k_major) {
         dims[0] = (cuuint64_t)k;
         dims[1] = (cuuint64_t)rows;
         box[0] = 64;
-        box[1] = 128;
+        box[1] = (cuuint32_t)box_rows;
     } else {
         dims[0] = (cuuint64_t)rows;
         dims[1] = (cuuint64_t)k;
@@ -1012,12 +1082,11 @@ bool encode_operand(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap *map, 
 
 } // namespace
 
-// All four forms are supported. Returns 801 (caller falls back to hr_matmul_bf16_mma) when:
-// the device is not compute capability 9.0 or its loaded image lacks the sm_90a kernel; the
-// driver has no cuTensorMapEncodeTiled; A or B is not 16-byte aligned; a stored leading
-// dimension (k or m for A, n or k for B) or a used batch stride is not a multiple of 8
-// elements (TMA strides are multiples of 16 bytes); or the driver rejects the tensor map.
-extern "C" int hr_matmul_bf16_wgmma(const hr_matmul_params *p, hr_stream_t stream) {
+namespace {
+// Both forms of the wgmma kernel: encodes the operands' tensor maps and launches one block
+// per SM (or per tile, when there are fewer), tiles in the order p->raster_group asks for.
+template <bool WIDE> int launch_wgmma(const hr_matmul_params *p, hr_stream_t stream) {
+    using C = hg::Cfg<WIDE>;
     MatmulArgs a;
     const int err = prepare(p, &a);
     if (err) return err;
@@ -1030,21 +1099,37 @@ extern "C" int hr_matmul_bf16_wgmma(const hr_matmul_params *p, hr_stream_t strea
     if (encode == nullptr) return kNotSupported;
     const bool ta = a.trans_a != 0, tb = a.trans_b != 0;
     alignas(64) CUtensorMap map_a, map_b;
-    if (!encode_operand(encode, &map_a, a.a, /*k_major=*/!ta, a.m, a.k, a.lda, a.stride_a, a.batch) ||
-        !encode_operand(encode, &map_b, a.b, /*k_major=*/tb, a.n, a.k, a.ldb, a.stride_b, a.batch))
+    if (!encode_operand(encode, &map_a, a.a, /*k_major=*/!ta, hg::BM, a.m, a.k, a.lda, a.stride_a,
+                        a.batch) ||
+        !encode_operand(encode, &map_b, a.b, /*k_major=*/tb, C::BN, a.n, a.k, a.ldb, a.stride_b,
+                        a.batch))
         return kNotSupported;
     a.a_vec = a.b_vec = 1;
     a.c_vec = epilogue_vec(a, 2);
 
     int sms = 0;
     HR_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    const int64_t total = (int64_t)tiles_of(a.m, hg::BM) * tiles_of(a.n, hg::BN) * a.batch;
+    const int64_t total = (int64_t)tiles_of(a.m, hg::BM) * tiles_of(a.n, C::BN) * a.batch;
     const int64_t blocks = total < (int64_t)sms ? total : (int64_t)sms; // persistent: 1 per SM
-    const WgmmaKernel kernel = wgmma_kernel_for(ta, tb);
+    const WgmmaKernel kernel = wgmma_kernel_for<WIDE>(ta, tb);
     HR_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                hg::SMEM_BYTES));
-    kernel<<<(unsigned)blocks, hg::THREADS, hg::SMEM_BYTES, (cudaStream_t)stream>>>(map_a, map_b, a);
+                                C::SMEM_BYTES));
+    kernel<<<(unsigned)blocks, hg::THREADS, C::SMEM_BYTES, (cudaStream_t)stream>>>(map_a, map_b, a);
     HR_RETURN_LAUNCH_STATUS();
+}
+} // namespace
+
+// All four forms are supported. Returns 801 (caller falls back to hr_matmul_bf16_mma) when:
+// the device is not compute capability 9.0 or its loaded image lacks the sm_90a kernel; the
+// driver has no cuTensorMapEncodeTiled; A or B is not 16-byte aligned; a stored leading
+// dimension (k or m for A, n or k for B) or a used batch stride is not a multiple of 8
+// elements (TMA strides are multiples of 16 bytes); or the driver rejects the tensor map.
+extern "C" int hr_matmul_bf16_wgmma(const hr_matmul_params *p, hr_stream_t stream) {
+    return launch_wgmma<false>(p, stream);
+}
+
+extern "C" int hr_matmul_bf16_wgmma_wide(const hr_matmul_params *p, hr_stream_t stream) {
+    return launch_wgmma<true>(p, stream);
 }
 
 namespace {

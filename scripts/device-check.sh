@@ -68,6 +68,8 @@ STEPS=(
     "check-matmul-wgmma         6     5    check      matmul/wgmma/"
     # The same kernel in bands of 8 tile rows (m2056-n1064: three bands, two tiles per SM).
     "check-matmul-wgmma-banded  5     5    check      matmul/wgmma-banded/"
+    # 128x256 tiles with setmaxnreg (n = 1064, 1128, 1184, 1000 skip 3, 2, 1, 0 of B's boxes).
+    "check-matmul-wgmma-wide    5     5    check      matmul/wgmma-wide/"
     "check-matmul-cublas        5     5    check      matmul/cublas/"
     "check-attention-f32        12    5    check      attention/naive/f32/ attention/flash/f32/"
     "check-attention-bf16       12    5    check      attention/naive/bf16/ attention/flash/bf16/"
@@ -98,6 +100,7 @@ STEPS=(
     "bench-matmul-mma           8     10   bench      matmul/mma/"
     "bench-matmul-wgmma         8     10   bench      matmul/wgmma/"
     "bench-matmul-wgmma-banded  8     10   bench      matmul/wgmma-banded/"
+    "bench-matmul-wgmma-wide    8     10   bench      matmul/wgmma-wide/"
     "bench-attention-flash      12    10   bench      attention/flash/"
     "bench-headline             8     10   bench      headline"
     "bench-attention-naive      10    10   bench      attention/naive/"

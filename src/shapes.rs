@@ -28,6 +28,11 @@ pub enum MatmulKernel {
     /// (`kernels/raster.h`) instead of row by row, so the A and B panels in flight stay in
     /// L2. Its own technique until a GPU has validated and timed it beside `wgmma`.
     WgmmaBanded,
+    /// wgmma on 128 x 256 tiles: two consumer warpgroups on m64n256k16 with registers moved
+    /// to them by `setmaxnreg`, 4 stages, one empty-barrier arrival per warpgroup, the first
+    /// MMA of a tile overwriting the accumulators; tiles in bands like `WgmmaBanded`. Its own
+    /// technique until a GPU has validated and timed it.
+    WgmmaWide,
     /// The library baseline (fp32 sgemm with TF32 off, or bf16 GemmEx).
     Cublas,
 }
@@ -37,9 +42,12 @@ pub enum MatmulKernel {
 pub const WGMMA_BAND_ROWS: i32 = 8;
 
 impl MatmulKernel {
-    /// Whether the kernel is Hopper's wgmma (in either tile order).
+    /// Whether the kernel is Hopper's wgmma (in any tile shape or order).
     pub fn is_wgmma(self) -> bool {
-        matches!(self, MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded)
+        matches!(
+            self,
+            MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded | MatmulKernel::WgmmaWide
+        )
     }
 
     pub fn name(self) -> &'static str {
@@ -48,6 +56,7 @@ impl MatmulKernel {
             MatmulKernel::Mma => "mma",
             MatmulKernel::Wgmma => "wgmma",
             MatmulKernel::WgmmaBanded => "wgmma-banded",
+            MatmulKernel::WgmmaWide => "wgmma-wide",
             MatmulKernel::Cublas => "cublas",
         }
     }

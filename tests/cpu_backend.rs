@@ -32,9 +32,8 @@ fn every_check_case_passes_and_peak_equals_model() {
             Status::Skipped(why) => {
                 // Only the GPU-only kernels may be skipped on the CPU, and they say why.
                 assert!(
-                    r.technique == "cublas"
-                        || r.technique == "wgmma"
-                        || r.technique == "wgmma-banded",
+                    ["cublas", "wgmma", "wgmma-banded", "wgmma-wide"]
+                        .contains(&r.technique.as_str()),
                     "{} skipped: {why}",
                     r.id
                 );

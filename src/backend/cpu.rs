@@ -180,7 +180,7 @@ impl Backend for CpuBackend {
     ) -> std::result::Result<(), String> {
         match kernel {
             MatmulKernel::Cublas => Err("cuBLAS needs a GPU".into()),
-            MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded => Err("wgmma is a Hopper instruction; the CPU backend stands in for the simt and mma kernels only".into()),
+            k if k.is_wgmma() => Err("wgmma is a Hopper instruction; the CPU backend stands in for the simt and mma kernels only".into()),
             _ => Ok(()),
         }
     }
@@ -198,8 +198,8 @@ impl Backend for CpuBackend {
             .map_err(Error::Unsupported)?;
         let in_dtype = match kernel {
             MatmulKernel::Simt => DType::F32,
-            MatmulKernel::Mma | MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded => DType::Bf16,
             MatmulKernel::Cublas => a.dtype(),
+            _ => DType::Bf16,
         };
         check_same_dtype("matmul", in_dtype, &[a, b])?;
         if kernel == MatmulKernel::Simt && c.dtype() != DType::F32 {

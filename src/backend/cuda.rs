@@ -336,7 +336,7 @@ impl Backend for CudaBackend {
         dtype: DType,
     ) -> std::result::Result<(), String> {
         match kernel {
-            MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded => {
+            k if k.is_wgmma() => {
                 // SAFETY: a query with no arguments.
                 if unsafe { k::hr_matmul_wgmma_compiled() } == 0 {
                     Err("this build has no sm_90a code (add 90a to HEADROOM_CUDA_ARCHS)".into())
@@ -368,8 +368,8 @@ impl Backend for CudaBackend {
         self.bind()?;
         let in_dtype = match kernel {
             MatmulKernel::Simt => DType::F32,
-            MatmulKernel::Mma | MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded => DType::Bf16,
             MatmulKernel::Cublas => a.dtype(),
+            _ => DType::Bf16,
         };
         check_same_dtype("matmul", in_dtype, &[a, b])?;
         if kernel == MatmulKernel::Cublas {
@@ -398,7 +398,7 @@ impl Backend for CudaBackend {
             c_dtype: dtype_code(c.dtype()),
             accumulate: mm.accumulate as i32,
             alpha: mm.alpha,
-            raster_group: if kernel == MatmulKernel::WgmmaBanded {
+            raster_group: if matches!(kernel, MatmulKernel::WgmmaBanded | MatmulKernel::WgmmaWide) {
                 crate::shapes::WGMMA_BAND_ROWS
             } else {
                 1
@@ -411,6 +411,7 @@ impl Backend for CudaBackend {
                 MatmulKernel::Simt => k::hr_matmul_f32_simt(&p, s),
                 MatmulKernel::Mma => k::hr_matmul_bf16_mma(&p, s),
                 MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded => k::hr_matmul_bf16_wgmma(&p, s),
+                MatmulKernel::WgmmaWide => k::hr_matmul_bf16_wgmma_wide(&p, s),
                 MatmulKernel::Cublas => unreachable!("handled above"),
             }
         };

@@ -228,6 +228,10 @@ fn info() -> Outcome {
             usable(backend::MatmulKernel::WgmmaBanded)
         );
         println!(
+            "  wgmma matmul on 128x256 tiles: {}",
+            usable(backend::MatmulKernel::WgmmaWide)
+        );
+        println!(
             "  cuBLAS baseline: {}",
             usable(backend::MatmulKernel::Cublas)
         );

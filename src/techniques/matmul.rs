@@ -254,6 +254,7 @@ fn kernels_for(dtype: DType) -> &'static [MatmulKernel] {
             MatmulKernel::Mma,
             MatmulKernel::Wgmma,
             MatmulKernel::WgmmaBanded,
+            MatmulKernel::WgmmaWide,
             MatmulKernel::Cublas,
         ],
     }
@@ -306,16 +307,21 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
         // rows or fewer, m mod 128 (or n mod 128) in 1..=64. n = 1064 (8·128 + 40) reaches B's
         // skipped box in the nn and tn forms, m = 1064 reaches A's in tn and tt; both are
         // multiples of 8, as TMA's 16-byte strides require of the leading dimension.
-        // 2056 x 1064 is 17 x 9 tiles of 128: more tiles than an H100 or H200 has SMs (the
-        // persistent grid takes a second tile), two full bands of 8 tile rows and a last
-        // band of one for wgmma-banded.
+        // 2056 x 2056 is 17 x 17 tiles of 128 (17 x 9 of 128 x 256): more tiles than an
+        // H100 or H200 has SMs (the persistent grid takes a second and third tile), two full
+        // bands of 8 tile rows and a last band of one. wgmma-wide loads an n-major B as four
+        // 64-wide boxes per 256-wide tile and skips those wholly past the edge: the last tile
+        // holds n mod 256 = 40 (n = 1064: one box), 104 (n = 1128: two), 160 (n = 1184:
+        // three) or 232 (n = 1000: four, the last partial) columns.
         BackendKind::Cuda | BackendKind::Dry => &[
             (127, 257, 131),
             (1, 1, 1),
             (1000, 1064, 520),
             (1064, 1000, 520),
             (4099, 33, 1029),
-            (2056, 1064, 136),
+            (2056, 2056, 136),
+            (264, 1128, 72),
+            (264, 1184, 72),
         ],
     };
     for dtype in [DType::F32, DType::Bf16] {
