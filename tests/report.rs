@@ -681,3 +681,42 @@ fn reading_accepts_schema_1() {
     assert!(r.warnings.is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn flash_backward_reports_the_work_it_does_beside_the_convention() {
+    let r = measured();
+    // The n=64 cases, forward and backward, flash and naive, as the registry names them.
+    let mut seen = 0;
+    for c in r.cases.iter().filter(|c| c.family == "attention") {
+        let per_product = if c.shape.starts_with("fwd+bwd") {
+            c.flops / 7.0 // the convention: 2 forward + 5 backward products
+        } else {
+            c.flops / 2.0
+        };
+        let expected = match (c.technique.as_str(), c.shape.starts_with("fwd+bwd")) {
+            ("flash", true) => 9.0 * per_product,
+            ("naive", true) => 6.0 * per_product,
+            _ => 0.0, // the forward is what the convention counts
+        };
+        assert!(
+            (c.work_flops - expected).abs() <= 1e-9 * expected.max(1.0),
+            "{}: {} work FLOPs, expected {expected}",
+            c.id,
+            c.work_flops
+        );
+        if let (Some(t), Status::Ok) = (&c.time, &c.status) {
+            let want = (expected > 0.0).then(|| expected / t.median_s);
+            assert_eq!(c.work_flops_per_s, want, "{}", c.id);
+        }
+        seen += 1;
+    }
+    assert!(seen >= 4, "{seen} attention cases");
+    // The summary shows both rates where they differ.
+    let md = markdown::render(r);
+    let flash = case(r, "attention/flash/f32/fwd+bwd");
+    let row = md
+        .lines()
+        .find(|l| l.contains(&flash.shape) && l.contains("flash") && l.contains("done)"))
+        .unwrap_or_else(|| panic!("no row with both rates for {}:\n{md}", flash.id));
+    assert!(row.contains("FLOP/s ("), "{row}");
+}

@@ -414,9 +414,19 @@ fn case_row(c: &CaseRecord, all: &[CaseRecord]) -> Vec<String> {
             )
         })
         .unwrap_or_else(|| "-".into());
+    let flop_rate = |f: f64| {
+        if f >= 1e12 {
+            format!("{:.2} TFLOP/s", f / 1e12)
+        } else {
+            format!("{:.2} GFLOP/s", f / 1e9)
+        }
+    };
     let rate = match (c.flops_per_s, c.bytes_per_s) {
-        (Some(f), _) if f >= 1e12 => format!("{:.2} TFLOP/s", f / 1e12),
-        (Some(f), _) => format!("{:.2} GFLOP/s", f / 1e9),
+        // Where the kernels do more (or less) arithmetic than the convention counts, both.
+        (Some(f), _) => match c.work_flops_per_s {
+            Some(w) => format!("{} ({} done)", flop_rate(f), flop_rate(w)),
+            None => flop_rate(f),
+        },
         (None, Some(b)) => format!("{:.1} GB/s", b / 1e9),
         _ => "-".into(),
     };

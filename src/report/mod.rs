@@ -21,6 +21,10 @@ pub mod markdown;
 pub mod plan;
 pub mod svg;
 
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
 pub const SCHEMA_NAME: &str = "headroom-report";
 pub const SCHEMA_VERSION: u32 = 2;
 
@@ -211,12 +215,19 @@ pub struct CaseRecord {
     #[serde(flatten)]
     pub status: Status,
     pub flops: f64,
+    /// The kernels' own arithmetic where it differs from `flops`' convention (see
+    /// [`CaseInfo::work_flops`]); absent when the same.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub work_flops: f64,
     pub bytes_moved: f64,
     pub time: Option<TimeStats>,
     pub memory: Option<MemoryRecord>,
     pub validation: Option<Validation>,
     /// Achieved FLOP/s (median time), when the case does arithmetic.
     pub flops_per_s: Option<f64>,
+    /// `work_flops` over the median time: the rate of the arithmetic the hardware did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_flops_per_s: Option<f64>,
     /// Achieved bytes/s (median time).
     pub bytes_per_s: Option<f64>,
     /// The rate as a fraction of the run's matching ceiling.
@@ -341,11 +352,13 @@ impl CaseRecord {
             shape: info.shape.clone(),
             status,
             flops: info.flops,
+            work_flops: info.work_flops,
             bytes_moved: info.bytes_moved,
             time: None,
             memory: None,
             validation: None,
             flops_per_s: None,
+            work_flops_per_s: None,
             bytes_per_s: None,
             fraction_of_ceiling: None,
             speed_vs_baseline: None,
@@ -433,12 +446,14 @@ impl Report {
         for c in &mut self.cases {
             let Some(t) = c.time.as_ref().filter(|_| c.status == Status::Ok) else {
                 c.flops_per_s = None;
+                c.work_flops_per_s = None;
                 c.bytes_per_s = None;
                 c.fraction_of_ceiling = None;
                 c.speed_vs_baseline = None;
                 continue;
             };
             c.flops_per_s = (c.flops > 0.0).then(|| c.flops / t.median_s);
+            c.work_flops_per_s = (c.work_flops > 0.0).then(|| c.work_flops / t.median_s);
             c.bytes_per_s = (c.bytes_moved > 0.0).then(|| c.bytes_moved / t.median_s);
             let flop_ceiling = match c.dtype {
                 DType::F32 | DType::I32 => ceilings.cublas_f32_flops_per_s,

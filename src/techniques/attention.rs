@@ -114,6 +114,22 @@ pub fn flops(pass: Pass, shape: &AttentionShape) -> f64 {
     }
 }
 
+/// The products the kernels actually run, in the same units as [`flops`] (one product of an
+/// N x N score matrix with d is 2·B·H·N²·d). The forward runs two (S = QKᵀ, O = PV). The
+/// flash backward runs seven where the convention counts five: the dK/dV kernel recomputes
+/// S and dP = dO·Vᵀ and forms dV = Pᵀ·dO and dK = dSᵀ·Q, and the dQ kernel recomputes S and
+/// dP again before dQ = dS·K (so that no output is summed with atomics). The naive backward
+/// keeps P and runs four (dV, dP, dQ, dK). Causal halves all, as in the convention.
+pub fn work_flops(variant: Variant, pass: Pass, shape: &AttentionShape) -> f64 {
+    let products = match (variant, pass) {
+        (_, Pass::Forward) => 2.0,
+        (Variant::Flash, Pass::ForwardBackward) => 2.0 + 7.0,
+        (Variant::Naive, Pass::ForwardBackward) => 2.0 + 4.0,
+    };
+    // flops(Forward) is two products.
+    flops(Pass::Forward, shape) * products / 2.0
+}
+
 pub struct AttentionCase {
     info: CaseInfo,
     variant: Variant,
@@ -141,6 +157,10 @@ impl AttentionCase {
         );
         let mut info = CaseInfo::new("attention", variant.name(), dtype, name);
         info.flops = flops(pass, s);
+        info.work_flops = match work_flops(variant, pass, s) {
+            w if w == info.flops => 0.0,
+            w => w,
+        };
         info.predicted_peak_bytes = model_peak_bytes(variant, pass, s, dtype);
         // Every buffer is read or written at least once per call.
         info.bytes_moved = info.predicted_peak_bytes as f64;

@@ -32,6 +32,10 @@ pub struct CaseInfo {
     pub shape: String,
     /// Floating-point operations of one run (the field's conventions; see each family).
     pub flops: f64,
+    /// The arithmetic the kernels actually perform where it differs from the convention
+    /// (flash attention's backward recomputes the scores twice), else 0.
+    #[serde(default)]
+    pub work_flops: f64,
     /// Bytes one run must move to and from device memory at least.
     pub bytes_moved: f64,
     /// The analytic peak of allocated bytes over setup and one run.
@@ -49,6 +53,7 @@ impl CaseInfo {
             dtype,
             shape,
             flops: 0.0,
+            work_flops: 0.0,
             bytes_moved: 0.0,
             predicted_peak_bytes: 0,
             tolerance: tolerance(dtype),
