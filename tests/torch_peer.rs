@@ -100,6 +100,13 @@ fn torch_peer_reports_the_cases_it_is_given() {
     let flash = first(&infos, "flash attention", |c| {
         c.family == "attention" && c.technique == "flash"
     });
+    // Grouped-query attention: repeated K/V in the naive program, SDPA's enable_gqa in flash.
+    let gqa_naive = first(&infos, "grouped-query naive attention", |c| {
+        c.family == "attention" && c.technique == "naive" && c.shape.contains("-kv")
+    });
+    let gqa_flash = first(&infos, "grouped-query flash attention", |c| {
+        c.family == "attention" && c.technique == "flash" && c.shape.contains("-kv")
+    });
     let train_f32 = first(&infos, "f32 training step", |c| {
         c.family == "train" && c.dtype.name() == "f32"
     });
@@ -107,7 +114,9 @@ fn torch_peer_reports_the_cases_it_is_given() {
         c.family == "train" && c.technique.starts_with("full-")
     });
     let alloc = infos.iter().find(|c| c.family == "alloc");
-    let mut wanted = vec![cublas, simt, naive, flash, train_f32, train_full];
+    let mut wanted = vec![
+        cublas, simt, naive, flash, gqa_naive, gqa_flash, train_f32, train_full,
+    ];
     wanted.extend(alloc);
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/torch/headroom_torch.py");
@@ -165,7 +174,7 @@ fn torch_peer_reports_the_cases_it_is_given() {
         assert!(t.samples >= 1 && t.median_s > 0.0, "{}: {t:?}", info.id);
         r
     };
-    for info in [cublas, naive] {
+    for info in [cublas, naive, gqa_naive] {
         let v = ok(info).validation.clone().expect("validated");
         assert!(v.passed(), "{}: {v:?}", info.id);
         assert!(v.compared > 0);
@@ -176,11 +185,14 @@ fn torch_peer_reports_the_cases_it_is_given() {
         rec(&simt.id).status,
         Status::Skipped("same as the cublas row".into())
     );
-    // PyTorch's CPU flash kernel exists since 2.2; an older one says why it skips.
-    match &rec(&flash.id).status {
-        Status::Ok => assert!(rec(&flash.id).validation.as_ref().unwrap().passed()),
-        Status::Skipped(why) => assert!(!why.is_empty()),
-        other => panic!("{}: {other:?}", flash.id),
+    // PyTorch's CPU flash kernel exists since 2.2 (enable_gqa since 2.5); an older one
+    // says why it skips.
+    for info in [flash, gqa_flash] {
+        match &rec(&info.id).status {
+            Status::Ok => assert!(rec(&info.id).validation.as_ref().unwrap().passed()),
+            Status::Skipped(why) => assert!(!why.is_empty()),
+            other => panic!("{}: {other:?}", info.id),
+        }
     }
     for info in [train_f32, train_full] {
         ok(info);

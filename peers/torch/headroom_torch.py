@@ -82,6 +82,9 @@ class AttentionSpec:
     seq: int
     head_dim: int
     causal: bool
+    # K and V heads (grouped-query attention when fewer than heads; each serves
+    # heads // kv_heads query heads, in order).
+    kv_heads: int
 
 
 @dataclass(frozen=True)
@@ -113,17 +116,23 @@ def parse_matmul(info: dict[str, Any]) -> MatmulSpec:
 
 
 def parse_attention(info: dict[str, Any]) -> AttentionSpec:
-    m = re.fullmatch(r"(fwd|fwd\+bwd)/b(\d+)-h(\d+)-n(\d+)-d(\d+)(-causal)?", info["shape"])
+    m = re.fullmatch(r"(fwd|fwd\+bwd)/b(\d+)-h(\d+)-n(\d+)-d(\d+)(-causal)?(?:-kv(\d+))?",
+                     info["shape"])
     if not m or info["technique"] not in ("naive", "flash"):
         raise Skip(f"attention case '{info['id']}' is not one the peer knows")
+    heads = int(m.group(3))
+    kv_heads = int(m.group(7)) if m.group(7) else heads
+    if kv_heads < 1 or heads % kv_heads:
+        raise Skip(f"attention case '{info['id']}' has {kv_heads} kv heads for {heads} heads")
     return AttentionSpec(
         variant=info["technique"],
         backward=m.group(1) == "fwd+bwd",
         batch=int(m.group(2)),
-        heads=int(m.group(3)),
+        heads=heads,
         seq=int(m.group(4)),
         head_dim=int(m.group(5)),
         causal=m.group(6) is not None,
+        kv_heads=kv_heads,
     )
 
 
@@ -362,10 +371,23 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                     backends: list[Any]) -> torch.Tensor:
-    """scaled_dot_product_attention restricted to `backends` (the flash one by default)."""
+    """scaled_dot_product_attention restricted to `backends` (the flash one by default);
+    fewer K/V heads than query heads go through SDPA's own grouped-query support."""
     assert sdpa_kernel is not None
     with sdpa_kernel(backends):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        if k.shape[1] == q.shape[1]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        try:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        except TypeError as e:
+            raise Skip(f"this PyTorch ({torch.__version__}) has no enable_gqa in "
+                       f"scaled_dot_product_attention (2.5 or newer): {one_line(e)}")
+
+
+def repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, N, d] -> [B, Hkv * groups, N, d], each kv head repeated for its group of
+    query heads, as Hugging Face's eager Llama attention does before the matmuls."""
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
 
 def causal_mask(n: int, dev: torch.device) -> torch.Tensor:
@@ -391,9 +413,10 @@ class AttentionProgram(Program):
             if why:
                 raise Skip(why)
         shape = (s.batch, s.heads, s.seq, s.head_dim)
+        kv_shape = (s.batch, s.kv_heads, s.seq, s.head_dim)
         self.q = uniform(shape, dt, d, requires_grad=s.backward)
-        self.k = uniform(shape, dt, d, requires_grad=s.backward)
-        self.v = uniform(shape, dt, d, requires_grad=s.backward)
+        self.k = uniform(kv_shape, dt, d, requires_grad=s.backward)
+        self.v = uniform(kv_shape, dt, d, requires_grad=s.backward)
         self.d_o = uniform(shape, dt, d) if s.backward else None
         self.mask = causal_mask(s.seq, d) if s.variant == "naive" and s.causal else None
         self.o: Optional[torch.Tensor] = None
@@ -404,7 +427,9 @@ class AttentionProgram(Program):
         for t in (self.q, self.k, self.v):
             t.grad = None
         if s.variant == "naive":
-            o = naive_attention(self.q, self.k, self.v, s.causal, self.mask)
+            g = s.heads // s.kv_heads
+            o = naive_attention(self.q, repeat_kv(self.k, g), repeat_kv(self.v, g), s.causal,
+                                self.mask)
         else:
             try:
                 o = flash_attention(self.q, self.k, self.v, s.causal,
@@ -418,9 +443,11 @@ class AttentionProgram(Program):
         self.o = o.detach()
 
     def validate(self) -> dict[str, Any]:
-        """Float64 references of sampled heads: every row of O, dQ, dK and dV up to N = 1024;
-        beyond, 16 sampled rows of O and dQ and the column sums of dV (sum_j dV_j =
-        sum_i dO_i, since every probability row sums to one), as headroom's validation."""
+        """Float64 references of two sampled kv heads and every query head of their groups:
+        every row of O, dQ, dK and dV up to N = 1024 (dK and dV summed over the group);
+        beyond, 16 sampled rows of O and dQ and the column sums of dV (sum_j dV_j = the
+        group's sum_i dO_i, since every probability row sums to one), as headroom's
+        validation."""
         s = self.spec
         assert self.o is not None
         cmp = Comparison()
@@ -430,39 +457,52 @@ class AttentionProgram(Program):
                 assert t.grad is not None
                 cmp.all_finite(name, t.grad)
         scale = 1.0 / math.sqrt(s.head_dim)
-        n = s.seq
-        for bh in sample(s.batch * s.heads, 2, self.rng):
-            b, h = divmod(bh, s.heads)
-            q, k, v = (t.detach()[b, h].double() for t in (self.q, self.k, self.v))
+        n, g, d = s.seq, s.heads // s.kv_heads, s.head_dim
+
+        def at(name: str, row_of: list[int], head: int) -> Callable[[int], str]:
+            return lambda i: f"{name}[head {head}][{row_of[i // d]},{i % d}]"
+
+        for bk in sample(s.batch * s.kv_heads, 2, self.rng):
+            b, hk = divmod(bk, s.kv_heads)
+            k, v = (t.detach()[b, hk].double() for t in (self.k, self.v))
             full = n <= 1024
             rows = list(range(n)) if full else sample(n, 16, self.rng)
-            ri = torch.tensor(rows, device=q.device)
-            sc = (q[ri] @ k.T) * scale
-            if s.causal:
-                future = torch.arange(n, device=q.device)[None, :] > ri[:, None]
-                sc = sc.masked_fill(future, float("-inf"))
-            p = torch.softmax(sc, dim=-1)
-            o_ref = p @ v
-            d = s.head_dim
-
-            def at(name: str, row_of: list[int]) -> Callable[[int], str]:
-                return lambda i: f"{name}[head {bh}][{row_of[i // d]},{i % d}]"
-
-            cmp.add(self.o[b, h][ri], o_ref, at("O", rows))
+            ri = torch.tensor(rows, device=k.device)
+            d_k = torch.zeros_like(k)
+            d_v = torch.zeros_like(v)
+            d_o_sum = torch.zeros(d, dtype=torch.float64, device=k.device)
+            for h in range(hk * g, (hk + 1) * g):
+                bh = b * s.heads + h
+                q = self.q.detach()[b, h].double()
+                sc = (q[ri] @ k.T) * scale
+                if s.causal:
+                    future = torch.arange(n, device=q.device)[None, :] > ri[:, None]
+                    sc = sc.masked_fill(future, float("-inf"))
+                p = torch.softmax(sc, dim=-1)
+                o_ref = p @ v
+                cmp.add(self.o[b, h][ri], o_ref, at("O", rows, bh))
+                if not s.backward:
+                    continue
+                assert self.d_o is not None and self.q.grad is not None
+                d_o = self.d_o[b, h].double()
+                delta = (d_o[ri] * o_ref).sum(-1, keepdim=True)
+                ds = p * (d_o[ri] @ v.T - delta)
+                cmp.add(self.q.grad[b, h][ri], scale * ds @ k, at("dQ", rows, bh))
+                if full:
+                    d_k += scale * ds.T @ q
+                    d_v += p.T @ d_o
+                else:
+                    d_o_sum += d_o.sum(0)
             if not s.backward:
                 continue
-            assert self.d_o is not None and self.q.grad is not None
-            d_o = self.d_o[b, h].double()
-            delta = (d_o[ri] * o_ref).sum(-1, keepdim=True)
-            ds = p * (d_o[ri] @ v.T - delta)
-            cmp.add(self.q.grad[b, h][ri], scale * ds @ k, at("dQ", rows))
             assert self.k.grad is not None and self.v.grad is not None
+            kv = b * s.kv_heads + hk
             if full:
-                cmp.add(self.k.grad[b, h], scale * ds.T @ q, at("dK", rows))
-                cmp.add(self.v.grad[b, h], p.T @ d_o, at("dV", rows))
+                cmp.add(self.k.grad[b, hk], d_k, at("dK", rows, kv))
+                cmp.add(self.v.grad[b, hk], d_v, at("dV", rows, kv))
             else:
-                cmp.add(self.v.grad[b, h].double().sum(0), d_o.sum(0),
-                        lambda c: f"sum_j dV[head {bh}][{c}]")
+                cmp.add(self.v.grad[b, hk].double().sum(0), d_o_sum,
+                        lambda c: f"sum_j dV[kv head {kv}][{c}]")
         return cmp.finish(self.info["tolerance"])
 
 

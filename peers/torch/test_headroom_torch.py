@@ -165,6 +165,50 @@ class Helpers(unittest.TestCase):
 
 
 @unittest.skipUnless(HAVE_TORCH, "PyTorch is not installed")
+@unittest.skipUnless(HAVE_TORCH, "PyTorch is not installed")
+class GroupedQuery(unittest.TestCase):
+    """Fewer K/V heads than query heads: SDPA's enable_gqa for flash, repeated K/V for the
+    naive program, and a validation that sums dK and dV over each group."""
+
+    def test_ids_parse(self) -> None:
+        a = ht.parse_attention(info("attention/flash/bf16/fwd+bwd/b1-h4-n128-d64-kv2"))
+        self.assertEqual((a.heads, a.kv_heads, a.causal), (4, 2, False))
+        a = ht.parse_attention(info("attention/naive/f32/fwd/b1-h4-n16-d64-causal-kv1"))
+        self.assertEqual((a.heads, a.kv_heads, a.causal), (4, 1, True))
+        self.assertEqual(ht.parse_attention(info("attention/naive/f32/fwd/b1-h4-n16-d64"))
+                         .kv_heads, 4)
+        with self.assertRaises(ht.Skip):
+            ht.parse_attention(info("attention/naive/f32/fwd/b1-h4-n16-d64-kv3"))
+
+    def program(self, variant: str, causal: bool) -> Any:
+        shape = f"fwd+bwd/b1-h4-n24-d64{'-causal' if causal else ''}-kv2"
+        p = ht.AttentionProgram(ht.Device("cpu"), info(f"attention/{variant}/f32/{shape}"),
+                                ht.random.Random(5))
+        p.setup()
+        p.run()
+        return p
+
+    def test_both_programs_pass_and_a_wrong_gradient_fails(self) -> None:
+        for variant in ("naive", "flash"):
+            for causal in (False, True):
+                p = self.program(variant, causal)
+                self.assertEqual(tuple(p.k.grad.shape), (1, 2, 24, 64))
+                v = p.validate()
+                self.assertTrue(ht.passed(v), (variant, causal, v))
+                # dK of one query head instead of the group's sum; one dV element off by 5%;
+                # one dQ row swapped with another.
+                good = p.k.grad.clone()
+                p.k.grad[0, 1] *= 0.5
+                self.assertFalse(ht.passed(p.validate()), (variant, "dK"))
+                p.k.grad.copy_(good)
+                p.v.grad[0, 0, 3, 7] *= 1.05
+                self.assertFalse(ht.passed(p.validate()), (variant, "dV"))
+                p.v.grad[0, 0, 3, 7] /= 1.05
+                self.assertTrue(ht.passed(p.validate()))
+                p.q.grad[0, 3, [2, 9]] = p.q.grad[0, 3, [9, 2]]
+                self.assertFalse(ht.passed(p.validate()), (variant, "dQ"))
+
+
 class TinyRun(unittest.TestCase):
     def test_cpu_report(self) -> None:
         cases = [info("matmul/cublas/f32/m64-n48-k32", flops=2.0 * 64 * 48 * 32),
