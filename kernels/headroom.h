@@ -123,6 +123,12 @@ typedef struct hr_attention_params {
 /* Flash-style forward: tiled online softmax, writes o and lse, no N x N buffer. */
 int hr_flash_attention_forward_f32(const hr_attention_params *p, hr_stream_t stream);
 int hr_flash_attention_forward_bf16(const hr_attention_params *p, hr_stream_t stream);
+/* The bf16 forward on Hopper (sm_90a): TMA, wgmma with P in registers, a producer warpgroup
+ * and two consumers. Same outputs; returns cudaErrorNotSupported (801) where the device or
+ * build cannot run it. */
+int hr_flash_attention_forward_bf16_wgmma(const hr_attention_params *p, hr_stream_t stream);
+/* 1 if the current device runs the sm_90a attention kernel, else 0. */
+int hr_flash_attention_wgmma_usable(void);
 /* Flash-style backward: computes delta, then recomputes S and P tile by tile from
  * q, k and lse; writes dq, dk, dv (overwriting). Deterministic: no floating-point
  * atomics; every output element is reduced by one thread in a fixed order (a kv head's

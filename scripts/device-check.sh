@@ -73,6 +73,8 @@ STEPS=(
     "check-matmul-cublas        5     5    check      matmul/cublas/"
     "check-attention-f32        12    5    check      attention/naive/f32/ attention/flash/f32/"
     "check-attention-bf16       12    5    check      attention/naive/bf16/ attention/flash/bf16/"
+    # The Hopper forward (TMA, wgmma, setmaxnreg) at every edge of its 128-row tiles.
+    "check-attention-wgmma      5     5    check      attention/flash-wgmma/"
     "check-layers               4     5    check      layers/"
     "check-loss                 4     5    check      loss/"
     "check-train                8     5    check      train/"
@@ -88,7 +90,7 @@ STEPS=(
     # every form, and the fused epilogue; flash attention (f32 and bf16, d = 64 and 128,
     # causal or not: every instantiation), the naive path's softmax and the delta kernel,
     # at N = 65 (one past a tile); every layer op. cuBLAS is left out (not our code).
-    "sanitizer-memcheck         10    15   sanitize   memcheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515"
+    "sanitizer-memcheck         10    15   sanitize   memcheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-wgmma/bf16/fwd/b2-h3-n129-"
     "sanitizer-racecheck        10    15   sanitize   racecheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515"
     "sanitizer-synccheck        8     15   sanitize   synccheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515"
     # The quick profile, one family per process, each into its own report folder (the bench
@@ -102,6 +104,7 @@ STEPS=(
     "bench-matmul-wgmma-banded  8     10   bench      matmul/wgmma-banded/"
     "bench-matmul-wgmma-wide    8     10   bench      matmul/wgmma-wide/"
     "bench-attention-flash      12    10   bench      attention/flash/"
+    "bench-attention-wgmma      8     10   bench      attention/flash-wgmma/"
     "bench-headline             8     10   bench      headline"
     "bench-attention-naive      10    10   bench      attention/naive/"
     "bench-loss                 6     10   bench      loss/"

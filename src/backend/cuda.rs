@@ -454,6 +454,48 @@ impl Backend for CudaBackend {
         check_launch("flash attention forward", code)
     }
 
+    fn flash_wgmma_available(&self) -> std::result::Result<(), String> {
+        self.bind().map_err(|e| e.to_string())?;
+        // SAFETY: a query of the current device.
+        if unsafe { k::hr_flash_attention_wgmma_usable() } == 1 {
+            Ok(())
+        } else if self.sm_major() != 9 {
+            Err("the wgmma flash forward needs a Hopper GPU (compute capability 9.0)".into())
+        } else {
+            Err("this build has no sm_90a code (add 90a to HEADROOM_CUDA_ARCHS)".into())
+        }
+    }
+
+    fn flash_attention_forward_wgmma(
+        &self,
+        s: &AttentionShape,
+        q: &Tensor,
+        kk: &Tensor,
+        v: &Tensor,
+        o: &mut Tensor,
+        lse: &mut Tensor,
+    ) -> Result<()> {
+        check_same_dtype("wgmma flash attention forward", DType::Bf16, &[q, kk, v, o])?;
+        check_attention(s, &[q, o], &[kk, v], &[lse])?;
+        self.bind()?;
+        let mut p = attention_params(s);
+        p.q = ptr(q);
+        p.k = ptr(kk);
+        p.v = ptr(v);
+        p.o = ptr_mut(o);
+        p.lse = ptr_mut(lse) as *mut f32;
+        // SAFETY: shapes checked above.
+        let code = unsafe { k::hr_flash_attention_forward_bf16_wgmma(&p, self.stream()) };
+        if code == 801 {
+            return Err(Error::Unsupported(
+                self.flash_wgmma_available()
+                    .err()
+                    .unwrap_or_else(|| "the wgmma flash forward refused the shape".into()),
+            ));
+        }
+        check_launch("wgmma flash attention forward", code)
+    }
+
     fn flash_attention_backward(
         &self,
         s: &AttentionShape,

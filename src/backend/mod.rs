@@ -375,6 +375,26 @@ pub trait Backend: Send + Sync {
         o: &mut Tensor,
         lse: &mut Tensor,
     ) -> Result<()>;
+    /// Whether the Hopper (sm_90a, wgmma) bf16 flash forward can run here, or why not.
+    fn flash_wgmma_available(&self) -> std::result::Result<(), String> {
+        Err("the wgmma flash forward is a Hopper (sm_90a) kernel; this backend has none".into())
+    }
+    /// [`Backend::flash_attention_forward`] (bf16) by the Hopper kernel.
+    fn flash_attention_forward_wgmma(
+        &self,
+        _shape: &AttentionShape,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _o: &mut Tensor,
+        _lse: &mut Tensor,
+    ) -> Result<()> {
+        Err(Error::Unsupported(
+            self.flash_wgmma_available()
+                .err()
+                .unwrap_or_else(|| "the wgmma flash forward is not implemented here".into()),
+        ))
+    }
     #[allow(clippy::too_many_arguments)]
     fn flash_attention_backward(
         &self,

@@ -135,6 +135,8 @@ pub struct AttentionCase {
     variant: Variant,
     pass: Pass,
     shape: AttentionShape,
+    /// flash forward by the Hopper kernel ([`AttentionCase::hopper`])
+    hopper: bool,
 }
 
 impl AttentionCase {
@@ -169,7 +171,24 @@ impl AttentionCase {
             variant,
             pass,
             shape,
+            hopper: false,
         }
+    }
+
+    /// The bf16 flash forward by the Hopper kernel (technique `flash-wgmma`): the flash
+    /// case's memory model and validation, its own id until a GPU has checked it.
+    pub fn hopper(shape: AttentionShape) -> Self {
+        let mut case = AttentionCase::new(Variant::Flash, Pass::Forward, DType::Bf16, shape);
+        case.info = CaseInfo {
+            id: case
+                .info
+                .id
+                .replace("attention/flash/", "attention/flash-wgmma/"),
+            technique: "flash-wgmma".into(),
+            ..case.info
+        };
+        case.hopper = true;
+        case
     }
 
     pub fn variant(&self) -> Variant {
@@ -179,6 +198,8 @@ impl AttentionCase {
 
 struct AttentionInstance {
     variant: Variant,
+    /// flash forward by the Hopper kernel
+    hopper: bool,
     shape: AttentionShape,
     dtype: DType,
     q: Tensor,
@@ -221,6 +242,9 @@ impl Case for AttentionCase {
     }
 
     fn skip_reason(&self, be: &dyn Backend) -> Option<String> {
+        if self.hopper {
+            return be.flash_wgmma_available().err();
+        }
         if self.variant == Variant::Naive {
             return be
                 .matmul_available(matmul_kernel(self.info.dtype), self.info.dtype)
@@ -296,6 +320,7 @@ impl Case for AttentionCase {
         };
         Ok(Box::new(AttentionInstance {
             variant: self.variant,
+            hopper: self.hopper,
             shape: *s,
             dtype: dt,
             q,
@@ -392,6 +417,17 @@ impl AttentionInstance {
 impl Instance for AttentionInstance {
     fn run(&mut self, be: &dyn Backend) -> Result<()> {
         match self.variant {
+            Variant::Flash if self.hopper => {
+                let lse = self.lse.as_mut().expect("flash has lse");
+                be.flash_attention_forward_wgmma(
+                    &self.shape,
+                    &self.q,
+                    &self.k,
+                    &self.v,
+                    &mut self.o,
+                    lse,
+                )
+            }
             Variant::Flash => {
                 let lse = self.lse.as_mut().expect("flash has lse");
                 be.flash_attention_forward(
@@ -845,6 +881,7 @@ fn gpu_shape(seq: usize, causal: bool) -> AttentionShape {
 
 pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
     let mut out: Vec<Box<dyn Case>> = Vec::new();
+    let mut hopper: Vec<AttentionShape> = Vec::new();
     let mut push = |v: Variant, p: Pass, dt: DType, s: AttentionShape| {
         out.push(Box::new(AttentionCase::new(v, p, dt, s)))
     };
@@ -894,6 +931,17 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
                         push(v, p, DType::Bf16, gpu_shape(n, false));
                     }
                 }
+                // The Hopper forward beside the mma.sync one on the same shapes, at both head
+                // dims (the hidden size kept at 2048), causal and not.
+                for d in [64, 128] {
+                    for causal in [false, true] {
+                        let s = AttentionShape::new((16384 / n).max(1), 2048 / d, n, d, causal);
+                        if d != 128 || causal {
+                            push(Variant::Flash, Pass::Forward, DType::Bf16, s);
+                        }
+                        hopper.push(s);
+                    }
+                }
                 push(
                     Variant::Flash,
                     Pass::ForwardBackward,
@@ -923,6 +971,9 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
                 gpu_shape(4096, true).with_kv_heads(4),
             );
         }
+    }
+    for s in hopper {
+        out.push(Box::new(AttentionCase::hopper(s)));
     }
     out
 }
@@ -959,6 +1010,33 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
         }
     }
     out.extend(gqa_check_cases(kind));
+    if kind != BackendKind::Cpu {
+        out.extend(hopper_check_cases());
+    }
+    out
+}
+
+/// The Hopper forward (`flash-wgmma`): its query tiles and K/V tiles are both 128 rows, so
+/// N = 1, 127, 128, 129, 255, 256, 257 and 1000 (7·128 + 104) take every edge of both;
+/// d = 64 and 128, causal and not, and grouped-query heads (G = 2 and MQA) so that a wrong
+/// kv-head index reads a neighbour's K/V.
+pub fn hopper_check_cases() -> Vec<Box<dyn Case>> {
+    let mut out: Vec<Box<dyn Case>> = Vec::new();
+    for n in [1, 127, 128, 129, 255, 256, 257, 1000] {
+        for d in [64, 128] {
+            for causal in [false, true] {
+                out.push(Box::new(AttentionCase::hopper(AttentionShape::new(
+                    2, 3, n, d, causal,
+                ))));
+            }
+        }
+    }
+    for (heads, kv) in [(4, 2), (4, 1)] {
+        for causal in [false, true] {
+            let s = AttentionShape::new(2, heads, 1000, 128, causal).with_kv_heads(kv);
+            out.push(Box::new(AttentionCase::hopper(s)));
+        }
+    }
     out
 }
 
