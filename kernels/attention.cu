@@ -807,16 +807,7 @@ flash_fwd_bf16_kernel(const bf16 *__restrict__ q, // [B,H,N,D]
                 mx[e >> 1] = fmaxf(mx[e >> 1], x);
             }
         float alpha[2], mu[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            // the 4 lanes of a quad share a row
-            mx[h] = fmaxf(mx[h], __shfl_xor_sync(kFull, mx[h], 1));
-            mx[h] = fmaxf(mx[h], __shfl_xor_sync(kFull, mx[h], 2));
-            const float m_new = fmaxf(m[h], mx[h]);
-            mu[h] = (m_new == -INFINITY) ? 0.f : m_new;
-            alpha[h] = exp2f(m[h] - mu[h]);
-            m[h] = m_new;
-        }
+        hr::online_softmax_step(mx, m, mu, alpha);
         float rs[2] = {0.f, 0.f};
 #pragma unroll
         for (int nb = 0; nb < BN / 8; ++nb)

@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <math.h>
 #include <stdint.h>
 
 #include "headroom.h"
@@ -30,6 +31,24 @@ __device__ __forceinline__ float gelu_tanh(float x) {
     const float k0 = 0.7978845608028654f; // sqrt(2/pi)
     const float k1 = 0.044715f;
     return 0.5f * x * (1.0f + tanhf(k0 * (x + k1 * x * x * x)));
+}
+
+// One step of the online softmax (FlashAttention-2, Algorithm 1) for the two rows a thread
+// of an m16 fragment holds (g and g + 8): mx holds this thread's maxima of the new scores
+// (log2 domain) and is reduced over the quad of lanes that share a row; m is the running
+// maximum, updated; mu the maximum to subtract (0 while a row has seen only -inf, so that
+// exp2 gives 0, not NaN); alpha the factor for what was accumulated before.
+__device__ __forceinline__ void online_softmax_step(float (&mx)[2], float (&m)[2], float (&mu)[2],
+                                                    float (&alpha)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        const float m_new = fmaxf(m[h], mx[h]);
+        mu[h] = (m_new == -INFINITY) ? 0.f : m_new;
+        alpha[h] = exp2f(m[h] - mu[h]);
+        m[h] = m_new;
+    }
 }
 
 } // namespace hr

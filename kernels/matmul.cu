@@ -882,30 +882,11 @@ template <bool WIDE> WgmmaKernel wgmma_kernel_for(bool ta, bool tb) {
                     : matmul_bf16_wgmma_kernel<false, false, WIDE>);
 }
 
-// Does `device` run the real sm_90a kernel? Needs compute capability 9.0 and the image the
-// runtime loads there to carry the wgmma body (its flag is 1 only in the sm_90a pass).
-// Cached per device; any CUDA error (no GPU, no driver) means "no" and is cleared so a
-// later HR_RETURN_LAUNCH_STATUS does not report it.
+// Does `device` run the real sm_90a matmul kernel (see sm90a_image_runs)?
 bool wgmma_usable(int device) {
-    static std::atomic<int> cache[64]; // 0 unknown, 1 no, 2 yes
-    if (device >= 0 && device < 64) {
-        const int c = cache[device].load(std::memory_order_relaxed);
-        if (c != 0) return c == 2;
-    }
-    bool ok = false;
-    int major = 0, minor = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
-        major == 9 && minor == 0) {
-        cudaFuncAttributes attr;
-        int flag = 0;
-        if (cudaFuncGetAttributes(&attr, matmul_bf16_wgmma_kernel<false, false, false>) == cudaSuccess &&
-            cudaMemcpyFromSymbol(&flag, hr_wgmma_image_flag, sizeof(int)) == cudaSuccess)
-            ok = flag == 1;
-    }
-    cudaGetLastError();
-    if (device >= 0 && device < 64) cache[device].store(ok ? 2 : 1, std::memory_order_relaxed);
-    return ok;
+    static std::atomic<int> cache[64];
+    return sm90a_image_runs(device, matmul_bf16_wgmma_kernel<false, false, false>,
+                            hr_wgmma_image_flag, cache);
 }
 
 

@@ -216,13 +216,7 @@ fn pickles_python_writes_are_read() {
     let py = "import pickle,sys\nd={'segments':[],'device_traces':[[{'action':'segment_alloc','addr':1<<40,'size':2097152,'stream':0,'frames':[]},{'action':'alloc','addr':1<<40,'size':512,'stream':0,'frames':[{'filename':'train.py','line':7,'name':'forward'}]},{'action':'free_requested','addr':1<<40,'size':512,'stream':0},{'action':'free_completed','addr':1<<40,'size':512,'stream':0},{'action':'oom','size':1<<34,'stream':0,'device_free':123456789}]],'allocator_settings':{'max_split_size':(1<<64)-1,'expandable_segments':False}}\nfor p in (4,5):\n  open(sys.argv[1]+str(p),'wb').write(pickle.dumps(d,protocol=p))\n";
     let dir = scratch("python");
     let base = dir.join("snap.pickle");
-    let status = Command::new("python3")
-        .args(["-c", py, base.to_str().unwrap()])
-        .status();
-    assert!(
-        status.as_ref().is_ok_and(|s| s.success()),
-        "python3 (which CI installs) could not write the fixtures: {status:?}"
-    );
+    python(&["-c", py, base.to_str().unwrap()]);
     for p in [4, 5] {
         let path = PathBuf::from(format!("{}{p}", base.display()));
         let snap = snapshot::read(&path).unwrap();
@@ -461,18 +455,20 @@ fn streaming_replays_equal_whole_ones() {
     );
 }
 
-fn fake_snapshot(out: &Path, args: &[&str]) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fake-snapshot.py");
-    let status = Command::new("python3")
-        .arg(&script)
-        .arg(out)
-        .args(args)
-        .status();
+/// Runs python3 (which CI installs) with `args`; a test that needs it fails without it.
+fn python(args: &[&str]) {
+    let status = Command::new("python3").args(args).status();
     assert!(
         status.as_ref().is_ok_and(|s| s.success()),
-        "python3 (which CI installs) could not run {}: {status:?}",
-        script.display()
+        "python3 {args:?} failed: {status:?}"
     );
+}
+
+fn fake_snapshot(out: &Path, args: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fake-snapshot.py");
+    let mut all = vec![script.to_str().unwrap(), out.to_str().unwrap()];
+    all.extend_from_slice(args);
+    python(&all);
 }
 
 #[test]
@@ -595,13 +591,7 @@ fn the_reader_agrees_with_serde_pickle() {
     let py = "import pickle,sys\nshared=[1,2]\nd={'a':[shared,shared,(),(1,),(1,2),(1,2,3),(1,2,3,4)],'b':{'x':1.5,'y':-2**40,'z':2**63-1,'w':-2**63},'c':['främe','back\\\\slash\\nline','\\u20ac'],'e':[None,True,False],'f':list(range(2500)),'g':{i:str(i) for i in range(1100)}}\nfor p in range(6):\n  if p>=4: d.update({'h':{3},'i':frozenset([4]),'j':b'xyz'})\n  open(sys.argv[1]+str(p),'wb').write(pickle.dumps(d,protocol=p))\n";
     let dir = scratch("protocols");
     let base = dir.join("v.pickle");
-    let status = Command::new("python3")
-        .args(["-c", py, base.to_str().unwrap()])
-        .status();
-    assert!(
-        status.as_ref().is_ok_and(|s| s.success()),
-        "python3 (which CI installs) could not write the fixtures: {status:?}"
-    );
+    python(&["-c", py, base.to_str().unwrap()]);
     for p in 0..6 {
         let bytes = std::fs::read(format!("{}{p}", base.display())).unwrap();
         let (o, _) = pickle::decode(&bytes[..], &mut |_, _| Ok(()))

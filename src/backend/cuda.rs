@@ -38,6 +38,27 @@ pub struct CudaBackend {
 }
 
 impl CudaBackend {
+    /// The launch parameters of a flash forward, its shapes checked and the device bound.
+    fn forward_params(
+        &self,
+        s: &AttentionShape,
+        q: &Tensor,
+        kk: &Tensor,
+        v: &Tensor,
+        o: &mut Tensor,
+        lse: &mut Tensor,
+    ) -> Result<k::hr_attention_params> {
+        check_attention(s, &[q, o], &[kk, v], &[lse])?;
+        self.bind()?;
+        let mut p = attention_params(s);
+        p.q = ptr(q);
+        p.k = ptr(kk);
+        p.v = ptr(v);
+        p.o = ptr_mut(o);
+        p.lse = ptr_mut(lse) as *mut f32;
+        Ok(p)
+    }
+
     pub fn new(dev: CudaDevice, budget: Option<u64>) -> Self {
         CudaBackend {
             dev,
@@ -435,15 +456,8 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let dt = q.dtype();
         check_same_dtype("flash attention forward", dt, &[kk, v, o])?;
-        check_attention(s, &[q, o], &[kk, v], &[lse])?;
-        self.bind()?;
-        let mut p = attention_params(s);
-        p.q = ptr(q);
-        p.k = ptr(kk);
-        p.v = ptr(v);
-        p.o = ptr_mut(o);
-        p.lse = ptr_mut(lse) as *mut f32;
-        // SAFETY: shapes checked above.
+        let p = self.forward_params(s, q, kk, v, o, lse)?;
+        // SAFETY: shapes checked by forward_params.
         let code = unsafe {
             match dt {
                 DType::F32 => k::hr_flash_attention_forward_f32(&p, self.stream()),
@@ -476,15 +490,8 @@ impl Backend for CudaBackend {
         lse: &mut Tensor,
     ) -> Result<()> {
         check_same_dtype("wgmma flash attention forward", DType::Bf16, &[q, kk, v, o])?;
-        check_attention(s, &[q, o], &[kk, v], &[lse])?;
-        self.bind()?;
-        let mut p = attention_params(s);
-        p.q = ptr(q);
-        p.k = ptr(kk);
-        p.v = ptr(v);
-        p.o = ptr_mut(o);
-        p.lse = ptr_mut(lse) as *mut f32;
-        // SAFETY: shapes checked above.
+        let p = self.forward_params(s, q, kk, v, o, lse)?;
+        // SAFETY: shapes checked by forward_params.
         let code = unsafe { k::hr_flash_attention_forward_bf16_wgmma(&p, self.stream()) };
         if code == 801 {
             return Err(Error::Unsupported(

@@ -417,27 +417,14 @@ impl AttentionInstance {
 impl Instance for AttentionInstance {
     fn run(&mut self, be: &dyn Backend) -> Result<()> {
         match self.variant {
-            Variant::Flash if self.hopper => {
-                let lse = self.lse.as_mut().expect("flash has lse");
-                be.flash_attention_forward_wgmma(
-                    &self.shape,
-                    &self.q,
-                    &self.k,
-                    &self.v,
-                    &mut self.o,
-                    lse,
-                )
-            }
             Variant::Flash => {
                 let lse = self.lse.as_mut().expect("flash has lse");
-                be.flash_attention_forward(
-                    &self.shape,
-                    &self.q,
-                    &self.k,
-                    &self.v,
-                    &mut self.o,
-                    lse,
-                )?;
+                let forward = if self.hopper {
+                    <dyn Backend as Backend>::flash_attention_forward_wgmma
+                } else {
+                    <dyn Backend as Backend>::flash_attention_forward
+                };
+                forward(be, &self.shape, &self.q, &self.k, &self.v, &mut self.o, lse)?;
                 if let Some(g) = self.bwd.as_mut() {
                     let grads = AttentionGrads {
                         delta: &mut g.delta,
