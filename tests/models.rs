@@ -335,54 +335,47 @@ fn the_logits_dominate_a_llama3_step_unless_fused() {
 
 #[test]
 fn plan_answers_for_a_preset_with_the_logits_in_its_breakdown() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_headroom"))
-        .args([
-            "plan",
-            "--model",
-            "llama3-8b",
-            "--seq",
-            "8192",
-            "--batch",
-            "1",
-            "--budget",
-            "80GiB",
-        ])
-        .env("HEADROOM_REPORT_DIR", "/nonexistent-headroom-reports")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let plan = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_headroom"))
+            .arg("plan")
+            .args(args)
+            .env("HEADROOM_REPORT_DIR", "/nonexistent-headroom-reports")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let text = plan(&[
+        "--model",
+        "llama3-8b",
+        "--seq",
+        "8192",
+        "--batch",
+        "1",
+        "--budget",
+        "80GiB",
+    ]);
     assert!(text.contains("8.03B parameters"), "{text}");
     assert!(text.contains("logits"), "{text}");
     assert!(text.contains("-fused"), "{text}");
     // A preset changed by hand: GPT-2 with a position table long enough for 4096 tokens.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_headroom"))
-        .args([
-            "plan",
-            "--model",
-            "gpt2-small",
-            "--positions",
-            "4096",
-            "--seq",
-            "4096",
-            "--batch",
-            "1",
-            "--budget",
-            "80GiB",
-        ])
-        .env("HEADROOM_REPORT_DIR", "/nonexistent-headroom-reports")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = plan(&[
+        "--model",
+        "gpt2-small",
+        "--positions",
+        "4096",
+        "--seq",
+        "4096",
+        "--batch",
+        "1",
+        "--budget",
+        "80GiB",
+    ]);
     assert!(text.contains("-pos4096"), "{text}");
     // A preset name that is not one, and a plan without a size, are one sentence each.
     for args in [
