@@ -20,6 +20,11 @@
 //   flash_fwd_bf16_kernel<D>       mma.sync m16n8k16: 4 warps x 16 query rows (64-row tile),
 //                                  64-key K/V tiles double-buffered with cp.async, S and P stay
 //                                  in registers (P reused as the A operand of P.V).
+//   flash_fwd_bf16_m128_kernel<D>  the same on 128-row Q tiles, 4 warps x 32 rows (two m16
+//                                  blocks sharing each K/V fragment), K/V tiles of 64 keys
+//                                  (d=64) or 32 (d=128) single-buffered with separate waits,
+//                                  the scale folded into one FFMA;
+//                                  grid.x = query tile (technique flash-m128).
 //   flash_bwd_dkdv_f32_kernel<D>   SIMT fp32: one block per 32-key tile, loops over 32-row Q
 //                                  tiles, dK/dV accumulated in registers.
 //   flash_bwd_dq_f32_kernel<D>     SIMT fp32: one block per 32-row Q tile, loops over 32-key
@@ -853,6 +858,217 @@ flash_fwd_bf16_kernel(const bf16 *__restrict__ q, // [B,H,N,D]
     }
 }
 
+// The 128-row form (technique flash-m128, FA2's tiling for the forward): each of the 4 warps
+// owns 32 query rows as two m16 blocks, so every K and V fragment read from shared memory
+// feeds two MMAs instead of one (half the ldmatrix traffic per MMA of the 64-row form). Q
+// stays in shared memory and its fragments are read per k step (registers go to the two
+// blocks' S and O). K and V are single-buffered with separate cp.async groups: V_j streams
+// in while S_j = Q K_j^T is computed, K_{j+1} while the softmax and O += P V_j run. The
+// softmax works on raw scores: the row maximum is taken before scaling (scale > 0, checked
+// by the launcher) and each p = exp2(s * scale_log2 - m) is one FFMA and one MUFU.EX2.
+// grid = (ceil(N/128), B*H): the query tiles of a head are neighbours in launch order and
+// share its K/V in L2; causal tiles run longest first.
+constexpr int kM128BM = 128;
+// Keys per K/V tile: d = 128 holds 128 fp32 of O per thread, so its S tile is 32 keys wide.
+template <int D> struct M128BN { static constexpr int value = D == 64 ? 64 : 32; };
+template <int D>
+constexpr size_t bf_fwd_m128_smem() {
+    return sizeof(bf16) * (size_t)(kM128BM + 2 * M128BN<D>::value) * (D + 8);
+}
+
+// acc[b] (16 x 8NB, row block b) += A_b . B^T for the two row blocks at smem rows a_r0 and
+// a_r0 + 16 of A (16KS columns); each B fragment (B stored [8NB][>=16KS]) is loaded once.
+template <int STR, int KS, int NB>
+__device__ __forceinline__ void warp_mma2_abt(float (&acc)[2][NB][4], const bf16 *sA, int a_r0,
+                                              const bf16 *sB, int lane) {
+    static_assert(NB % 2 == 0, "n blocks come in pairs");
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        uint32_t a0[4], a1[4];
+        ld_frag_a<STR>(a0, sA, a_r0, ks * 16, lane);
+        ld_frag_a<STR>(a1, sA, a_r0 + 16, ks * 16, lane);
+#pragma unroll
+        for (int nb = 0; nb < NB; nb += 2) {
+            uint32_t b[4];
+            ld_frag_b_nk<STR>(b, sB, nb * 8, ks * 16, lane);
+            mma_bf16_16816(acc[0][nb], a0, b[0], b[1]);
+            mma_bf16_16816(acc[0][nb + 1], a0, b[2], b[3]);
+            mma_bf16_16816(acc[1][nb], a1, b[0], b[1]);
+            mma_bf16_16816(acc[1][nb + 1], a1, b[2], b[3]);
+        }
+    }
+}
+// acc[b] (16 x 8NB) += bf16(P_b) . B for both row blocks, B stored [16KS][8NB] (n
+// contiguous), each B fragment loaded once; P_b's C fragments become A fragments as in
+// warp_mma_pb.
+template <int STR, int KS, int NB>
+__device__ __forceinline__ void warp_mma2_pb(float (&acc)[2][NB][4], const float (&p)[2][2 * KS][4],
+                                             const bf16 *sB, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        uint32_t a[2][4];
+#pragma unroll
+        for (int b = 0; b < 2; ++b) {
+            a[b][0] = pack_bf16x2(p[b][2 * ks][0], p[b][2 * ks][1]);
+            a[b][1] = pack_bf16x2(p[b][2 * ks][2], p[b][2 * ks][3]);
+            a[b][2] = pack_bf16x2(p[b][2 * ks + 1][0], p[b][2 * ks + 1][1]);
+            a[b][3] = pack_bf16x2(p[b][2 * ks + 1][2], p[b][2 * ks + 1][3]);
+        }
+#pragma unroll
+        for (int nb = 0; nb < NB; nb += 2) {
+            uint32_t bf[4];
+            ld_frag_b_kn<STR>(bf, sB, ks * 16, nb * 8, lane);
+            mma_bf16_16816(acc[0][nb], a[0], bf[0], bf[1]);
+            mma_bf16_16816(acc[0][nb + 1], a[0], bf[2], bf[3]);
+            mma_bf16_16816(acc[1][nb], a[1], bf[0], bf[1]);
+            mma_bf16_16816(acc[1][nb + 1], a[1], bf[2], bf[3]);
+        }
+    }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kMmaThreads)
+flash_fwd_bf16_m128_kernel(const bf16 *__restrict__ q, // [B,H,N,D]
+                           const bf16 *__restrict__ k, // [B,Hkv,N,D]
+                           const bf16 *__restrict__ v, // [B,Hkv,N,D]
+                           bf16 *__restrict__ o,       // [B,H,N,D]
+                           float *__restrict__ lse,    // [B,H,N] or nullptr
+                           int N, int causal, float scale_log2, int group) {
+    constexpr int BM = kM128BM, BN = M128BN<D>::value, STR = D + 8, KS = D / 16;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16 *sQ = reinterpret_cast<bf16 *>(smem_raw); // [BM][STR] (reused to stage O)
+    bf16 *sK = sQ + BM * STR;                      // [BN][STR]
+    bf16 *sV = sK + BN * STR;                      // [BN][STR]
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int n_qt = (N + BM - 1) / BM;
+    const int q0 = (causal ? n_qt - 1 - (int)blockIdx.x : (int)blockIdx.x) * BM;
+    const int64_t bh = blockIdx.y;
+    const int64_t off = bh * N * D, kv_off = (bh / group) * N * D; // kv head of query head bh
+    q += off;
+    k += kv_off;
+    v += kv_off;
+    o += off;
+    const int kv_end = causal ? min(N, q0 + BM) : N; // skip tiles above the diagonal
+    const int n_kv = (kv_end + BN - 1) / BN;
+    const int r0 = warp * 32; // this warp's rows of the tile: r0.. (block 0), r0 + 16.. (block 1)
+    const int row_g = q0 + r0 + g; // rows row_g + 16 b + 8 h, b, h in {0, 1}
+
+    bf16_load_tile_async<D, BM>(sQ, q, q0, N);
+    bf16_load_tile_async<D, BN>(sK, k, 0, N);
+    cp_async_commit(); // group: Q and K_0
+
+    float oacc[2][D / 8][4];
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+        for (int nb = 0; nb < D / 8; ++nb)
+            oacc[b][nb][0] = oacc[b][nb][1] = oacc[b][nb][2] = oacc[b][nb][3] = 0.f;
+    // Running maxima (log2 domain, scaled) and partial sums of rows row_g + 16 b + 8 h: [2b + h].
+    float m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, l[4] = {0.f, 0.f, 0.f, 0.f};
+
+    for (int j = 0; j < n_kv; ++j) {
+        const int n0 = j * BN;
+        cp_async_wait<0>(); // K_j (and Q on the first pass) landed
+        __syncthreads();    // ... for every thread; and every warp is done with V_{j-1}
+        // (The tile's rows from its own base: the offsets stay thread constants.)
+        bf16_load_tile_async<D, BN>(sV, v + (int64_t)n0 * D, 0, N - n0);
+        cp_async_commit(); // group: V_j
+
+        float s[2][BN / 8][4];
+#pragma unroll
+        for (int b = 0; b < 2; ++b)
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb) s[b][nb][0] = s[b][nb][1] = s[b][nb][2] = s[b][nb][3] = 0.f;
+        warp_mma2_abt<STR, KS, BN / 8>(s, sQ, r0, sK, lane); // S = Q K^T (raw)
+
+        const bool need_mask = (n0 + BN > N) || (causal && n0 + BN - 1 > q0 + r0);
+        float mx[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
+#pragma unroll
+        for (int b = 0; b < 2; ++b)
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float x = s[b][nb][e];
+                    if (need_mask) {
+                        const int key = n0 + nb * 8 + 2 * t + (e & 1);
+                        const int row = row_g + 16 * b + (e >> 1) * 8;
+                        if (key >= N || (causal && key > row)) x = -INFINITY;
+                    }
+                    s[b][nb][e] = x;
+                    mx[b][e >> 1] = fmaxf(mx[b][e >> 1], x);
+                }
+
+        cp_async_wait<0>(); // V_j landed
+        __syncthreads();    // ... for every thread; and every warp is done with K_j
+        if (j + 1 < n_kv) {
+            bf16_load_tile_async<D, BN>(sK, k + (int64_t)(n0 + BN) * D, 0, N - n0 - BN);
+            cp_async_commit(); // group: K_{j+1}
+        }
+
+#pragma unroll
+        for (int b = 0; b < 2; ++b) {
+            // scale_log2 > 0, so the maximum of the raw scores scales to the maximum of the
+            // scaled ones; -inf (a row with no visible key yet) stays -inf.
+            float mxs[2], mb[2] = {m[2 * b], m[2 * b + 1]}, alpha[2], mu[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) mxs[h] = mx[b][h] == -INFINITY ? -INFINITY : mx[b][h] * scale_log2;
+            hr::online_softmax_step(mxs, mb, mu, alpha);
+            float rs[2] = {0.f, 0.f};
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float pe = exp2f(fmaf(s[b][nb][e], scale_log2, -mu[e >> 1]));
+                    s[b][nb][e] = pe;
+                    rs[e >> 1] += pe;
+                }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                m[2 * b + h] = mb[h];
+                l[2 * b + h] = l[2 * b + h] * alpha[h] + rs[h];
+            }
+#pragma unroll
+            for (int nb = 0; nb < D / 8; ++nb) {
+                oacc[b][nb][0] *= alpha[0];
+                oacc[b][nb][1] *= alpha[0];
+                oacc[b][nb][2] *= alpha[1];
+                oacc[b][nb][3] *= alpha[1];
+            }
+        }
+        warp_mma2_pb<STR, BN / 16, D / 8>(oacc, s, sV, lane); // O += P V
+    }
+
+    // l is a per-lane partial over this lane's columns: finish it across the quad.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        l[i] += __shfl_xor_sync(kFull, l[i], 1);
+        l[i] += __shfl_xor_sync(kFull, l[i], 2);
+    }
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+        const float inv0 = 1.f / l[2 * b], inv1 = 1.f / l[2 * b + 1];
+#pragma unroll
+        for (int nb = 0; nb < D / 8; ++nb) {
+            oacc[b][nb][0] *= inv0;
+            oacc[b][nb][1] *= inv0;
+            oacc[b][nb][2] *= inv1;
+            oacc[b][nb][3] *= inv1;
+        }
+        // The warp's rows of sQ are read only by this warp (its Q fragments): stage O there.
+        warp_store_rows_bf16<D>(oacc[b], 1.f, sQ, r0 + 16 * b, o, q0 + r0 + 16 * b, N, lane);
+    }
+    if (lse != nullptr && t == 0) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int row = row_g + 16 * (i >> 1) + 8 * (i & 1);
+            if (row < N) lse[bh * N + row] = m[i] * kLn2 + logf(l[i]);
+        }
+    }
+}
+
 // FA2 Algorithm 2 (sec. 3.1.2), dK/dV half on tensor cores. Each warp owns 16 keys; the
 // transposed tiles S^T = K Q^T and dP^T = V dO^T put keys on the fragment rows, so P^T and
 // dS^T are A fragments of dV += P^T dO and dK += dS^T Q with no shuffles. K and V stay in
@@ -1165,6 +1381,18 @@ int launch_fwd_bf16(const hr_attention_params *p, cudaStream_t stream) {
 }
 
 template <int D>
+int launch_fwd_bf16_m128(const hr_attention_params *p, cudaStream_t stream) {
+    const size_t smem = bf_fwd_m128_smem<D>();
+    HR_TRY((cudaError_t)allow_smem(flash_fwd_bf16_m128_kernel<D>, smem));
+    const dim3 grid((unsigned)hr::ceil_div(p->seq, kM128BM), (unsigned)(p->batch * p->heads));
+    flash_fwd_bf16_m128_kernel<D><<<grid, kMmaThreads, smem, stream>>>(
+        static_cast<const bf16 *>(p->q), static_cast<const bf16 *>(p->k),
+        static_cast<const bf16 *>(p->v), static_cast<bf16 *>(p->o), p->lse, p->seq, p->causal,
+        p->scale * kLog2e, p->heads / p->kv_heads);
+    HR_RETURN_LAUNCH_STATUS();
+}
+
+template <int D>
 int launch_bwd_f32(const hr_attention_params *p, cudaStream_t stream) {
     HR_TRY((cudaError_t)launch_delta<float>(p, stream));
     const unsigned bh = (unsigned)(p->batch * p->heads), bkv = (unsigned)(p->batch * p->kv_heads);
@@ -1313,6 +1541,16 @@ extern "C" int hr_flash_attention_forward_f32(const hr_attention_params *p, hr_s
 extern "C" int hr_flash_attention_forward_bf16(const hr_attention_params *p, hr_stream_t stream) {
     if (!fwd_params_ok(p)) return cudaErrorInvalidValue;
     return p->head_dim == 64 ? launch_fwd_bf16<64>(p, stream) : launch_fwd_bf16<128>(p, stream);
+}
+// The 128-row form takes B*H on grid.y (at most 65535) and folds the scale into the exponent
+// after taking row maxima of the raw scores, which needs scale > 0.
+extern "C" int hr_flash_attention_forward_bf16_m128(const hr_attention_params *p,
+                                                    hr_stream_t stream) {
+    if (!fwd_params_ok(p) || (int64_t)p->batch * p->heads > 65535 || !(p->scale > 0.f) ||
+        !isfinite(p->scale))
+        return cudaErrorInvalidValue;
+    return p->head_dim == 64 ? launch_fwd_bf16_m128<64>(p, stream)
+                             : launch_fwd_bf16_m128<128>(p, stream);
 }
 extern "C" int hr_flash_attention_backward_f32(const hr_attention_params *p, hr_stream_t stream) {
     if (!bwd_params_ok(p)) return cudaErrorInvalidValue;

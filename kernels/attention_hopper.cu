@@ -1,19 +1,29 @@
 // attention_hopper.cu - flash attention forward on Hopper (sm_90a) in the structure of
 // FlashAttention-3 (Shah et al. 2024): TMA and wgmma instead of cp.async and mma.sync.
 //
-//   flash_fwd_wgmma_kernel<D>  one block per (128-row query tile, query head); 3 warpgroups:
-//       warpgroup 0 produces (one thread issues every TMA load: the Q tile once, then K and V
-//       tiles of 128 keys through a 2-stage mbarrier ring), warpgroups 1 and 2 each own 64 of
-//       the query rows. Per K/V tile a consumer computes S = Q.K^T with a shared-memory wgmma
-//       (m64n128k16, both operands k-major), the online softmax in registers (exp2 with the
-//       scale folded in, as the mma.sync kernel), then O += P.V with P from registers as
-//       wgmma's A operand (m64nDk16; V m|n-major, the transpose taken by the descriptor).
-//       setmaxnreg moves registers from the producer (40) to the consumers (232), which hold
-//       S (64 fp32), O (D/2 fp32) and P (32 bf16x2). The query tile index is grid.x, so a
-//       head's tiles run together and share its K/V in L2; causal tiles run longest first.
+//   flash_fwd_wgmma_kernel<D, false>  one block per (128-row query tile, query head); 3
+//       warpgroups: warpgroup 0 produces (one thread issues every TMA load: the Q tile once,
+//       then K and V tiles of 128 keys through a 2-stage mbarrier ring), warpgroups 1 and 2
+//       each own 64 of the query rows. Per K/V tile a consumer computes S = Q.K^T with a
+//       shared-memory wgmma (m64n128k16, both operands k-major), the online softmax in
+//       registers (exp2 with the scale folded in, as the mma.sync kernel), then O += P.V with
+//       P from registers as wgmma's A operand (m64nDk16; V m|n-major, the transpose taken by
+//       the descriptor). setmaxnreg moves registers from the producer (40) to the consumers
+//       (232), which hold S (64 fp32), O (D/2 fp32) and P (32 bf16x2). The query tile index is
+//       grid.x, so a head's tiles run together and share its K/V in L2; causal tiles run
+//       longest first.
+//   flash_fwd_wgmma_kernel<D, true>   the same blocks, producer and outputs, with the next two
+//       steps of FA3. Intra-warpgroup overlap (sec. 3.2, Algorithm 2): iteration j issues
+//       S_{j+1} = Q.K_{j+1}^T and O += P_j.V_j back to back, waits for S_{j+1} alone
+//       (wgmma.wait_group 1) and computes its softmax while P_j.V_j runs, then waits for that,
+//       rescales O by alpha_{j+1} and hands stage j back; S_0 is computed alone before the
+//       loop, the last P.V alone after it. The consumers hold a second S (64 fp32) while P_j
+//       and O are in flight. Ping-pong (sec. 3.1): two named barriers pass a token so that the
+//       consumers issue their GEMMs in turns, one warpgroup's running while the other computes
+//       its softmax. A consumer holds stages j and j+1 at once, so the ring has 3 stages (it
+//       fits for d = 128: 32 KB of Q + 3 x 64 KB of K and V).
 //
-// Not yet (the next steps of the FA3 structure): intra-warpgroup overlap of the next S with
-// the current softmax, ping-pong between the two consumers, a persistent schedule.
+// Not yet (the next step of the FA3 structure): a persistent schedule.
 //
 // Shared memory (1024-aligned, 128-byte swizzle written by TMA): Q [D/64][128 rows][128 B],
 // then per stage K and V, each [D/64][128 rows][128 B] (one box {64 columns, 128 rows} per
@@ -26,16 +36,22 @@
 namespace {
 
 constexpr int kQ = 128, kStages = 2, kThreads = 384; // query rows per block
+// Stages of the ping-pong form's ring: a consumer holds stages j and j+1 in iteration j.
+constexpr int kStagesPingPong = 3;
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <int D> struct FwdCfg {
+template <int D, int STAGES> struct FwdCfg {
     static constexpr int BLOCK_BYTES = 128 * 128;               // one 64-column block, 128 rows
     static constexpr int TILE_BYTES = (D / 64) * BLOCK_BYTES;   // a 128 x D bf16 tile
     static constexpr int KV_OFF = TILE_BYTES;                   // after Q; stage s: K, then V
-    static constexpr int BAR_OFF = KV_OFF + kStages * 2 * TILE_BYTES;
+    static constexpr int BAR_OFF = KV_OFF + STAGES * 2 * TILE_BYTES;
     // full[s], empty[s], q
-    static constexpr int SMEM_BYTES = 1024 + BAR_OFF + (2 * kStages + 1) * 8;
+    static constexpr int SMEM_BYTES = 1024 + BAR_OFF + (2 * STAGES + 1) * 8;
 };
+template <bool PINGPONG> constexpr int kStagesOf = PINGPONG ? kStagesPingPong : kStages;
+template <int D, bool PINGPONG> using FwdCfgOf = FwdCfg<D, kStagesOf<PINGPONG>>;
+// Within the 227 KB a block may opt in to on sm_90.
+static_assert(FwdCfgOf<128, true>::SMEM_BYTES <= 227 * 1024, "ping-pong ring too large");
 
 } // namespace
 
@@ -46,6 +62,10 @@ __device__ int hr_attn_wgmma_image_flag = HR_WGMMA_DEVICE;
 namespace {
 constexpr int kKV = 128; // keys per K/V tile
 constexpr float kLn2 = 0.6931471805599453f;
+// Named barriers of the ping-pong form (PTX ISA "bar, barrier"): kBarPingPong + cw
+// is consumer warpgroup cw's turn to issue, 256 threads (both consumers) per phase; 0 stays
+// __syncthreads'.
+constexpr int kBarPingPong = 1, kPingPongThreads = 256;
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -58,6 +78,22 @@ __device__ __forceinline__ void tma_tile(uint32_t dst, const CUtensorMap *map, i
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<const uint32_t *>(&v);
+}
+// bar.sync / bar.arrive on ping-pong barrier kBarPingPong + w (w warp-uniform). Immediate ids,
+// so that ptxas reserves just these barriers; the warp must be converged (.aligned).
+template <int ID> __device__ __forceinline__ void bar_sync_id() {
+    asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(kPingPongThreads) : "memory");
+}
+template <int ID> __device__ __forceinline__ void bar_arrive_id() {
+    asm volatile("bar.arrive %0, %1;\n" ::"n"(ID), "n"(kPingPongThreads) : "memory");
+}
+__device__ __forceinline__ void pingpong_sync(int w) {
+    if (w == 0) bar_sync_id<kBarPingPong>();
+    else bar_sync_id<kBarPingPong + 1>();
+}
+__device__ __forceinline__ void pingpong_arrive(int w) {
+    if (w == 0) bar_arrive_id<kBarPingPong>();
+    else bar_arrive_id<kBarPingPong + 1>();
 }
 
 template <int D> struct PvMma;
@@ -73,23 +109,100 @@ template <> struct PvMma<128> {
         wgmma_rs_m64n128k16(o, a, db, 1);
     }
 };
+
+// P (bf16x2) as wgmma's register A operand, one m64k16 fragment per 16 keys.
+using PFrag = uint32_t[kKV / 16][4];
+// fence_acc for the P fragments: pins their writes before a wgmma.fence.
+__device__ __forceinline__ void fence_p(PFrag &pa) {
+#pragma unroll
+    for (int kk = 0; kk < kKV / 16; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(pa[kk][i])::"memory");
+}
+
+// S = Q K^T: 64 x 128 per warpgroup; qa is this warpgroup's 64 rows of Q, sk a K stage.
+// Issue only: no fence, commit or wait.
+template <int D, int BLOCK_BYTES>
+__device__ __forceinline__ void issue_s(float (&sacc)[64], uint32_t qa, uint32_t sk) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t off = (kk / 4) * BLOCK_BYTES + (kk % 4) * 32;
+        wgmma_m64n128k16<0, 0>(sacc, wg_desc(qa + off, 16u, 1024u),
+                               wg_desc(sk + off, 16u, 1024u), kk > 0);
+    }
+}
+
+// O += P V: V is [key][d] in 64-column blocks, m|n-major for this product: the k16 step kk
+// starts 16 key rows (2048 bytes) in, and the next 64 columns of d are the next block (LBO).
+// Issue only.
+template <int D, int BLOCK_BYTES>
+__device__ __forceinline__ void issue_pv(float (&oacc)[D / 2], const PFrag &pa, uint32_t sv) {
+#pragma unroll
+    for (int kk = 0; kk < kKV / 16; ++kk)
+        PvMma<D>::run(oacc, pa[kk], wg_desc(sv + kk * 2048, BLOCK_BYTES, 1024u));
+}
+
+// Online softmax of the 64 x 128 score tile of keys n0.. in place: sacc becomes P (fp32), m
+// and l the running row maxima and sums; mu and alpha as hr::online_softmax_step (alpha is the
+// factor for what O accumulated before). Rows row_g (e = 0, 1) and row_g + 8 (e = 2, 3); the
+// 4 lanes of a quad share a row. sacc[4j + e] is key n0 + 8j + 2t + (e & 1).
+__device__ __forceinline__ void softmax_tile(float (&sacc)[64], int n0, int N, int causal, int q0,
+                                             int row_g, int t, float scale_log2, float (&m)[2],
+                                             float (&l)[2], float (&alpha)[2], float (&mu)[2]) {
+    const bool need_mask = (n0 + kKV > N) || (causal && n0 + kKV - 1 > q0);
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+        float x = sacc[i] * scale_log2;
+        if (need_mask) {
+            const int key = n0 + (i >> 2) * 8 + 2 * t + (i & 1);
+            const int row = row_g + ((i >> 1) & 1) * 8;
+            if (key >= N || (causal && key > row)) x = -INFINITY;
+        }
+        sacc[i] = x;
+        mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], x);
+    }
+    hr::online_softmax_step(mx, m, mu, alpha);
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+        const float p = exp2f(sacc[i] - mu[(i >> 1) & 1]);
+        sacc[i] = p;
+        rs[(i >> 1) & 1] += p;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + rs[h];
+}
+
+// P in bf16: k16 step kk holds keys 16kk.. of rows row_g and row_g + 8, the mma.m16n8k16 A
+// layout, which is the accumulator layout of two n8 blocks.
+__device__ __forceinline__ void pack_p(const float (&sacc)[64], PFrag &pa) {
+#pragma unroll
+    for (int kk = 0; kk < kKV / 16; ++kk) {
+        pa[kk][0] = pack_bf16(sacc[8 * kk + 0], sacc[8 * kk + 1]);
+        pa[kk][1] = pack_bf16(sacc[8 * kk + 2], sacc[8 * kk + 3]);
+        pa[kk][2] = pack_bf16(sacc[8 * kk + 4], sacc[8 * kk + 5]);
+        pa[kk][3] = pack_bf16(sacc[8 * kk + 6], sacc[8 * kk + 7]);
+    }
+}
 } // namespace
 #endif // HR_WGMMA_DEVICE
 
-template <int D>
+template <int D, bool PINGPONG>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_wgmma_kernel(const __grid_constant__ CUtensorMap tma_q,
                            const __grid_constant__ CUtensorMap tma_k,
                            const __grid_constant__ CUtensorMap tma_v, __nv_bfloat16 *o,
                            float *lse, int N, int causal, float scale_log2, int group) {
 #if HR_WGMMA_DEVICE
-    using C = FwdCfg<D>;
+    constexpr int NS = kStagesOf<PINGPONG>;
+    using C = FwdCfg<D, NS>;
     extern __shared__ __align__(1024) unsigned char fa_smem[];
     const uint32_t base = (smem_addr(fa_smem) + 1023u) & ~1023u;
     const uint32_t sq = base; // the Q tile
-    const uint32_t full0 = base + C::BAR_OFF;   // full[s]  = full0 + 8 s
-    const uint32_t empty0 = full0 + 8 * kStages; // empty[s] = empty0 + 8 s
-    const uint32_t qbar = empty0 + 8 * kStages;
+    const uint32_t full0 = base + C::BAR_OFF; // full[s]  = full0 + 8 s
+    const uint32_t empty0 = full0 + 8 * NS;   // empty[s] = empty0 + 8 s
+    const uint32_t qbar = empty0 + 8 * NS;
     const int tid = threadIdx.x, wg = tid >> 7;
 
     const int n_qt = (N + kQ - 1) / kQ;
@@ -100,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int n_kv = (kv_end + kKV - 1) / kKV;
 
     if (tid == 0) {
-        for (int s = 0; s < kStages; ++s) {
+        for (int s = 0; s < NS; ++s) {
             mbar_init(full0 + 8 * s, 1);
             mbar_init(empty0 + 8 * s, 2); // one arrival per consumer warpgroup
         }
@@ -123,8 +236,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             for (int cb = 0; cb < D / 64; ++cb)
                 tma_tile(sq + cb * C::BLOCK_BYTES, &tma_q, cb * 64, q0, bh, qbar);
             for (int j = 0; j < n_kv; ++j) {
-                const int s = j % kStages;
-                mbar_wait(empty0 + 8 * s, ((j / kStages) & 1) ^ 1);
+                const int s = j % NS;
+                mbar_wait(empty0 + 8 * s, ((j / NS) & 1) ^ 1);
                 const uint32_t full = full0 + 8 * s;
                 const uint32_t sk = base + C::KV_OFF + s * 2 * C::TILE_BYTES;
                 const uint32_t sv = sk + C::TILE_BYTES;
@@ -154,82 +267,150 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Q: this warpgroup's 64 rows of every 64-column block; k16 step kk is 32 bytes along a row.
     const uint32_t qa = sq + cw * 64 * 128;
 
-    for (int j = 0; j < n_kv; ++j) {
-        const int s = j % kStages;
-        const int n0 = j * kKV;
-        mbar_wait(full0 + 8 * s, (j / kStages) & 1);
-        __syncwarp();
-        const uint32_t sk = base + C::KV_OFF + s * 2 * C::TILE_BYTES;
-        const uint32_t sv = sk + C::TILE_BYTES;
+    if constexpr (!PINGPONG) {
+        for (int j = 0; j < n_kv; ++j) {
+            const int s = j % NS;
+            const int n0 = j * kKV;
+            mbar_wait(full0 + 8 * s, (j / NS) & 1);
+            __syncwarp();
+            const uint32_t sk = base + C::KV_OFF + s * 2 * C::TILE_BYTES;
+            const uint32_t sv = sk + C::TILE_BYTES;
 
-        // S = Q K^T: 64 x 128 per warpgroup.
+            float sacc[64];
+            fence_acc(sacc);
+            wgmma_fence();
+            issue_s<D, C::BLOCK_BYTES>(sacc, qa, sk);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_acc(sacc);
+
+            float alpha[2], mu[2];
+            softmax_tile(sacc, n0, N, causal, q0, row_g, t, scale_log2, m, l, alpha, mu);
+#pragma unroll
+            for (int i = 0; i < D / 2; ++i) oacc[i] *= alpha[(i >> 1) & 1];
+
+            PFrag pa;
+            pack_p(sacc, pa);
+            fence_acc(oacc);
+            wgmma_fence();
+            issue_pv<D, C::BLOCK_BYTES>(oacc, pa, sv);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_acc(oacc);
+            // Both products of this stage have retired: give K and V back to the producer.
+            if ((tid & 127) == 0) mbar_arrive(empty0 + 8 * s);
+        }
+    } else {
+        // Ping-pong (FA3 sec. 3.1). A consumer's GEMM issues are its events e = 0..n_kv: e = 0
+        // issues S_0, 0 < e < n_kv issues S_e and P_{e-1} V_{e-1}, e = n_kv the last P V.
+        // Before event e a warpgroup syncs on its own barrier B_cw (id kBarPingPong + cw, 256
+        // threads: its 128 plus 128 arrivals of the other), after issuing it arrives on the
+        // other's. Warpgroup 2 arrives on B_1 once up front (warpgroup 1's head start) and
+        // skips its arrival after its last event, so the issues run
+        //   W1 e0 < W2 e0 < W1 e1 < W2 e1 < ... < W1 e(n_kv) < W2 e(n_kv)
+        // and each barrier sees exactly n_kv + 1 syncs and n_kv + 1 arrivals:
+        //   B_1: head start, W2 e0 .. e(n_kv - 1)   against W1's syncs at e0 .. e(n_kv);
+        //   B_2: W1 e0 .. e(n_kv)                    against W2's syncs at e0 .. e(n_kv).
+        // n_kv = 1: B_1 {head start, W2 e0} / {W1 e0, W1 e1}; B_2 {W1 e0, W1 e1} / {W2 e0,
+        // W2 e1}. n_kv = 2: three of each per barrier; n_kv = 3: four. Nothing is left armed
+        // at exit. No phase over-runs: the other warpgroup's next arrival on B_w comes after
+        // its own sync, which needs this warpgroup's arrival after the sync on B_w returned.
+        // No deadlock with the mbarriers: a warpgroup waits for tile e before its sync for event
+        // e; the producer's load of tile e needs both releases of tile e - NS, and a warpgroup
+        // releases tile k after its event k + 1 with only its own wgmma to wait for, before it
+        // waits for tile k + 2. Event e - NS + 1 <= e - 1 needs no tile past e - 1, so the turn
+        // order never waits on a load that waits on the turn order.
+        if (cw == 1) pingpong_arrive(0);
+
         float sacc[64];
-        fence_acc(sacc);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const uint32_t off = (kk / 4) * C::BLOCK_BYTES + (kk % 4) * 32;
-            wgmma_m64n128k16<0, 0>(sacc, wg_desc(qa + off, 16u, 1024u),
-                                   wg_desc(sk + off, 16u, 1024u), kk > 0);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_acc(sacc);
-
-        // Online softmax on rows row_g (e = 0, 1) and row_g + 8 (e = 2, 3); the 4 lanes of a
-        // quad share a row. sacc[4j + e] is key n0 + 8j + 2t + (e & 1).
-        const bool need_mask = (n0 + kKV > N) || (causal && n0 + kKV - 1 > q0);
-        float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int i = 0; i < 64; ++i) {
-            float x = sacc[i] * scale_log2;
-            if (need_mask) {
-                const int key = n0 + (i >> 2) * 8 + 2 * t + (i & 1);
-                const int row = row_g + ((i >> 1) & 1) * 8;
-                if (key >= N || (causal && key > row)) x = -INFINITY;
-            }
-            sacc[i] = x;
-            mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], x);
-        }
         float alpha[2], mu[2];
-        hr::online_softmax_step(mx, m, mu, alpha);
-        float rs[2] = {0.f, 0.f};
-#pragma unroll
-        for (int i = 0; i < 64; ++i) {
-            const float p = exp2f(sacc[i] - mu[(i >> 1) & 1]);
-            sacc[i] = p;
-            rs[(i >> 1) & 1] += p;
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + rs[h];
-#pragma unroll
-        for (int i = 0; i < D / 2; ++i) oacc[i] *= alpha[(i >> 1) & 1];
+        PFrag pa;
 
-        // P as wgmma's register A operand: k16 step kk holds keys 16kk.. of rows row_g and
-        // row_g + 8, the mma.m16n8k16 A layout, which is the accumulator layout of two n8
-        // blocks.
-        uint32_t pa[kKV / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < kKV / 16; ++kk) {
-            pa[kk][0] = pack_bf16(sacc[8 * kk + 0], sacc[8 * kk + 1]);
-            pa[kk][1] = pack_bf16(sacc[8 * kk + 2], sacc[8 * kk + 3]);
-            pa[kk][2] = pack_bf16(sacc[8 * kk + 4], sacc[8 * kk + 5]);
-            pa[kk][3] = pack_bf16(sacc[8 * kk + 6], sacc[8 * kk + 7]);
-        }
-
-        // O += P V: V is [key][d] in 64-column blocks, m|n-major for this product: the k16
-        // step kk starts 16 key rows (2048 bytes) in, and the next 64 columns of d are the
-        // next block (LBO).
-        fence_acc(oacc);
+        // Prologue: S_0 alone, its softmax (O is still 0: alpha_0 is not needed).
+        mbar_wait(full0, 0);
+        __syncwarp();
+        pingpong_sync(cw);
+        fence_acc(sacc);
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kKV / 16; ++kk)
-            PvMma<D>::run(oacc, pa[kk], wg_desc(sv + kk * 2048, C::BLOCK_BYTES, 1024u));
+        issue_s<D, C::BLOCK_BYTES>(sacc, qa, base + C::KV_OFF);
         wgmma_commit();
+        pingpong_arrive(cw ^ 1);
         wgmma_wait<0>();
-        fence_acc(oacc);
-        // Both products of this stage have retired: give K and V back to the producer.
-        if ((tid & 127) == 0) mbar_arrive(empty0 + 8 * s);
+        fence_acc(sacc);
+        softmax_tile(sacc, 0, N, causal, q0, row_g, t, scale_log2, m, l, alpha, mu);
+        pack_p(sacc, pa);
+
+        // Iteration j (0 <= j < n_kv - 1) is issue_and_softmax(j), then retire(j).
+        // issue_and_softmax(j): stage j holds K_j, V_j (S_j retired, P_j in pa); stage j + 1
+        // is waited for before S_{j+1} is issued, then S_{j+1} and P_j V_j go out back to back
+        // and S_{j+1}'s softmax runs while P_j V_j is in the tensor cores.
+        auto issue_and_softmax = [&](int j) {
+            const int s = j % NS, s1 = (j + 1) % NS;
+            const uint32_t sv = base + C::KV_OFF + s * 2 * C::TILE_BYTES + C::TILE_BYTES;
+            const uint32_t sk1 = base + C::KV_OFF + s1 * 2 * C::TILE_BYTES;
+            mbar_wait(full0 + 8 * s1, ((j + 1) / NS) & 1);
+            __syncwarp();
+            pingpong_sync(cw);
+            // Pin O's rescale and P's packing before the fence: no register of either may be
+            // written between the fence and the retirement of the P V below.
+            fence_acc(sacc);
+            fence_acc(oacc);
+            fence_p(pa);
+            wgmma_fence();
+            issue_s<D, C::BLOCK_BYTES>(sacc, qa, sk1);
+            wgmma_commit();
+            issue_pv<D, C::BLOCK_BYTES>(oacc, pa, sv);
+            wgmma_commit();
+            pingpong_arrive(cw ^ 1);
+            // At most one group pending (PTX ISA "wgmma.wait_group"): S_{j+1}, the older, has
+            // retired. The softmax reads and writes sacc only; O and pa stay as they are until
+            // P_j V_j retires.
+            wgmma_wait<1>();
+            fence_acc(sacc);
+            softmax_tile(sacc, (j + 1) * kKV, N, causal, q0, row_g, t, scale_log2, m, l, alpha,
+                         mu);
+            fence_acc(sacc);
+        };
+        // retire(j): P_j V_j has retired; O (holding P_j V_j, in terms of m_j) to the new
+        // maximum m_{j+1}; stage j back to the producer (S_j retired an iteration earlier);
+        // P_{j+1} packed into pa, free now.
+        auto retire = [&](int j) {
+            wgmma_wait<0>();
+            fence_acc(oacc);
+            fence_acc(sacc);
+#pragma unroll
+            for (int i = 0; i < D / 2; ++i) oacc[i] *= alpha[(i >> 1) & 1];
+            if ((tid & 127) == 0) mbar_arrive(empty0 + 8 * (j % NS));
+            pack_p(sacc, pa);
+        };
+        // ptxas hoists a wgmma.wait_group to the top of its basic block, which would put the
+        // wait for P_j V_j ahead of S_{j+1}'s softmax and undo the overlap; so the loop is
+        // rotated: retire(j - 1) opens the body and the softmax ends it, a loop edge between.
+        if (n_kv > 1) {
+            issue_and_softmax(0);
+            for (int j = 1; j + 1 < n_kv; ++j) {
+                retire(j - 1);
+                issue_and_softmax(j);
+            }
+            retire(n_kv - 2);
+        }
+
+        // Epilogue: the last P V alone. Warpgroup 2's last event arrives nowhere (see above).
+        {
+            const int s = (n_kv - 1) % NS;
+            const uint32_t sv = base + C::KV_OFF + s * 2 * C::TILE_BYTES + C::TILE_BYTES;
+            __syncwarp(); // converged after the releasing thread's branch (bar and wgmma: .aligned)
+            pingpong_sync(cw);
+            fence_acc(oacc);
+            fence_p(pa);
+            wgmma_fence();
+            issue_pv<D, C::BLOCK_BYTES>(oacc, pa, sv);
+            wgmma_commit();
+            if (cw == 0) pingpong_arrive(1);
+            wgmma_wait<0>();
+            fence_acc(oacc);
+            if ((tid & 127) == 0) mbar_arrive(empty0 + 8 * s);
+        }
     }
 
 #pragma unroll
@@ -257,10 +438,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 namespace {
 
-// Does `device` run the real sm_90a attention kernel (see sm90a_image_runs)?
+// Does `device` run the real sm_90a attention kernels (see sm90a_image_runs)? Both forms
+// live in this file's image.
 bool attn_wgmma_usable(int device) {
     static std::atomic<int> cache[64];
-    return sm90a_image_runs(device, flash_fwd_wgmma_kernel<64>, hr_attn_wgmma_image_flag, cache);
+    return sm90a_image_runs(device, flash_fwd_wgmma_kernel<64, false>, hr_attn_wgmma_image_flag,
+                            cache);
 }
 
 // {d, N, heads} map of a [heads, N, d] bf16 tensor; boxes of {64 columns, 128 rows}.
@@ -275,7 +458,8 @@ bool encode_heads(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap *map, co
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int D> int launch_fwd_wgmma(const hr_attention_params *p, cudaStream_t stream) {
+template <int D, bool PINGPONG>
+int launch_fwd_wgmma(const hr_attention_params *p, cudaStream_t stream) {
     const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
     if (encode == nullptr) return (int)cudaErrorNotSupported;
     const int bh = p->batch * p->heads, bkv = p->batch * p->kv_heads;
@@ -284,13 +468,30 @@ template <int D> int launch_fwd_wgmma(const hr_attention_params *p, cudaStream_t
         !encode_heads(encode, &mk, p->k, bkv, p->seq, D) ||
         !encode_heads(encode, &mv, p->v, bkv, p->seq, D))
         return (int)cudaErrorNotSupported;
-    HR_TRY(cudaFuncSetAttribute(flash_fwd_wgmma_kernel<D>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, FwdCfg<D>::SMEM_BYTES));
+    constexpr int smem = FwdCfgOf<D, PINGPONG>::SMEM_BYTES;
+    HR_TRY(cudaFuncSetAttribute(flash_fwd_wgmma_kernel<D, PINGPONG>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const dim3 grid((unsigned)hr::ceil_div(p->seq, kQ), (unsigned)bh);
-    flash_fwd_wgmma_kernel<D><<<grid, kThreads, FwdCfg<D>::SMEM_BYTES, stream>>>(
+    flash_fwd_wgmma_kernel<D, PINGPONG><<<grid, kThreads, smem, stream>>>(
         mq, mk, mv, static_cast<__nv_bfloat16 *>(p->o), p->lse, p->seq, p->causal,
         p->scale * kLog2e, p->heads / p->kv_heads);
     HR_RETURN_LAUNCH_STATUS();
+}
+
+// The two entry points' shared contract: validation, then the form's launch.
+template <bool PINGPONG> int forward_wgmma(const hr_attention_params *p, hr_stream_t stream) {
+    if (p == nullptr || p->q == nullptr || p->k == nullptr || p->v == nullptr || p->o == nullptr)
+        return (int)cudaErrorInvalidValue;
+    if (p->batch < 1 || p->heads < 1 || p->seq < 1 || p->kv_heads < 1 ||
+        p->heads % p->kv_heads != 0 || (p->head_dim != 64 && p->head_dim != 128) ||
+        (int64_t)p->batch * p->heads > 65535 || hr::ceil_div(p->seq, kQ) > INT32_MAX)
+        return (int)cudaErrorInvalidValue;
+    int device = 0;
+    HR_TRY(cudaGetDevice(&device));
+    if (!attn_wgmma_usable(device)) return (int)cudaErrorNotSupported;
+    const cudaStream_t s = (cudaStream_t)stream;
+    return p->head_dim == 64 ? launch_fwd_wgmma<64, PINGPONG>(p, s)
+                             : launch_fwd_wgmma<128, PINGPONG>(p, s);
 }
 
 } // namespace
@@ -308,15 +509,11 @@ extern "C" int hr_flash_attention_wgmma_usable(void) {
 // has no cuTensorMapEncodeTiled; cudaErrorInvalidValue for a shape it does not take.
 extern "C" int hr_flash_attention_forward_bf16_wgmma(const hr_attention_params *p,
                                                      hr_stream_t stream) {
-    if (p == nullptr || p->q == nullptr || p->k == nullptr || p->v == nullptr || p->o == nullptr)
-        return (int)cudaErrorInvalidValue;
-    if (p->batch < 1 || p->heads < 1 || p->seq < 1 || p->kv_heads < 1 ||
-        p->heads % p->kv_heads != 0 || (p->head_dim != 64 && p->head_dim != 128) ||
-        (int64_t)p->batch * p->heads > 65535 || hr::ceil_div(p->seq, kQ) > INT32_MAX)
-        return (int)cudaErrorInvalidValue;
-    int device = 0;
-    HR_TRY(cudaGetDevice(&device));
-    if (!attn_wgmma_usable(device)) return (int)cudaErrorNotSupported;
-    const cudaStream_t s = (cudaStream_t)stream;
-    return p->head_dim == 64 ? launch_fwd_wgmma<64>(p, s) : launch_fwd_wgmma<128>(p, s);
+    return forward_wgmma<false>(p, stream);
+}
+
+// The intra-warpgroup overlapped, ping-pong form; the same contract and outputs.
+extern "C" int hr_flash_attention_forward_bf16_wgmma_pingpong(const hr_attention_params *p,
+                                                              hr_stream_t stream) {
+    return forward_wgmma<true>(p, stream);
 }

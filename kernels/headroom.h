@@ -123,10 +123,18 @@ typedef struct hr_attention_params {
 /* Flash-style forward: tiled online softmax, writes o and lse, no N x N buffer. */
 int hr_flash_attention_forward_f32(const hr_attention_params *p, hr_stream_t stream);
 int hr_flash_attention_forward_bf16(const hr_attention_params *p, hr_stream_t stream);
+/* The bf16 forward on 128-row query tiles (4 warps x 32 rows, mma.sync, sm_80+), query tile
+ * on grid.x. Same outputs; needs B*H <= 65535 and scale > 0, else cudaErrorInvalidValue. */
+int hr_flash_attention_forward_bf16_m128(const hr_attention_params *p, hr_stream_t stream);
 /* The bf16 forward on Hopper (sm_90a): TMA, wgmma with P in registers, a producer warpgroup
  * and two consumers. Same outputs; returns cudaErrorNotSupported (801) where the device or
  * build cannot run it. */
 int hr_flash_attention_forward_bf16_wgmma(const hr_attention_params *p, hr_stream_t stream);
+/* The same with the next two steps of FlashAttention-3: each consumer overlaps the softmax of
+ * the next S with the current P.V, and the two consumers ping-pong so that one's softmax runs
+ * under the other's products. */
+int hr_flash_attention_forward_bf16_wgmma_pingpong(const hr_attention_params *p,
+                                                   hr_stream_t stream);
 /* 1 if the current device runs the sm_90a attention kernel, else 0. */
 int hr_flash_attention_wgmma_usable(void);
 /* Flash-style backward: computes delta, then recomputes S and P tile by tile from

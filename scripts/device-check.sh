@@ -75,6 +75,9 @@ STEPS=(
     "check-attention-bf16       12    5    check      attention/naive/bf16/ attention/flash/bf16/"
     # The Hopper forward (TMA, wgmma, setmaxnreg) at every edge of its 128-row tiles.
     "check-attention-wgmma      5     5    check      attention/flash-wgmma/"
+    # The 128-row mma.sync forward (single-buffered K/V) and the ping-pong Hopper forward.
+    "check-attention-m128       5     5    check      attention/flash-m128/"
+    "check-attention-wgmma-pp   5     5    check      attention/flash-wgmma-pp/"
     "check-layers               4     5    check      layers/"
     "check-loss                 4     5    check      loss/"
     "check-train                8     5    check      train/"
@@ -90,9 +93,9 @@ STEPS=(
     # every form, and the fused epilogue; flash attention (f32 and bf16, d = 64 and 128,
     # causal or not: every instantiation), the naive path's softmax and the delta kernel,
     # at N = 65 (one past a tile); every layer op. cuBLAS is left out (not our code).
-    "sanitizer-memcheck         10    15   sanitize   memcheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-wgmma/bf16/fwd/b2-h3-n129-"
-    "sanitizer-racecheck        10    15   sanitize   racecheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515"
-    "sanitizer-synccheck        8     15   sanitize   synccheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515"
+    "sanitizer-memcheck         10    15   sanitize   memcheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-wgmma/bf16/fwd/b2-h3-n129- flash-wgmma-pp/bf16/fwd/b2-h3-n129- flash-m128/bf16/fwd/b2-h3-n129-"
+    "sanitizer-racecheck        10    15   sanitize   racecheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-m128/bf16/fwd/b2-h3-n129-"
+    "sanitizer-synccheck        8     15   sanitize   synccheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-m128/bf16/fwd/b2-h3-n129-"
     # The quick profile, one family per process, each into its own report folder (the bench
     # rewrites its report after every case), merged into OUT/report after every step.
     # Copy and cuBLAS first: they are the ceilings every other rate is a fraction of.
@@ -105,6 +108,8 @@ STEPS=(
     "bench-matmul-wgmma-wide    8     10   bench      matmul/wgmma-wide/"
     "bench-attention-flash      12    10   bench      attention/flash/"
     "bench-attention-wgmma      8     10   bench      attention/flash-wgmma/"
+    "bench-attention-m128       8     10   bench      attention/flash-m128/"
+    "bench-attention-wgmma-pp   8     10   bench      attention/flash-wgmma-pp/"
     "bench-headline             8     10   bench      headline"
     "bench-attention-naive      10    10   bench      attention/naive/"
     "bench-loss                 6     10   bench      loss/"

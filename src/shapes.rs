@@ -62,6 +62,47 @@ impl MatmulKernel {
     }
 }
 
+/// The kernel a bf16 flash forward runs on. Every form computes the same outputs (O and the
+/// logsumexp); each but the first is its own technique until a GPU has validated and timed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashForward {
+    /// The backend's own flash forward (on CUDA: mma.sync on 64-row query tiles).
+    Standard,
+    /// mma.sync on 128-row query tiles, 32 rows per warp, K/V single-buffered, the scale
+    /// folded into the exponent's FFMA, query tiles on `grid.x` (sm_80+).
+    Mma128,
+    /// Hopper (sm_90a): TMA loads, wgmma with P in registers, a producer warpgroup and two
+    /// consumers.
+    Wgmma,
+    /// The Hopper forward with FlashAttention-3's overlap of the next S with the current
+    /// softmax, and ping-pong between the two consumers.
+    WgmmaPingPong,
+}
+
+impl FlashForward {
+    /// Every alternative to [`FlashForward::Standard`].
+    pub const ALTERNATIVES: [FlashForward; 3] = [
+        FlashForward::Mma128,
+        FlashForward::Wgmma,
+        FlashForward::WgmmaPingPong,
+    ];
+
+    /// The technique (case-id component) of a case run on this kernel.
+    pub fn technique(self) -> &'static str {
+        match self {
+            FlashForward::Standard => "flash",
+            FlashForward::Mma128 => "flash-m128",
+            FlashForward::Wgmma => "flash-wgmma",
+            FlashForward::WgmmaPingPong => "flash-wgmma-pp",
+        }
+    }
+
+    /// Whether the kernel is one of the Hopper (sm_90a) forwards.
+    pub fn is_wgmma(self) -> bool {
+        matches!(self, FlashForward::Wgmma | FlashForward::WgmmaPingPong)
+    }
+}
+
 /// One (batched) matmul: `C = epilogue(alpha * op(A) . op(B)) (+ residual) (+ C)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Matmul {

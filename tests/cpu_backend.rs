@@ -174,6 +174,69 @@ fn case_ids_are_stable_and_unique() {
     }
 }
 
+/// Each alternative flash forward is its own technique, benchmarked beside the standard
+/// forward on the very same shapes (same id but for the technique), checked at the same
+/// tile edges as the others, and skipped on the CPU with a sentence naming it.
+#[test]
+fn every_alternative_flash_forward_stands_beside_the_standard_one() {
+    use headroom::backend::FlashForward;
+    let gpu: Vec<String> = registry(Profile::Quick, BackendKind::Cuda)
+        .iter()
+        .map(|c| c.info().id.clone())
+        .collect();
+    let checks: Vec<(String, String)> = check_cases(BackendKind::Cuda)
+        .iter()
+        .map(|c| (c.info().technique.clone(), c.info().id.clone()))
+        .collect();
+    let mut techniques = Vec::new();
+    // The check cases of technique t, by shape (the id without its technique).
+    let shapes_of = |t: &str| {
+        let mut shapes: Vec<String> = checks
+            .iter()
+            .filter(|(tech, _)| tech == t)
+            .map(|(_, id)| id.replacen(&format!("attention/{t}/"), "", 1))
+            .collect();
+        shapes.sort();
+        shapes
+    };
+    let mut check_shapes: Option<Vec<String>> = None;
+    for kernel in FlashForward::ALTERNATIVES {
+        let t = kernel.technique();
+        techniques.push(t);
+        let prefix = format!("attention/{t}/bf16/fwd/");
+        let alt: Vec<&String> = gpu.iter().filter(|id| id.starts_with(&prefix)).collect();
+        assert!(alt.len() >= 12, "{t}: {} bench cases", alt.len());
+        for id in alt {
+            let twin = id.replacen(&format!("attention/{t}/"), "attention/flash/", 1);
+            assert!(gpu.contains(&twin), "{id} has no standard twin {twin}");
+        }
+        let mine = shapes_of(t);
+        assert!(
+            mine.iter().any(|s| s.contains("-n1000-d128-causal-kv1")),
+            "{t}: no MQA check"
+        );
+        for n in [
+            "-n1-", "-n127-", "-n128-", "-n129-", "-n255-", "-n257-", "-n1000-",
+        ] {
+            assert!(mine.iter().any(|s| s.contains(n)), "{t}: no {n} check");
+        }
+        match &check_shapes {
+            None => check_shapes = Some(mine),
+            Some(first) => assert_eq!(first, &mine, "{t} checks other shapes"),
+        }
+        let why = CpuBackend::new(None, None)
+            .flash_forward_available(kernel)
+            .expect_err("no alternative runs on the CPU");
+        assert!(why.contains(t), "{why}");
+    }
+    techniques.sort();
+    techniques.dedup();
+    assert_eq!(techniques.len(), FlashForward::ALTERNATIVES.len());
+    assert!(CpuBackend::new(None, None)
+        .flash_forward_available(FlashForward::Standard)
+        .is_ok());
+}
+
 #[test]
 fn validation_catches_a_wrong_result() {
     // A poisoned output that the run never overwrites must fail, not pass.

@@ -16,8 +16,8 @@ use crate::backend::cpu::{
     check_embedding_backward, check_embedding_forward, check_ids, check_rmsnorm, check_swiglu,
 };
 use crate::backend::{
-    AdamW, AttentionGrads, AttentionShape, Backend, BackendKind, Epi, Epilogue, LayerNorm, Matmul,
-    MatmulKernel, RowStats, Storage, Tensor,
+    AdamW, AttentionGrads, AttentionShape, Backend, BackendKind, Epi, Epilogue, FlashForward,
+    LayerNorm, Matmul, MatmulKernel, RowStats, Storage, Tensor,
 };
 use crate::device::{check_launch, CudaDevice, DeviceFacts, DriverMemoryView};
 use crate::dtype::DType;
@@ -468,20 +468,33 @@ impl Backend for CudaBackend {
         check_launch("flash attention forward", code)
     }
 
-    fn flash_wgmma_available(&self) -> std::result::Result<(), String> {
-        self.bind().map_err(|e| e.to_string())?;
-        // SAFETY: a query of the current device.
-        if unsafe { k::hr_flash_attention_wgmma_usable() } == 1 {
-            Ok(())
-        } else if self.sm_major() != 9 {
-            Err("the wgmma flash forward needs a Hopper GPU (compute capability 9.0)".into())
-        } else {
-            Err("this build has no sm_90a code (add 90a to HEADROOM_CUDA_ARCHS)".into())
+    fn flash_forward_available(&self, kernel: FlashForward) -> std::result::Result<(), String> {
+        match kernel {
+            FlashForward::Standard => Ok(()),
+            FlashForward::Mma128 if self.sm_major() < 8 => {
+                Err("the 128-row mma.sync forward needs sm_80 or newer".into())
+            }
+            FlashForward::Mma128 => Ok(()),
+            FlashForward::Wgmma | FlashForward::WgmmaPingPong => {
+                self.bind().map_err(|e| e.to_string())?;
+                // SAFETY: a query of the current device.
+                if unsafe { k::hr_flash_attention_wgmma_usable() } == 1 {
+                    Ok(())
+                } else if self.sm_major() != 9 {
+                    Err(
+                        "the wgmma flash forward needs a Hopper GPU (compute capability 9.0)"
+                            .into(),
+                    )
+                } else {
+                    Err("this build has no sm_90a code (add 90a to HEADROOM_CUDA_ARCHS)".into())
+                }
+            }
         }
     }
 
-    fn flash_attention_forward_wgmma(
+    fn flash_attention_forward_by(
         &self,
+        kernel: FlashForward,
         s: &AttentionShape,
         q: &Tensor,
         kk: &Tensor,
@@ -489,18 +502,32 @@ impl Backend for CudaBackend {
         o: &mut Tensor,
         lse: &mut Tensor,
     ) -> Result<()> {
-        check_same_dtype("wgmma flash attention forward", DType::Bf16, &[q, kk, v, o])?;
+        if kernel == FlashForward::Standard {
+            return self.flash_attention_forward(s, q, kk, v, o, lse);
+        }
+        let what = format!("flash attention forward ({})", kernel.technique());
+        check_same_dtype(&what, DType::Bf16, &[q, kk, v, o])?;
         let p = self.forward_params(s, q, kk, v, o, lse)?;
+        let st = self.stream();
         // SAFETY: shapes checked by forward_params.
-        let code = unsafe { k::hr_flash_attention_forward_bf16_wgmma(&p, self.stream()) };
-        if code == 801 {
+        let code = unsafe {
+            match kernel {
+                FlashForward::Mma128 => k::hr_flash_attention_forward_bf16_m128(&p, st),
+                FlashForward::Wgmma => k::hr_flash_attention_forward_bf16_wgmma(&p, st),
+                FlashForward::WgmmaPingPong => {
+                    k::hr_flash_attention_forward_bf16_wgmma_pingpong(&p, st)
+                }
+                FlashForward::Standard => unreachable!("handled above"),
+            }
+        };
+        if kernel.is_wgmma() && code == 801 {
             return Err(Error::Unsupported(
-                self.flash_wgmma_available()
+                self.flash_forward_available(kernel)
                     .err()
-                    .unwrap_or_else(|| "the wgmma flash forward refused the shape".into()),
+                    .unwrap_or_else(|| format!("{} refused the shape", kernel.technique())),
             ));
         }
-        check_launch("wgmma flash attention forward", code)
+        check_launch(&what, code)
     }
 
     fn flash_attention_backward(

@@ -12,7 +12,9 @@ use crate::device::{DeviceFacts, DriverMemoryView};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::MemoryTracker;
-pub use crate::shapes::{AdamW, AttentionShape, Epilogue, LayerNorm, Matmul, MatmulKernel};
+pub use crate::shapes::{
+    AdamW, AttentionShape, Epilogue, FlashForward, LayerNorm, Matmul, MatmulKernel,
+};
 
 pub mod cpu;
 #[cfg(headroom_cuda)]
@@ -375,25 +377,37 @@ pub trait Backend: Send + Sync {
         o: &mut Tensor,
         lse: &mut Tensor,
     ) -> Result<()>;
-    /// Whether the Hopper (sm_90a, wgmma) bf16 flash forward can run here, or why not.
-    fn flash_wgmma_available(&self) -> std::result::Result<(), String> {
-        Err("the wgmma flash forward is a Hopper (sm_90a) kernel; this backend has none".into())
+    /// Whether `kernel` can run a bf16 flash forward here, or why not. Every backend has its
+    /// own [`FlashForward::Standard`]; the others are CUDA kernels.
+    fn flash_forward_available(&self, kernel: FlashForward) -> std::result::Result<(), String> {
+        match kernel {
+            FlashForward::Standard => Ok(()),
+            k => Err(format!(
+                "{} is a CUDA kernel; this backend has none",
+                k.technique()
+            )),
+        }
     }
-    /// [`Backend::flash_attention_forward`] (bf16) by the Hopper kernel.
-    fn flash_attention_forward_wgmma(
+    /// [`Backend::flash_attention_forward`] (bf16) by `kernel`.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_attention_forward_by(
         &self,
-        _shape: &AttentionShape,
-        _q: &Tensor,
-        _k: &Tensor,
-        _v: &Tensor,
-        _o: &mut Tensor,
-        _lse: &mut Tensor,
+        kernel: FlashForward,
+        shape: &AttentionShape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &mut Tensor,
+        lse: &mut Tensor,
     ) -> Result<()> {
-        Err(Error::Unsupported(
-            self.flash_wgmma_available()
-                .err()
-                .unwrap_or_else(|| "the wgmma flash forward is not implemented here".into()),
-        ))
+        match kernel {
+            FlashForward::Standard => self.flash_attention_forward(shape, q, k, v, o, lse),
+            k => Err(Error::Unsupported(
+                self.flash_forward_available(k)
+                    .err()
+                    .unwrap_or_else(|| format!("{} is not implemented here", k.technique())),
+            )),
+        }
     }
     #[allow(clippy::too_many_arguments)]
     fn flash_attention_backward(

@@ -231,6 +231,16 @@ fn info() -> Outcome {
             "  wgmma matmul on 128x256 tiles: {}",
             usable(backend::MatmulKernel::WgmmaWide)
         );
+        for kernel in backend::FlashForward::ALTERNATIVES {
+            println!(
+                "  flash forward {}: {}",
+                kernel.technique(),
+                match be.flash_forward_available(kernel) {
+                    Ok(()) => "yes".to_string(),
+                    Err(why) => format!("no ({why})"),
+                }
+            );
+        }
         println!(
             "  cuBLAS baseline: {}",
             usable(backend::MatmulKernel::Cublas)

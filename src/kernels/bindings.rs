@@ -230,7 +230,19 @@ unsafe extern "C" {
     ) -> ::std::os::raw::c_int;
 }
 unsafe extern "C" {
+    pub fn hr_flash_attention_forward_bf16_m128(
+        p: *const hr_attention_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
     pub fn hr_flash_attention_forward_bf16_wgmma(
+        p: *const hr_attention_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn hr_flash_attention_forward_bf16_wgmma_pingpong(
         p: *const hr_attention_params,
         stream: hr_stream_t,
     ) -> ::std::os::raw::c_int;

@@ -6,7 +6,8 @@
 //! halved when causal. Memory models: see [`model_peak_bytes`].
 
 use crate::backend::{
-    AttentionGrads, AttentionShape, Backend, BackendKind, Epi, Matmul, MatmulKernel, Tensor,
+    AttentionGrads, AttentionShape, Backend, BackendKind, Epi, FlashForward, Matmul, MatmulKernel,
+    Tensor,
 };
 use crate::dtype::DType;
 use crate::error::Result;
@@ -135,8 +136,8 @@ pub struct AttentionCase {
     variant: Variant,
     pass: Pass,
     shape: AttentionShape,
-    /// flash forward by the Hopper kernel ([`AttentionCase::hopper`])
-    hopper: bool,
+    /// the kernel of a flash forward ([`AttentionCase::forward_by`])
+    forward: FlashForward,
 }
 
 impl AttentionCase {
@@ -171,23 +172,24 @@ impl AttentionCase {
             variant,
             pass,
             shape,
-            hopper: false,
+            forward: FlashForward::Standard,
         }
     }
 
-    /// The bf16 flash forward by the Hopper kernel (technique `flash-wgmma`): the flash
+    /// The bf16 flash forward by `kernel` (technique [`FlashForward::technique`]): the flash
     /// case's memory model and validation, its own id until a GPU has checked it.
-    pub fn hopper(shape: AttentionShape) -> Self {
+    pub fn forward_by(kernel: FlashForward, shape: AttentionShape) -> Self {
         let mut case = AttentionCase::new(Variant::Flash, Pass::Forward, DType::Bf16, shape);
+        let technique = kernel.technique();
         case.info = CaseInfo {
             id: case
                 .info
                 .id
-                .replace("attention/flash/", "attention/flash-wgmma/"),
-            technique: "flash-wgmma".into(),
+                .replace("attention/flash/", &format!("attention/{technique}/")),
+            technique: technique.into(),
             ..case.info
         };
-        case.hopper = true;
+        case.forward = kernel;
         case
     }
 
@@ -198,8 +200,8 @@ impl AttentionCase {
 
 struct AttentionInstance {
     variant: Variant,
-    /// flash forward by the Hopper kernel
-    hopper: bool,
+    /// the kernel of a flash forward
+    forward: FlashForward,
     shape: AttentionShape,
     dtype: DType,
     q: Tensor,
@@ -242,8 +244,8 @@ impl Case for AttentionCase {
     }
 
     fn skip_reason(&self, be: &dyn Backend) -> Option<String> {
-        if self.hopper {
-            return be.flash_wgmma_available().err();
+        if self.forward != FlashForward::Standard {
+            return be.flash_forward_available(self.forward).err();
         }
         if self.variant == Variant::Naive {
             return be
@@ -320,7 +322,7 @@ impl Case for AttentionCase {
         };
         Ok(Box::new(AttentionInstance {
             variant: self.variant,
-            hopper: self.hopper,
+            forward: self.forward,
             shape: *s,
             dtype: dt,
             q,
@@ -419,12 +421,15 @@ impl Instance for AttentionInstance {
         match self.variant {
             Variant::Flash => {
                 let lse = self.lse.as_mut().expect("flash has lse");
-                let forward = if self.hopper {
-                    <dyn Backend as Backend>::flash_attention_forward_wgmma
-                } else {
-                    <dyn Backend as Backend>::flash_attention_forward
-                };
-                forward(be, &self.shape, &self.q, &self.k, &self.v, &mut self.o, lse)?;
+                be.flash_attention_forward_by(
+                    self.forward,
+                    &self.shape,
+                    &self.q,
+                    &self.k,
+                    &self.v,
+                    &mut self.o,
+                    lse,
+                )?;
                 if let Some(g) = self.bwd.as_mut() {
                     let grads = AttentionGrads {
                         delta: &mut g.delta,
@@ -878,7 +883,7 @@ fn gpu_shape(seq: usize, causal: bool) -> AttentionShape {
 
 pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
     let mut out: Vec<Box<dyn Case>> = Vec::new();
-    let mut hopper: Vec<AttentionShape> = Vec::new();
+    let mut alternatives: Vec<AttentionShape> = Vec::new();
     let mut push = |v: Variant, p: Pass, dt: DType, s: AttentionShape| {
         out.push(Box::new(AttentionCase::new(v, p, dt, s)))
     };
@@ -928,15 +933,16 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
                         push(v, p, DType::Bf16, gpu_shape(n, false));
                     }
                 }
-                // The Hopper forward beside the mma.sync one on the same shapes, at both head
-                // dims (the hidden size kept at 2048), causal and not.
+                // The alternative forwards (FlashForward::ALTERNATIVES) beside the standard one
+                // on the same shapes, at both head dims (the hidden size kept at 2048), causal
+                // and not.
                 for d in [64, 128] {
                     for causal in [false, true] {
                         let s = AttentionShape::new((16384 / n).max(1), 2048 / d, n, d, causal);
                         if d != 128 || causal {
                             push(Variant::Flash, Pass::Forward, DType::Bf16, s);
                         }
-                        hopper.push(s);
+                        alternatives.push(s);
                     }
                 }
                 push(
@@ -969,8 +975,10 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
             );
         }
     }
-    for s in hopper {
-        out.push(Box::new(AttentionCase::hopper(s)));
+    for s in alternatives {
+        for kernel in FlashForward::ALTERNATIVES {
+            out.push(Box::new(AttentionCase::forward_by(kernel, s)));
+        }
     }
     out
 }
@@ -1008,30 +1016,35 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
     }
     out.extend(gqa_check_cases(kind));
     if kind != BackendKind::Cpu {
-        out.extend(hopper_check_cases());
+        out.extend(alternative_check_cases());
     }
     out
 }
 
-/// The Hopper forward (`flash-wgmma`): its query tiles and K/V tiles are both 128 rows, so
-/// N = 1, 127, 128, 129, 255, 256, 257 and 1000 (7·128 + 104) take every edge of both;
-/// d = 64 and 128, causal and not, and grouped-query heads (G = 2 and MQA) so that a wrong
-/// kv-head index reads a neighbour's K/V.
-pub fn hopper_check_cases() -> Vec<Box<dyn Case>> {
-    let mut out: Vec<Box<dyn Case>> = Vec::new();
+/// The alternative forwards ([`FlashForward::ALTERNATIVES`]). Their query tiles are 128 rows
+/// and their K/V tiles 128 keys (wgmma), 64 (`flash-m128`, d = 64) or 32 (d = 128), so
+/// N = 1, 127, 128, 129, 255, 256, 257 and 1000 (7·128 + 104 = 15·64 + 40 = 31·32 + 8) take
+/// every edge of each; d = 64 and 128, causal (where the diagonal crosses a 128-row query
+/// tile's two or four K/V tiles) and not, and grouped-query heads (G = 2 and MQA) so that a
+/// wrong kv-head index reads a neighbour's K/V.
+pub fn alternative_check_cases() -> Vec<Box<dyn Case>> {
+    let mut shapes: Vec<AttentionShape> = Vec::new();
     for n in [1, 127, 128, 129, 255, 256, 257, 1000] {
         for d in [64, 128] {
             for causal in [false, true] {
-                out.push(Box::new(AttentionCase::hopper(AttentionShape::new(
-                    2, 3, n, d, causal,
-                ))));
+                shapes.push(AttentionShape::new(2, 3, n, d, causal));
             }
         }
     }
     for (heads, kv) in [(4, 2), (4, 1)] {
         for causal in [false, true] {
-            let s = AttentionShape::new(2, heads, 1000, 128, causal).with_kv_heads(kv);
-            out.push(Box::new(AttentionCase::hopper(s)));
+            shapes.push(AttentionShape::new(2, heads, 1000, 128, causal).with_kv_heads(kv));
+        }
+    }
+    let mut out: Vec<Box<dyn Case>> = Vec::new();
+    for kernel in FlashForward::ALTERNATIVES {
+        for &s in &shapes {
+            out.push(Box::new(AttentionCase::forward_by(kernel, s)));
         }
     }
     out
