@@ -95,6 +95,9 @@ int hr_matmul_bf16_wgmma(const hr_matmul_params *p, hr_stream_t stream);
 /* The same on 128x256 tiles (two consumer warpgroups on m64n256k16, registers moved to
  * them with setmaxnreg, 4 stages), with the same requirements and fallback code. */
 int hr_matmul_bf16_wgmma_wide(const hr_matmul_params *p, hr_stream_t stream);
+/* The wide form in 2x1 thread-block clusters: the two CTAs of a cluster compute vertically
+ * adjacent tiles and each loads half of their shared B tile, multicast to both. */
+int hr_matmul_bf16_wgmma_cluster(const hr_matmul_params *p, hr_stream_t stream);
 /* 1 if this build carries sm_90a wgmma code, else 0. */
 int hr_matmul_wgmma_compiled(void);
 

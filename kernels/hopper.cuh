@@ -50,6 +50,62 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap *map
                  "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
                  : "memory");
 }
+// Thread-block clusters (PTX ISA "Cluster of Cooperative Thread Arrays", sm_90).
+// This CTA's rank in its cluster, the cluster's index in the grid, and the number of clusters
+// (x dimension; PTX ISA "Special Registers": %cluster_ctarank, %clusterid, %nclusterid).
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ uint32_t cluster_id_x() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%clusterid.x;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ uint32_t cluster_count_x() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%nclusterid.x;\n" : "=r"(r));
+    return r;
+}
+// Every thread of every CTA of the cluster meets here (converged warps: .aligned); the
+// release/acquire pair publishes each thread's earlier writes (barrier inits included) to all
+// threads of the cluster (PTX ISA "barrier.cluster").
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// The shared::cluster address of the variable at shared::cta address `addr` in CTA `rank` of
+// this cluster (PTX ISA "mapa").
+__device__ __forceinline__ uint32_t mapa_shared(uint32_t addr, uint32_t rank) {
+    uint32_t r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+    return r;
+}
+// Arrive on an mbarrier of another CTA of the cluster (`bar` from mapa_shared). The default
+// semantics, release at CTA scope, publish nothing to the other CTA (no fence is emitted): for
+// arrivals that only say "done", with no data of this thread's behind them.
+__device__ __forceinline__ void mbar_arrive_remote(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// The same, releasing this thread's earlier memory operations at cluster scope (sm_90 emits a
+// GPU-scope fence before the arrival).
+__device__ __forceinline__ void mbar_arrive_remote_release(uint32_t bar) {
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(bar)
+                 : "memory");
+}
+// tma_load_3d to every CTA of the cluster in `cta_mask`: the box lands at the same shared
+// offset `dst` in each, and complete_tx goes to the mbarrier at offset `bar` in each
+// (PTX ISA "cp.async.bulk.tensor", .multicast::cluster).
+__device__ __forceinline__ void tma_load_3d_multicast(uint32_t dst, const CUtensorMap *map, int c0,
+                                                      int c1, int c2, uint32_t bar,
+                                                      uint16_t cta_mask) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 ".multicast::cluster [%0], [%1, {%2, %3, %4}], [%5], %6;\n" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar),
+                 "h"(cta_mask)
+                 : "memory");
+}
 // wgmma shared-memory matrix descriptor, 128-byte swizzle, base offset 0 (1024-aligned atoms).
 __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
     return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFFu) << 16) |

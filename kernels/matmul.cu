@@ -10,6 +10,7 @@
 //   matmul_f32_simt_kernel   : FP32 FFMA, 128x128x8 tile, 256 thr, 8x8 micro-tile, 3-stage cp.async ring.
 //   matmul_bf16_mma_kernel   : BF16 mma.sync m16n8k16 + ldmatrix, 128x128x32 tile, 8 warps, 4-stage cp.async.
 //   matmul_bf16_wgmma_kernel : BF16 wgmma m64n128k16 (sm_90a) fed by TMA + 5-stage mbarrier ring, persistent.
+//   matmul_bf16_wgmma_cluster_kernel : its wide form on 2x1 clusters sharing B by TMA multicast.
 // Every version takes all four (trans_a, trans_b) forms and any m, n, k; the SIMT one writes
 // fp32 C only; the wgmma launcher returns 801 when TMA cannot describe the operands.
 //
@@ -588,6 +589,32 @@ __global__ void __launch_bounds__(tc::THREADS, 2) matmul_bf16_mma_kernel(const M
 // edge skipped); one empty-barrier arrival per consumer warpgroup instead of one per
 // thread; the first MMA of a tile overwrites the accumulators (scale-d = 0) instead of
 // adding to zeroed ones. It visits tiles in bands (raster.h) like wgmma-banded.
+//
+// The cluster form (matmul_bf16_wgmma_cluster_kernel, technique wgmma-cluster): the wide form in
+// 2x1 thread-block clusters (PTX ISA "Cluster of Cooperative Thread Arrays"). The cluster, not
+// the CTA, takes work: pair t in [0, ceil(tiles_m / 2) tiles_n batch), from %clusterid.x in
+// steps of %nclusterid.x, ordered by raster.h on the pair grid (bands of raster_group / 2 pair
+// rows); the CTA of rank r (%cluster_ctarank) computes tile (2 tm' + r, tn): the two share B's
+// k-tiles. Per stage each CTA loads its own A, and half of B's boxes (k-major: one of two
+// 128-row boxes, the map's box being {64, 128}; n-major: two of four 64-wide boxes) multicast
+// to the same smem offset in both CTAs, complete_tx on full[s] at the same offset in both
+// (cp.async.bulk.tensor .multicast::cluster, mask 0b11). Boxes wholly past the edge are issued
+// by neither CTA: B's (counted from n0 alone, which both share) and A's (the whole tile of rank
+// 1 in the last pairs when tiles_m is odd). Barriers:
+//   full[s]: 2 arrivals, this CTA's producer (expect_tx: its A bytes plus ALL of B's) and the
+//     peer's producer (a remote arrive after its issues), plus the bytes. The peer's arrival
+//     makes each CTA's use u + 1 of stage s wait for both producers even where the peer
+//     issued no B box, so the CTAs stay within one use of each other per stage and no
+//     barrier phase ever collects arrivals of two uses.
+//   empty[s]: 4 arrivals, the leader of each consumer warpgroup of both CTAs (on its own CTA's
+//     barrier and, by mapa and a remote arrive released at cluster scope, on the peer's): a
+//     producer writes both CTAs' stage s.
+// Both CTAs walk the same pairs and k-tiles: a tile wholly past m is still computed, on stale
+// A (its B half still feeds the peer), and stores nothing (row guards). A cluster barrier
+// (barrier.cluster arrive.release + wait.acquire) replaces __syncthreads after the barrier
+// init, before any multicast or remote arrival, and another precedes exit, so that no CTA
+// leaves while its peer may still write its smem or arrive on its barriers; every thread of
+// both CTAs passes both, the idle producer threads and clusters without work included.
 
 namespace hg {
 constexpr int BM = 128, BK = 64, THREADS = 384;
@@ -604,6 +631,12 @@ template <bool WIDE> struct Cfg {
     static constexpr int SMEM_BYTES =
         1024 /* alignment slack */ + STAGES * STAGE_BYTES + 2 * STAGES * 8;
     static_assert(SMEM_BYTES <= 227 * 1024, "fits Hopper's shared memory per block");
+};
+// The cluster form: the wide form's tiles and stages, its own barrier counts and B box.
+struct ClusterCfg : Cfg<true> {
+    static constexpr int FULL_ARRIVALS = 2;  // this CTA's producer (expect_tx) and the peer's
+    static constexpr int EMPTY_ARRIVALS = 4; // each consumer warpgroup of both CTAs
+    static constexpr int B_BOX_ROWS = BN / 2; // k-major B's box: one CTA's half of the tile
 };
 } // namespace hg
 
@@ -761,6 +794,217 @@ __global__ void __launch_bounds__(hg::THREADS, 1)
             }
         }
     }
+#endif // HR_WGMMA_DEVICE
+}
+
+// The cluster form (see above). TA, TB as for matmul_bf16_wgmma_kernel; everything not about
+// the cluster (roles, setmaxnreg, descriptors, MMA loop, epilogue) is the wide form's, line
+// for line. Launch with cluster dimensions (2, 1, 1) only.
+template <bool TA, bool TB>
+__global__ void __launch_bounds__(hg::THREADS, 1)
+    matmul_bf16_wgmma_cluster_kernel(const __grid_constant__ CUtensorMap tma_a,
+                                     const __grid_constant__ CUtensorMap tma_b,
+                                     const MatmulArgs p) {
+#if HR_WGMMA_DEVICE
+    using namespace hg;
+    using C = ClusterCfg;
+    constexpr int BN = C::BN, STAGES = C::STAGES, B_BYTES = C::B_BYTES;
+    constexpr int STAGE_BYTES = C::STAGE_BYTES;
+    // B's boxes per stage, CTA r issuing the r-th half: k-major two of 128 rows (the map's
+    // box), m|n-major four of 64 columns.
+    constexpr int B_BOXES = TB ? 2 : 4, HALF = B_BOXES / 2;
+    constexpr int B_BOX_N = BN / B_BOXES;
+    constexpr uint32_t B_BOX_BYTES = B_BYTES / B_BOXES;
+    static_assert(!TB || B_BOX_N == C::B_BOX_ROWS, "k-major B's box is the tensor map's");
+    extern __shared__ __align__(1024) unsigned char hg_smem[];
+    // 128B-swizzle atoms must sit on 1024-byte boundaries of the shared window. Both CTAs get
+    // the same offsets (same kernel, same dynamic smem), as multicast and mapa require.
+    const uint32_t base = (smem_u32(hg_smem) + 1023u) & ~1023u;
+    const uint32_t full0 = base + STAGES * STAGE_BYTES; // full[s]  = full0 + 8 s
+    const uint32_t empty0 = full0 + STAGES * 8;         // empty[s] = empty0 + 8 s
+    const int tid = threadIdx.x, wg = tid >> 7;
+
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full0 + 8 * s, C::FULL_ARRIVALS);
+            mbar_init(empty0 + 8 * s, C::EMPTY_ARRIVALS);
+        }
+        // Make the initialised barriers visible to the async (TMA) proxy and the cluster.
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    // Both CTAs' barriers exist before either multicasts into the other or arrives on its
+    // barriers. Every thread of both CTAs.
+    __syncwarp();
+    cluster_sync();
+
+    // Pairs of vertically adjacent tiles, ceil(tiles_m / 2) pair rows. Both CTAs of a cluster
+    // derive first, step and total alike: they walk the same pairs, hence the same k-tiles and
+    // stages, which the barriers they share depend on. Each role reads the cluster registers
+    // after its setmaxnreg, so that nothing computed here lives across it.
+    const int tiles_n = tiles_of(p.n, BN), tiles_m = tiles_of(p.m, BM);
+    const int pairs_m = (tiles_m + 1) / 2;
+    const int64_t total = (int64_t)tiles_n * pairs_m * p.batch;
+    const int k_tiles = tiles_of(p.k, BK);
+    // Pair t -> this CTA's tile: raster.h orders the pair grid (the launcher passes
+    // raster_group in pair rows); CTA r takes tile row 2 tm' + r, which may lie past m.
+    auto tile_of = [&](int64_t t) {
+        HrTileCoord tc = hr_tile_coord(t, pairs_m, tiles_n, p.raster_group);
+        tc.tm = 2 * tc.tm + (int)cluster_ctarank();
+        return tc;
+    };
+
+    if (wg == 0) {
+        // Producer: one thread streams every k-tile of every tile this CTA owns.
+        setmaxnreg_dec<40>(); // the whole warpgroup, converged here
+        if (tid == 0) {
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tma_a))
+                         : "memory");
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tma_b))
+                         : "memory");
+            uint32_t it = 0; // k-tiles issued so far: stage = it % STAGES, use = it / STAGES
+            for (int64_t t = cluster_id_x(); t < total; t += cluster_count_x()) {
+                const HrTileCoord tc = tile_of(t);
+                const int bz = tc.bz, m0 = tc.tm * BM, n0 = tc.tn * BN;
+                // A broadcast operand (stride 0) was encoded with a batch extent of 1.
+                const int za = p.stride_a != 0 ? bz : 0;
+                const int zb = p.stride_b != 0 ? bz : 0;
+                for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+                    const uint32_t s = it % STAGES;
+                    const uint32_t use = it / STAGES;
+                    // Wait for the consumers of both CTAs to free the slot (a fresh barrier
+                    // passes parity 1).
+                    mbar_wait(empty0 + 8 * s, (use & 1) ^ 1);
+                    const uint32_t full = full0 + 8 * s;
+                    const uint32_t sa = base + s * STAGE_BYTES, sb = sa + A_BYTES;
+                    const int k0 = kt * BK;
+                    const uint32_t rank = cluster_ctarank();
+                    // A: this CTA's tile, to itself alone. Parts of a box outside the tensor
+                    // are zero-filled and counted; boxes wholly past m are not issued (with
+                    // tiles_m odd, the whole tile of rank 1 in the last pairs): their stale
+                    // smem feeds only rows the epilogue never stores.
+                    const int a_boxes = TA ? (m0 < p.m) + (m0 + 64 < p.m) : (m0 < p.m);
+                    // B: the boxes holding a column of the matrix (a prefix; box 0 at least,
+                    // n0 < n), each multicast to both CTAs by the CTA whose half holds it.
+                    // b_boxes comes from n0 alone: both CTAs issue the same union, disjointly,
+                    // and expect the same B bytes.
+                    int b_boxes = 1;
+                    while (b_boxes < B_BOXES && n0 + B_BOX_N * b_boxes < p.n) ++b_boxes;
+                    // Expect this CTA's A plus ALL of B (both halves complete_tx here). The
+                    // peer's bytes may land first: the tx-count runs negative meanwhile, and
+                    // the phase cannot complete before this arrival.
+                    const uint32_t bytes = (uint32_t)a_boxes * (TA ? A_BYTES / 2 : A_BYTES) +
+                                           (uint32_t)b_boxes * B_BOX_BYTES;
+                    mbar_arrive_expect_tx(full, bytes);
+                    if (!TA) {
+                        if (a_boxes > 0) tma_load_3d(sa, &tma_a, k0, m0, za, full);
+                    } else {
+#pragma unroll
+                        for (int j = 0; j < 2; ++j)
+                            if (j < a_boxes)
+                                tma_load_3d(sa + (A_BYTES / 2) * j, &tma_a, m0 + 64 * j, k0, za,
+                                            full);
+                    }
+#pragma unroll
+                    for (int h = 0; h < HALF; ++h) {
+                        const int j = (int)rank * HALF + h;
+                        if (j < b_boxes) {
+                            const uint32_t dst = sb + B_BOX_BYTES * j;
+                            if (TB)
+                                tma_load_3d_multicast(dst, &tma_b, k0, n0 + B_BOX_N * j, zb, full,
+                                                      0x3);
+                            else
+                                tma_load_3d_multicast(dst, &tma_b, n0 + B_BOX_N * j, k0, zb, full,
+                                                      0x3);
+                        }
+                    }
+                    // The peer's full[s] waits for this producer too, whether or not it issued
+                    // a B box (rank 1 issues none when n0 + 128 >= n): neither CTA consumes
+                    // use u + 1 of stage s before both producers have seen their empty[s]
+                    // complete use u. Without it, where rank 1 issues no B, rank 0's consumers
+                    // could arrive for use u + 1 on rank 1's empty[s] before rank 1's own
+                    // arrivals for use u, and a phase would mix two uses. It publishes nothing
+                    // (complete_tx counts the bytes): default semantics.
+                    mbar_arrive_remote(mapa_shared(full, rank ^ 1u));
+                }
+            }
+        }
+    } else {
+        // Consumers: warpgroup cw computes rows 64cw..64cw+63 of each 128x256 tile.
+        setmaxnreg_inc<232>();
+        const int cw = wg - 1;
+        const int warp4 = (tid >> 5) & 3, lane = tid & 31;
+        // Descriptor pieces that do not change: start offsets within a stage and LBO.
+        const uint32_t a_off = (uint32_t)cw * 8192u; // 64 rows x 128 B, or box cw (8 KB)
+        const uint32_t a_lbo = TA ? 8192u : 16u;
+        const uint32_t a_step = TA ? 2048u : 32u;    // bytes per k16 step
+        const uint32_t b_lbo = TB ? 16u : 8192u;
+        const uint32_t b_step = TB ? 32u : 2048u;
+        // Give stage s back once this warpgroup's MMAs reading it have retired: both CTAs'
+        // producers write it, so the leader arrives on this CTA's empty[s] and on the peer's.
+        auto release = [&](uint32_t s) {
+            if ((tid & 127) == 0) {
+                mbar_arrive(empty0 + 8 * s);
+                mbar_arrive_remote_release(mapa_shared(empty0 + 8 * s, cluster_ctarank() ^ 1u));
+            }
+        };
+        uint32_t it = 0;
+        for (int64_t t = cluster_id_x(); t < total; t += cluster_count_x()) {
+            // The producer's order, tile for tile.
+            const HrTileCoord tc = tile_of(t);
+            const int bz = tc.bz, m0 = tc.tm * BM, n0 = tc.tn * BN;
+
+            float acc[C::ACC];
+            fence_acc(acc);
+
+            uint32_t prev = 0;
+            for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+                const uint32_t s = it % STAGES;
+                mbar_wait(full0 + 8 * s, (it / STAGES) & 1);
+                __syncwarp(); // .aligned wgmma below wants the warp converged after the spin
+                const uint32_t sa = base + s * STAGE_BYTES + a_off;
+                const uint32_t sb = base + s * STAGE_BYTES + A_BYTES;
+                wgmma_fence(); // order the accumulator writes above before the async MMAs
+#pragma unroll
+                for (int kk = 0; kk < BK / 16; ++kk) {
+                    const uint64_t da = wg_desc(sa + kk * a_step, a_lbo, 1024u);
+                    const uint64_t db = wg_desc(sb + kk * b_step, b_lbo, 1024u);
+                    // The first MMA of a tile overwrites the accumulators (k >= 1).
+                    const int scale_d = kt > 0 || kk > 0;
+                    wgmma_tile<BN, TA ? 1 : 0, TB ? 0 : 1>(acc, da, db, scale_d);
+                }
+                wgmma_commit();
+                // Keep this k-tile's MMAs in flight; the previous one has retired once at most
+                // one group is pending, so its stage can go back to the producers.
+                if (kt > 0) {
+                    wgmma_wait<1>();
+                    release(prev);
+                }
+                prev = s;
+            }
+            wgmma_wait<0>();
+            fence_acc(acc);
+            release(prev);
+
+            // Accumulator layout as in the other forms. Rows past m (the whole tile of rank 1
+            // in the last pairs when tiles_m is odd) are not stored.
+            const int64_t c_off = (int64_t)bz * p.stride_c;
+            const int row = m0 + cw * 64 + warp4 * 16 + (lane >> 2);
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const int col = n0 + j * 8 + (lane & 3) * 2;
+                const float lo[2] = {acc[4 * j + 0], acc[4 * j + 1]};
+                const float hi[2] = {acc[4 * j + 2], acc[4 * j + 3]};
+                epilogue_store<2, true>(p, c_off, row, col, lo);
+                epilogue_store<2, true>(p, c_off, row + 8, col, hi);
+            }
+        }
+    }
+    // No CTA exits while its peer may still multicast into its shared memory or arrive on its
+    // barriers: every thread of both CTAs (the idle producer threads and clusters without
+    // work too) meets here, after its own last remote arrival; each CTA's consumers have
+    // waited for every byte multicast into it. The producer warp reconverges with lane 0.
+    __syncwarp();
+    cluster_sync();
 #endif // HR_WGMMA_DEVICE
 }
 
@@ -924,29 +1168,41 @@ bool encode_operand(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap *map, 
 } // namespace
 
 namespace {
+// What every wgmma launcher does first: the contract's checks, the sm_90a and TMA verdicts,
+// and the operands' tensor maps (k-major B in boxes of b_box_rows rows). Returns 0, or the
+// code the launcher returns.
+int prepare_wgmma(const hr_matmul_params *p, int b_box_rows, MatmulArgs *a, CUtensorMap *map_a,
+                  CUtensorMap *map_b, int *device) {
+    const int err = prepare(p, a);
+    if (err) return err;
+    HR_TRY(cudaGetDevice(device));
+    if (!wgmma_usable(*device)) return kNotSupported;
+    if (!operand_vec(a->a, a->lda, a->stride_a, 2, 16) ||
+        !operand_vec(a->b, a->ldb, a->stride_b, 2, 16))
+        return kNotSupported;
+    const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+    if (encode == nullptr) return kNotSupported;
+    const bool ta = a->trans_a != 0, tb = a->trans_b != 0;
+    if (!encode_operand(encode, map_a, a->a, /*k_major=*/!ta, hg::BM, a->m, a->k, a->lda,
+                        a->stride_a, a->batch) ||
+        !encode_operand(encode, map_b, a->b, /*k_major=*/tb, b_box_rows, a->n, a->k, a->ldb,
+                        a->stride_b, a->batch))
+        return kNotSupported;
+    a->a_vec = a->b_vec = 1;
+    a->c_vec = epilogue_vec(*a, 2);
+    return 0;
+}
+
 // Both forms of the wgmma kernel: encodes the operands' tensor maps and launches one block
 // per SM (or per tile, when there are fewer), tiles in the order p->raster_group asks for.
 template <bool WIDE> int launch_wgmma(const hr_matmul_params *p, hr_stream_t stream) {
     using C = hg::Cfg<WIDE>;
     MatmulArgs a;
-    const int err = prepare(p, &a);
-    if (err) return err;
-    int device = 0;
-    HR_TRY(cudaGetDevice(&device));
-    if (!wgmma_usable(device)) return kNotSupported;
-    if (!operand_vec(a.a, a.lda, a.stride_a, 2, 16) || !operand_vec(a.b, a.ldb, a.stride_b, 2, 16))
-        return kNotSupported;
-    const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-    if (encode == nullptr) return kNotSupported;
-    const bool ta = a.trans_a != 0, tb = a.trans_b != 0;
     alignas(64) CUtensorMap map_a, map_b;
-    if (!encode_operand(encode, &map_a, a.a, /*k_major=*/!ta, hg::BM, a.m, a.k, a.lda, a.stride_a,
-                        a.batch) ||
-        !encode_operand(encode, &map_b, a.b, /*k_major=*/tb, C::BN, a.n, a.k, a.ldb, a.stride_b,
-                        a.batch))
-        return kNotSupported;
-    a.a_vec = a.b_vec = 1;
-    a.c_vec = epilogue_vec(a, 2);
+    int device = 0;
+    const int err = prepare_wgmma(p, C::BN, &a, &map_a, &map_b, &device);
+    if (err) return err;
+    const bool ta = a.trans_a != 0, tb = a.trans_b != 0;
 
     int sms = 0;
     HR_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -956,6 +1212,77 @@ template <bool WIDE> int launch_wgmma(const hr_matmul_params *p, hr_stream_t str
     HR_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 C::SMEM_BYTES));
     kernel<<<(unsigned)blocks, hg::THREADS, C::SMEM_BYTES, (cudaStream_t)stream>>>(map_a, map_b, a);
+    HR_RETURN_LAUNCH_STATUS();
+}
+
+WgmmaKernel wgmma_cluster_kernel_for(bool ta, bool tb) {
+    return ta ? (tb ? matmul_bf16_wgmma_cluster_kernel<true, true>
+                    : matmul_bf16_wgmma_cluster_kernel<true, false>)
+              : (tb ? matmul_bf16_wgmma_cluster_kernel<false, true>
+                    : matmul_bf16_wgmma_cluster_kernel<false, false>);
+}
+
+// How many clusters of `cfg`'s shape can run at once (cudaOccupancyMaxActiveClusters). It
+// depends on the device and the kernel, not on the grid, shape or stream, so it is cached per
+// device and form (0 unknown, else clusters + 1); an error is returned and not cached.
+int max_active_clusters(int device, int form, WgmmaKernel kernel, const cudaLaunchConfig_t &cfg,
+                        int *clusters) {
+    static std::atomic<int> cache[64][4];
+    const bool cached = device >= 0 && device < 64;
+    if (cached) {
+        const int c = cache[device][form].load(std::memory_order_relaxed);
+        if (c != 0) {
+            *clusters = c - 1;
+            return 0;
+        }
+    }
+    int n = 0;
+    HR_TRY(cudaOccupancyMaxActiveClusters(&n, kernel, &cfg));
+    if (cached) cache[device][form].store(n + 1, std::memory_order_relaxed);
+    *clusters = n;
+    return 0;
+}
+
+// The cluster form: persistent 2x1 clusters, as many as fit at once (or one per tile pair,
+// when there are fewer), launched with cudaLaunchKernelEx for the cluster dimension.
+int launch_wgmma_cluster(const hr_matmul_params *p, hr_stream_t stream) {
+    using C = hg::ClusterCfg;
+    MatmulArgs a;
+    alignas(64) CUtensorMap map_a, map_b;
+    int device = 0;
+    const int err = prepare_wgmma(p, C::B_BOX_ROWS, &a, &map_a, &map_b, &device);
+    if (err) return err;
+    const bool ta = a.trans_a != 0, tb = a.trans_b != 0;
+    // raster_group counts tile rows, as for the other forms; the kernel orders pair rows
+    // (2 tile rows each): bands of raster_group / 2 pairs, at least one (0 or 1: row by row,
+    // which on pairs is bands of 2 tile rows).
+    a.raster_group = p->raster_group >= 2 ? p->raster_group / 2 : p->raster_group;
+
+    const WgmmaKernel kernel = wgmma_cluster_kernel_for(ta, tb);
+    HR_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                C::SMEM_BYTES));
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(2, 1, 1); // one cluster, the smallest valid grid, for the query
+    cfg.blockDim = dim3(hg::THREADS, 1, 1);
+    cfg.dynamicSmemBytes = C::SMEM_BYTES;
+    cfg.stream = (cudaStream_t)stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    // At one block per SM, at most floor(SMs / 2); fewer where a GPC's SMs cannot all pair up.
+    int fit = 0;
+    const int qerr = max_active_clusters(device, (ta ? 2 : 0) + (tb ? 1 : 0), kernel, cfg, &fit);
+    if (qerr) return qerr;
+    if (fit < 1) return kNotSupported;
+    const int64_t pairs =
+        (int64_t)((tiles_of(a.m, hg::BM) + 1) / 2) * tiles_of(a.n, C::BN) * a.batch;
+    const int64_t clusters = pairs < (int64_t)fit ? pairs : (int64_t)fit;
+    cfg.gridDim = dim3((unsigned)(2 * clusters), 1, 1);
+    HR_TRY(cudaLaunchKernelEx(&cfg, kernel, map_a, map_b, a));
     HR_RETURN_LAUNCH_STATUS();
 }
 } // namespace
@@ -971,6 +1298,12 @@ extern "C" int hr_matmul_bf16_wgmma(const hr_matmul_params *p, hr_stream_t strea
 
 extern "C" int hr_matmul_bf16_wgmma_wide(const hr_matmul_params *p, hr_stream_t stream) {
     return launch_wgmma<true>(p, stream);
+}
+
+// Same requirements and return codes; also 801 when no 2-CTA cluster of this kernel fits on
+// the device.
+extern "C" int hr_matmul_bf16_wgmma_cluster(const hr_matmul_params *p, hr_stream_t stream) {
+    return launch_wgmma_cluster(p, stream);
 }
 
 namespace {

@@ -70,6 +70,9 @@ STEPS=(
     "check-matmul-wgmma-banded  5     5    check      matmul/wgmma-banded/"
     # 128x256 tiles with setmaxnreg (n = 1064, 1128, 1184, 1000 skip 3, 2, 1, 0 of B's boxes).
     "check-matmul-wgmma-wide    5     5    check      matmul/wgmma-wide/"
+    # The wide form in 2x1 clusters with B multicast (odd tile-row counts leave the last
+    # pair's second block past m; small sizes leave clusters idle).
+    "check-matmul-wgmma-cluster 5     5    check      matmul/wgmma-cluster/"
     "check-matmul-cublas        5     5    check      matmul/cublas/"
     "check-attention-f32        12    5    check      attention/naive/f32/ attention/flash/f32/"
     "check-attention-bf16       12    5    check      attention/naive/bf16/ attention/flash/bf16/"
@@ -93,7 +96,7 @@ STEPS=(
     # every form, and the fused epilogue; flash attention (f32 and bf16, d = 64 and 128,
     # causal or not: every instantiation), the naive path's softmax and the delta kernel,
     # at N = 65 (one past a tile); every layer op. cuBLAS is left out (not our code).
-    "sanitizer-memcheck         10    15   sanitize   memcheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-wgmma/bf16/fwd/b2-h3-n129- flash-wgmma-pp/bf16/fwd/b2-h3-n129- flash-m128/bf16/fwd/b2-h3-n129-"
+    "sanitizer-memcheck         10    15   sanitize   memcheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-wgmma/bf16/fwd/b2-h3-n129- flash-wgmma-pp/bf16/fwd/b2-h3-n129- flash-m128/bf16/fwd/b2-h3-n129- matmul/wgmma-cluster/bf16/m127-n257-k131"
     "sanitizer-racecheck        10    15   sanitize   racecheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-m128/bf16/fwd/b2-h3-n129-"
     "sanitizer-synccheck        8     15   sanitize   synccheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-m128/bf16/fwd/b2-h3-n129-"
     # The quick profile, one family per process, each into its own report folder (the bench
@@ -106,6 +109,7 @@ STEPS=(
     "bench-matmul-wgmma         8     10   bench      matmul/wgmma/"
     "bench-matmul-wgmma-banded  8     10   bench      matmul/wgmma-banded/"
     "bench-matmul-wgmma-wide    8     10   bench      matmul/wgmma-wide/"
+    "bench-matmul-wgmma-cluster 8     10   bench      matmul/wgmma-cluster/"
     "bench-attention-flash      12    10   bench      attention/flash/"
     "bench-attention-wgmma      8     10   bench      attention/flash-wgmma/"
     "bench-attention-m128       8     10   bench      attention/flash-m128/"

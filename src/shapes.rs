@@ -33,6 +33,10 @@ pub enum MatmulKernel {
     /// MMA of a tile overwriting the accumulators; tiles in bands like `WgmmaBanded`. Its own
     /// technique until a GPU has validated and timed it.
     WgmmaWide,
+    /// The wide form in 2x1 thread-block clusters: the two blocks of a cluster compute
+    /// vertically adjacent tiles and each loads half of their shared B tile, multicast to
+    /// both by TMA. Its own technique until a GPU has validated and timed it.
+    WgmmaCluster,
     /// The library baseline (fp32 sgemm with TF32 off, or bf16 GemmEx).
     Cublas,
 }
@@ -46,7 +50,10 @@ impl MatmulKernel {
     pub fn is_wgmma(self) -> bool {
         matches!(
             self,
-            MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded | MatmulKernel::WgmmaWide
+            MatmulKernel::Wgmma
+                | MatmulKernel::WgmmaBanded
+                | MatmulKernel::WgmmaWide
+                | MatmulKernel::WgmmaCluster
         )
     }
 
@@ -57,6 +64,7 @@ impl MatmulKernel {
             MatmulKernel::Wgmma => "wgmma",
             MatmulKernel::WgmmaBanded => "wgmma-banded",
             MatmulKernel::WgmmaWide => "wgmma-wide",
+            MatmulKernel::WgmmaCluster => "wgmma-cluster",
             MatmulKernel::Cublas => "cublas",
         }
     }

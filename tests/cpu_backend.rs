@@ -32,8 +32,14 @@ fn every_check_case_passes_and_peak_equals_model() {
             Status::Skipped(why) => {
                 // Only the GPU-only kernels may be skipped on the CPU, and they say why.
                 assert!(
-                    ["cublas", "wgmma", "wgmma-banded", "wgmma-wide"]
-                        .contains(&r.technique.as_str()),
+                    [
+                        "cublas",
+                        "wgmma",
+                        "wgmma-banded",
+                        "wgmma-wide",
+                        "wgmma-cluster"
+                    ]
+                    .contains(&r.technique.as_str()),
                     "{} skipped: {why}",
                     r.id
                 );

@@ -419,7 +419,10 @@ impl Backend for CudaBackend {
             c_dtype: dtype_code(c.dtype()),
             accumulate: mm.accumulate as i32,
             alpha: mm.alpha,
-            raster_group: if matches!(kernel, MatmulKernel::WgmmaBanded | MatmulKernel::WgmmaWide) {
+            raster_group: if matches!(
+                kernel,
+                MatmulKernel::WgmmaBanded | MatmulKernel::WgmmaWide | MatmulKernel::WgmmaCluster
+            ) {
                 crate::shapes::WGMMA_BAND_ROWS
             } else {
                 1
@@ -433,6 +436,7 @@ impl Backend for CudaBackend {
                 MatmulKernel::Mma => k::hr_matmul_bf16_mma(&p, s),
                 MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded => k::hr_matmul_bf16_wgmma(&p, s),
                 MatmulKernel::WgmmaWide => k::hr_matmul_bf16_wgmma_wide(&p, s),
+                MatmulKernel::WgmmaCluster => k::hr_matmul_bf16_wgmma_cluster(&p, s),
                 MatmulKernel::Cublas => unreachable!("handled above"),
             }
         };

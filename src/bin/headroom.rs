@@ -231,6 +231,10 @@ fn info() -> Outcome {
             "  wgmma matmul on 128x256 tiles: {}",
             usable(backend::MatmulKernel::WgmmaWide)
         );
+        println!(
+            "  wgmma matmul on 128x256 tiles in 2x1 clusters: {}",
+            usable(backend::MatmulKernel::WgmmaCluster)
+        );
         for kernel in backend::FlashForward::ALTERNATIVES {
             println!(
                 "  flash forward {}: {}",

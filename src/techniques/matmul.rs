@@ -255,6 +255,7 @@ fn kernels_for(dtype: DType) -> &'static [MatmulKernel] {
             MatmulKernel::Wgmma,
             MatmulKernel::WgmmaBanded,
             MatmulKernel::WgmmaWide,
+            MatmulKernel::WgmmaCluster,
             MatmulKernel::Cublas,
         ],
     }
@@ -312,7 +313,11 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
         // bands of 8 tile rows and a last band of one. wgmma-wide loads an n-major B as four
         // 64-wide boxes per 256-wide tile and skips those wholly past the edge: the last tile
         // holds n mod 256 = 40 (n = 1064: one box), 104 (n = 1128: two), 160 (n = 1184:
-        // three) or 232 (n = 1000: four, the last partial) columns.
+        // three) or 232 (n = 1000: four, the last partial) columns. wgmma-cluster pairs
+        // vertically adjacent tiles: m = 127, 1 (one tile row: every pair's second block
+        // computes rows past m and stores nothing), 1064, 4099, 2056 and 264 (an odd count of
+        // tile rows: the last pair's second tile lies wholly past m) against 1000 and 129
+        // (even), and the small sizes leave clusters with no tile at all.
         BackendKind::Cuda | BackendKind::Dry => &[
             (127, 257, 131),
             (1, 1, 1),
