@@ -357,8 +357,10 @@ int hr_swiglu_backward_bf16(const hr_swiglu_params *p, hr_stream_t stream);
  * in the function's dtype; d_out [T, C] in the function's dtype; d_table fp32 [V, C] and
  * d_positions fp32 [seq, C] (or NULL), accumulated (+=). Index math is 64-bit.
  * An id outside [0, V) is never read or written: the kernels clamp the forward's read (and
- * skip the token in the backward) and record it in *bad_token, which the caller zeroes
- * before the launch: afterwards it holds T - t for the first such token t, 0 if none. */
+ * skip the token in the backward) and fold it into *bad_token, a word the caller sets to all
+ * ones (UINT64_MAX) and reads when it synchronizes: it then holds (t << 32) | (uint32_t)id for
+ * the first such token t of every launch since (an atomic minimum, so one word serves many
+ * launches and no launch needs a copy back), UINT64_MAX if none. */
 typedef struct hr_embedding_params {
     const int32_t *ids;
     const void *table;
@@ -367,7 +369,7 @@ typedef struct hr_embedding_params {
     const void *d_out;
     float *d_table;
     float *d_positions;
-    int32_t *bad_token;
+    uint64_t *bad_token;
     int32_t tokens, channels, vocab, seq;
 } hr_embedding_params;
 

@@ -1082,14 +1082,19 @@ swiglu_bwd_kernel(const T *gate, const T *up, const T *d_out, T *d_gate, T *d_up
     }
 }
 
-// The id of token t, clamped into [0, vocab); an id outside is recorded in *bad as
-// tokens - t, whose maximum over threads names the first such token (integer atomics: the
-// outcome does not depend on the order).
+// Token t's id outside the vocabulary, as *bad records it: the token in the high word, the
+// id's bits in the low, so the minimum over threads (and launches) names the first token.
+__device__ __forceinline__ void report_bad_id(unsigned long long *bad, int64_t t, int id) {
+    atomicMin(bad, ((unsigned long long)t << 32) | (unsigned long long)(uint32_t)id);
+}
+
+// The id of token t, clamped into [0, vocab); an id outside is recorded in *bad (integer
+// atomics: the outcome does not depend on the order).
 __device__ __forceinline__ int checked_id(const int32_t *__restrict__ ids, int64_t t,
-                                          int tokens, int vocab, int32_t *bad, bool report) {
+                                          int vocab, unsigned long long *bad, bool report) {
     const int id = ids[t];
     if (id >= 0 && id < vocab) return id;
-    if (report) atomicMax(bad, (int)(tokens - t));
+    if (report) report_bad_id(bad, t, id);
     return id < 0 ? 0 : vocab - 1;
 }
 
@@ -1097,7 +1102,8 @@ template <int W, typename T>
 __device__ __forceinline__ void embedding_fwd_units(const int32_t *__restrict__ ids,
                                                     const T *__restrict__ table,
                                                     const T *__restrict__ positions, T *out,
-                                                    int32_t *bad, int tokens, int C, int vocab,
+                                                    unsigned long long *bad, int tokens, int C,
+                                                    int vocab,
                                                     int seq) {
     const int64_t per_row = C / W;
     const int64_t units = (int64_t)tokens * per_row;
@@ -1105,7 +1111,7 @@ __device__ __forceinline__ void embedding_fwd_units(const int32_t *__restrict__ 
     for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += stride) {
         const int64_t t = u / per_row;
         const int64_t q = u - t * per_row;
-        const int id = checked_id(ids, t, tokens, vocab, bad, q == 0);
+        const int id = checked_id(ids, t, vocab, bad, q == 0);
         float v[W];
         load_elems<W>(table + (int64_t)id * C + q * W, v);
         if (positions != nullptr) {
@@ -1122,7 +1128,8 @@ __device__ __forceinline__ void embedding_fwd_units(const int32_t *__restrict__ 
 template <typename T>
 __global__ void __launch_bounds__(kEwThreads)
 embedding_fwd_kernel(const int32_t *__restrict__ ids, const T *__restrict__ table,
-                     const T *__restrict__ positions, T *out, int32_t *bad, int tokens, int C,
+                     const T *__restrict__ positions, T *out, unsigned long long *bad, int tokens,
+                     int C,
                      int vocab, int seq, int vec) {
     if (vec)
         embedding_fwd_units<kPack<T>>(ids, table, positions, out, bad, tokens, C, vocab, seq);
@@ -1134,7 +1141,7 @@ embedding_fwd_kernel(const int32_t *__restrict__ ids, const T *__restrict__ tabl
 template <typename T>
 __global__ void __launch_bounds__(kEwThreads)
 embedding_bwd_table_kernel(const int32_t *__restrict__ ids, const T *__restrict__ d_out,
-                           float *__restrict__ d_table, int32_t *bad, int tokens, int C,
+                           float *__restrict__ d_table, unsigned long long *bad, int tokens, int C,
                            int vocab) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
@@ -1145,7 +1152,7 @@ embedding_bwd_table_kernel(const int32_t *__restrict__ ids, const T *__restrict_
     for (int t = 0; t < tokens; ++t) {
         const int id = ids[t];
         if (id < 0 || id >= vocab) {
-            if (report) atomicMax(bad, tokens - t); // skipped: never written out of bounds
+            if (report) report_bad_id(bad, t, id); // skipped: never written out of bounds
             continue;
         }
         if (id < lo || id >= hi) continue;
@@ -1252,7 +1259,8 @@ int launch_embedding_fwd(const hr_embedding_params *p, cudaStream_t stream) {
     if (const int e = grid_stride_blocks(units, kEwThreads, &blocks)) return e;
     embedding_fwd_kernel<T><<<blocks, kEwThreads, 0, stream>>>(
         p->ids, static_cast<const T *>(p->table), static_cast<const T *>(p->positions),
-        static_cast<T *>(p->out), p->bad_token, p->tokens, p->channels, p->vocab, p->seq, vec);
+        static_cast<T *>(p->out), reinterpret_cast<unsigned long long *>(p->bad_token), p->tokens,
+        p->channels, p->vocab, p->seq, vec);
     HR_RETURN_LAUNCH_STATUS();
 }
 
@@ -1271,7 +1279,8 @@ int launch_embedding_bwd(const hr_embedding_params *p, cudaStream_t stream) {
     if (slices < 1) slices = 1;
     const dim3 grid((unsigned)hr::ceil_div(p->channels, kEwThreads), (unsigned)slices);
     embedding_bwd_table_kernel<T><<<grid, kEwThreads, 0, stream>>>(
-        p->ids, static_cast<const T *>(p->d_out), p->d_table, p->bad_token, p->tokens,
+        p->ids, static_cast<const T *>(p->d_out), p->d_table,
+        reinterpret_cast<unsigned long long *>(p->bad_token), p->tokens,
         p->channels, p->vocab);
     HR_TRY(cudaGetLastError());
     if (p->d_positions != nullptr) {

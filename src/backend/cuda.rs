@@ -13,7 +13,7 @@ use crate::backend::cpu::{
     check_layernorm, check_loss, check_same_dtype, check_scores,
 };
 use crate::backend::cpu::{
-    check_embedding_backward, check_embedding_forward, check_ids, check_rmsnorm, check_swiglu,
+    check_embedding_backward, check_embedding_forward, check_rmsnorm, check_swiglu,
 };
 use crate::backend::{
     AdamW, AttentionGrads, AttentionShape, Backend, BackendKind, Epi, Epilogue, FlashForward,
@@ -35,9 +35,86 @@ pub struct CudaBackend {
     /// One pair of timing events, made on first use and reused for every sample: creating
     /// events per sample would put driver calls on the timing loop's path.
     events: std::sync::Mutex<Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>>,
+    /// The embedding kernels' id check ([`IdCheck`]), made before the first measured region.
+    id_check: std::sync::Mutex<Option<IdCheck>>,
+}
+
+/// One 8-byte device word that every embedding launch folds its first token with an id
+/// outside the vocabulary into (an atomic minimum of `token << 32 | id`; all ones when
+/// clear), read back only at synchronization points ([`Backend::synchronize`],
+/// [`Backend::time`] after its events, [`Backend::read`]) and only when an embedding ran since
+/// the last look: an embedding call never synchronizes the stream inside a timed step.
+struct IdCheck {
+    word: Tensor,
+    /// An embedding has run since the word was last read.
+    pending: bool,
+    /// The vocabulary of the latest embedding call, for the message.
+    vocab: usize,
+}
+
+/// What the id-check word says: nothing when clear (all ones), else the sentence the CPU
+/// backend's check gives for the token and id the kernels recorded (`token << 32 | id as u32`).
+fn id_word_error(word: u64, vocab: usize) -> Option<String> {
+    if word == u64::MAX {
+        return None;
+    }
+    let (token, id) = (word >> 32, word as u32 as i32);
+    Some(format!(
+        "token {token} has id {id}, outside the vocabulary of {vocab} ids (0 to {})",
+        vocab.saturating_sub(1)
+    ))
 }
 
 impl CudaBackend {
+    /// The id-check word, made (and cleared) on first use.
+    fn id_check_word(&self) -> Result<std::sync::MutexGuard<'_, Option<IdCheck>>> {
+        let mut slot = self.id_check.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let word = self.alloc_with(&self.untracked, DType::I32, 2, "embedding id check")?;
+            // SAFETY: writes exactly the word's 8 bytes.
+            unsafe {
+                drv::memset_d8_async(word.device_ptr(), 0xFF, 8, self.dev.stream.cu_stream())?
+            };
+            *slot = Some(IdCheck {
+                word,
+                pending: false,
+                vocab: 0,
+            });
+        }
+        Ok(slot)
+    }
+
+    /// The word's device address for an embedding launch over a vocabulary of `vocab`, marked
+    /// to be read at the next synchronization point.
+    fn id_check_for_launch(&self, vocab: usize) -> Result<*mut u64> {
+        let mut slot = self.id_check_word()?;
+        let check = slot.as_mut().expect("made above");
+        check.pending = true;
+        check.vocab = vocab;
+        Ok(check.word.device_ptr() as *mut u64)
+    }
+
+    /// At a synchronization point: if an embedding ran since the last look, reads the word
+    /// (clearing it again) and turns a recorded token into the error the CPU backend gives.
+    fn take_id_error(&self) -> Result<()> {
+        let mut slot = self.id_check.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(check) = slot.as_mut().filter(|c| c.pending) else {
+            return Ok(());
+        };
+        check.pending = false;
+        let mut word = [0u64; 1];
+        let s = self.dev.stream.cu_stream();
+        // SAFETY: the word is 8 device bytes; we synchronize before reading the host copy.
+        unsafe { drv::memcpy_dtoh_async(&mut word, check.word.device_ptr(), s)? };
+        self.dev.stream.synchronize()?;
+        let Some(why) = id_word_error(word[0], check.vocab) else {
+            return Ok(());
+        };
+        // SAFETY: as above; cleared for the next launch.
+        unsafe { drv::memset_d8_async(check.word.device_ptr(), 0xFF, 8, s)? };
+        Err(Error::Invalid(why))
+    }
+
     /// The launch parameters of a flash forward, its shapes checked and the device bound.
     fn forward_params(
         &self,
@@ -66,6 +143,7 @@ impl CudaBackend {
             untracked: MemoryTracker::new(None),
             blas: OnceLock::new(),
             events: std::sync::Mutex::new(None),
+            id_check: std::sync::Mutex::new(None),
         }
     }
 
@@ -269,6 +347,7 @@ impl Backend for CudaBackend {
 
     fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
         self.bind()?;
+        self.take_id_error()?;
         let src = t.device_ptr();
         let s = self.dev.stream.cu_stream();
         // SAFETY: src holds t.bytes() bytes; we synchronize before reading the host buffer.
@@ -1175,8 +1254,8 @@ impl Backend for CudaBackend {
     }
 
     /// The kernel clamps an id outside the vocabulary (no read out of bounds) and records the
-    /// first such token in a 4-byte flag, read back after the launch: one small copy that
-    /// synchronizes the stream, the price of an error that names the id.
+    /// first such token in the id-check word ([`IdCheck`]), which the next synchronization
+    /// point reads: the error names the token and its id without a copy back per call.
     fn embedding_forward(
         &self,
         ids: &Tensor,
@@ -1186,8 +1265,7 @@ impl Backend for CudaBackend {
         out: &mut Tensor,
     ) -> Result<()> {
         let e = check_embedding_forward(ids, table, positions, seq, out)?;
-        let mut flag = self.alloc_with(&self.untracked, DType::I32, 1, "embedding id check")?;
-        self.zero(&mut flag)?;
+        let bad_token = self.id_check_for_launch(e.vocab)?;
         let p = k::hr_embedding_params {
             ids: ptr(ids) as *const i32,
             table: ptr(table),
@@ -1196,7 +1274,7 @@ impl Backend for CudaBackend {
             d_out: std::ptr::null(),
             d_table: std::ptr::null_mut(),
             d_positions: std::ptr::null_mut(),
-            bad_token: ptr_mut(&mut flag) as *mut i32,
+            bad_token,
             tokens: ids.len() as i32,
             channels: e.channels as i32,
             vocab: e.vocab as i32,
@@ -1208,16 +1286,7 @@ impl Backend for CudaBackend {
             &p,
             k::hr_embedding_forward_f32,
             k::hr_embedding_forward_bf16,
-        )?;
-        if self.read(&flag)?[0] != 0.0 {
-            let v: Vec<i32> = self.read(ids)?.iter().map(|&x| x as i32).collect();
-            check_ids(&v, e.vocab)?;
-            return Err(Error::Cuda(
-                "embedding forward flagged an id outside the vocabulary, yet every id is inside"
-                    .into(),
-            ));
-        }
-        Ok(())
+        )
     }
 
     /// A token with an id outside the vocabulary is skipped (never written out of bounds)
@@ -1231,8 +1300,7 @@ impl Backend for CudaBackend {
         d_positions: Option<&mut Tensor>,
     ) -> Result<()> {
         let e = check_embedding_backward(ids, d_out, seq, d_table, d_positions.as_deref())?;
-        let mut flag = self.alloc_with(&self.untracked, DType::I32, 1, "embedding id check")?;
-        self.zero(&mut flag)?;
+        let bad_token = self.id_check_for_launch(e.vocab)?;
         let p = k::hr_embedding_params {
             ids: ptr(ids) as *const i32,
             table: std::ptr::null(),
@@ -1241,7 +1309,7 @@ impl Backend for CudaBackend {
             d_out: ptr(d_out),
             d_table: ptr_mut(d_table) as *mut f32,
             d_positions: d_positions.map_or(std::ptr::null_mut(), |t| ptr_mut(t) as *mut f32),
-            bad_token: ptr_mut(&mut flag) as *mut i32,
+            bad_token,
             tokens: ids.len() as i32,
             channels: e.channels as i32,
             vocab: e.vocab as i32,
@@ -1253,16 +1321,7 @@ impl Backend for CudaBackend {
             &p,
             k::hr_embedding_backward_f32,
             k::hr_embedding_backward_bf16,
-        )?;
-        if self.read(&flag)?[0] != 0.0 {
-            let v: Vec<i32> = self.read(ids)?.iter().map(|&x| x as i32).collect();
-            check_ids(&v, e.vocab)?;
-            return Err(Error::Cuda(
-                "embedding backward flagged an id outside the vocabulary, yet every id is inside"
-                    .into(),
-            ));
-        }
-        Ok(())
+        )
     }
 
     // -- grouped-query attention ops --
@@ -1314,7 +1373,8 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        Ok(self.dev.stream.synchronize()?)
+        self.dev.stream.synchronize()?;
+        self.take_id_error()
     }
 
     fn time(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
@@ -1327,7 +1387,9 @@ impl Backend for CudaBackend {
         f()?;
         end.record(&self.dev.stream)?;
         // elapsed_ms synchronizes on both events, so the pair is free for the next sample.
-        Ok(start.elapsed_ms(end)? as f64 / 1e3)
+        let seconds = start.elapsed_ms(end)? as f64 / 1e3;
+        self.take_id_error()?;
+        Ok(seconds)
     }
 
     fn flush_cache(&self, scratch: &mut Tensor) -> Result<()> {
@@ -1380,6 +1442,8 @@ impl Backend for CudaBackend {
 
     fn driver_view_begin(&self) -> Result<Option<DriverMemoryView>> {
         self.bind()?;
+        // The id-check word exists before any measured region, so no case's figures hold it.
+        drop(self.id_check_word()?);
         Ok(Some(self.dev.reset_driver_view()?))
     }
 
@@ -1617,5 +1681,32 @@ fn softmax_params(s: &AttentionShape) -> k::hr_softmax_params {
         rows: s.rows() as i32,
         seq: s.seq as i32,
         causal: s.causal as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::id_word_error;
+
+    /// The word as the embedding kernels write it: the minimum of `token << 32 | id as u32`
+    /// over every bad token of every launch since it was cleared.
+    fn folded(bad: &[(u64, i32)]) -> u64 {
+        bad.iter()
+            .map(|&(t, id)| (t << 32) | u64::from(id as u32))
+            .fold(u64::MAX, u64::min)
+    }
+
+    #[test]
+    fn the_id_word_names_the_first_bad_token_and_its_id() {
+        assert_eq!(id_word_error(folded(&[]), 1031), None);
+        let e = id_word_error(folded(&[(70, 5000), (3, -2), (9, 1031)]), 1031).unwrap();
+        assert_eq!(
+            e,
+            "token 3 has id -2, outside the vocabulary of 1031 ids (0 to 1030)"
+        );
+        let e = id_word_error(folded(&[(0, 1031)]), 1031).unwrap();
+        assert!(e.starts_with("token 0 has id 1031,"), "{e}");
+        // The largest token a launch can have (i32 tokens) with id -1 is not the clear word.
+        assert!(id_word_error(folded(&[(i32::MAX as u64, -1)]), 8).is_some());
     }
 }

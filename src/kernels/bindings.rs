@@ -969,7 +969,7 @@ pub struct hr_embedding_params {
     pub d_out: *const ::std::os::raw::c_void,
     pub d_table: *mut f32,
     pub d_positions: *mut f32,
-    pub bad_token: *mut i32,
+    pub bad_token: *mut u64,
     pub tokens: i32,
     pub channels: i32,
     pub vocab: i32,
