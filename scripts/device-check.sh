@@ -96,7 +96,10 @@ STEPS=(
     # every form, and the fused epilogue; flash attention (f32 and bf16, d = 64 and 128,
     # causal or not: every instantiation), the naive path's softmax and the delta kernel,
     # at N = 65 (one past a tile); every layer op. cuBLAS is left out (not our code).
-    "sanitizer-memcheck         10    15   sanitize   memcheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-wgmma/bf16/fwd/b2-h3-n129- flash-wgmma-pp/bf16/fwd/b2-h3-n129- flash-m128/bf16/fwd/b2-h3-n129- matmul/wgmma-cluster/bf16/m127-n257-k131"
+    "sanitizer-memcheck         10    15   sanitize   memcheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-wgmma/bf16/fwd/b2-h3-n129- flash-m128/bf16/fwd/b2-h3-n129-"
+    # The kernels whose barriers span warpgroups or blocks (named-barrier ping-pong, cluster
+    # multicast) in a step of their own: a hang there costs only this step.
+    "sanitizer-memcheck-cross   6     15   sanitize   memcheck flash-wgmma-pp/bf16/fwd/b2-h3-n129- matmul/wgmma-cluster/bf16/m127-n257-k131"
     "sanitizer-racecheck        10    15   sanitize   racecheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-m128/bf16/fwd/b2-h3-n129-"
     "sanitizer-synccheck        8     15   sanitize   synccheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-m128/bf16/fwd/b2-h3-n129-"
     # The quick profile, one family per process, each into its own report folder (the bench
