@@ -138,6 +138,10 @@ int hr_flash_attention_forward_bf16_wgmma(const hr_attention_params *p, hr_strea
  * under the other's products. */
 int hr_flash_attention_forward_bf16_wgmma_pingpong(const hr_attention_params *p,
                                                    hr_stream_t stream);
+/* The ping-pong forward on a persistent grid (at most one block per SM) that walks the query
+ * tiles head by head, the longest first when causal. Same contract and outputs. */
+int hr_flash_attention_forward_bf16_wgmma_persistent(const hr_attention_params *p,
+                                                     hr_stream_t stream);
 /* 1 if the current device runs the sm_90a attention kernel, else 0. */
 int hr_flash_attention_wgmma_usable(void);
 /* Flash-style backward: computes delta, then recomputes S and P tile by tile from

@@ -81,6 +81,8 @@ STEPS=(
     # The 128-row mma.sync forward (single-buffered K/V) and the ping-pong Hopper forward.
     "check-attention-m128       5     5    check      attention/flash-m128/"
     "check-attention-wgmma-pp   5     5    check      attention/flash-wgmma-pp/"
+    # The ping-pong forward on a persistent grid (b2-h32-n1000: several tiles per block).
+    "check-attention-persistent 5     5    check      attention/flash-wgmma-persistent/"
     "check-layers               4     5    check      layers/"
     "check-loss                 4     5    check      loss/"
     "check-train                8     5    check      train/"
@@ -99,7 +101,7 @@ STEPS=(
     "sanitizer-memcheck         10    15   sanitize   memcheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-wgmma/bf16/fwd/b2-h3-n129- flash-m128/bf16/fwd/b2-h3-n129-"
     # The kernels whose barriers span warpgroups or blocks (named-barrier ping-pong, cluster
     # multicast) in a step of their own: a hang there costs only this step.
-    "sanitizer-memcheck-cross   6     15   sanitize   memcheck flash-wgmma-pp/bf16/fwd/b2-h3-n129- matmul/wgmma-cluster/bf16/m127-n257-k131"
+    "sanitizer-memcheck-cross   6     15   sanitize   memcheck flash-wgmma-pp/bf16/fwd/b2-h3-n129- flash-wgmma-persistent/bf16/fwd/b2-h32-n1000-d64-causal matmul/wgmma-cluster/bf16/m127-n257-k131"
     "sanitizer-racecheck        10    15   sanitize   racecheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-m128/bf16/fwd/b2-h3-n129-"
     "sanitizer-synccheck        8     15   sanitize   synccheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-m128/bf16/fwd/b2-h3-n129-"
     # The quick profile, one family per process, each into its own report folder (the bench
@@ -117,6 +119,7 @@ STEPS=(
     "bench-attention-wgmma      8     10   bench      attention/flash-wgmma/"
     "bench-attention-m128       8     10   bench      attention/flash-m128/"
     "bench-attention-wgmma-pp   8     10   bench      attention/flash-wgmma-pp/"
+    "bench-attention-persistent 8     10   bench      attention/flash-wgmma-persistent/"
     "bench-headline             8     10   bench      headline"
     "bench-attention-naive      10    10   bench      attention/naive/"
     "bench-loss                 6     10   bench      loss/"

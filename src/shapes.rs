@@ -85,14 +85,19 @@ pub enum FlashForward {
     /// The Hopper forward with FlashAttention-3's overlap of the next S with the current
     /// softmax, and ping-pong between the two consumers.
     WgmmaPingPong,
+    /// The ping-pong forward on a persistent grid (at most one block per SM) walking the query
+    /// tiles head by head, the longest first when causal; the next tile's loads overlap this
+    /// one's output.
+    WgmmaPersistent,
 }
 
 impl FlashForward {
     /// Every alternative to [`FlashForward::Standard`].
-    pub const ALTERNATIVES: [FlashForward; 3] = [
+    pub const ALTERNATIVES: [FlashForward; 4] = [
         FlashForward::Mma128,
         FlashForward::Wgmma,
         FlashForward::WgmmaPingPong,
+        FlashForward::WgmmaPersistent,
     ];
 
     /// The technique (case-id component) of a case run on this kernel.
@@ -102,12 +107,16 @@ impl FlashForward {
             FlashForward::Mma128 => "flash-m128",
             FlashForward::Wgmma => "flash-wgmma",
             FlashForward::WgmmaPingPong => "flash-wgmma-pp",
+            FlashForward::WgmmaPersistent => "flash-wgmma-persistent",
         }
     }
 
     /// Whether the kernel is one of the Hopper (sm_90a) forwards.
     pub fn is_wgmma(self) -> bool {
-        matches!(self, FlashForward::Wgmma | FlashForward::WgmmaPingPong)
+        matches!(
+            self,
+            FlashForward::Wgmma | FlashForward::WgmmaPingPong | FlashForward::WgmmaPersistent
+        )
     }
 }
 

@@ -558,7 +558,7 @@ impl Backend for CudaBackend {
                 Err("the 128-row mma.sync forward needs sm_80 or newer".into())
             }
             FlashForward::Mma128 => Ok(()),
-            FlashForward::Wgmma | FlashForward::WgmmaPingPong => {
+            FlashForward::Wgmma | FlashForward::WgmmaPingPong | FlashForward::WgmmaPersistent => {
                 self.bind().map_err(|e| e.to_string())?;
                 // SAFETY: a query of the current device.
                 if unsafe { k::hr_flash_attention_wgmma_usable() } == 1 {
@@ -599,6 +599,9 @@ impl Backend for CudaBackend {
                 FlashForward::Wgmma => k::hr_flash_attention_forward_bf16_wgmma(&p, st),
                 FlashForward::WgmmaPingPong => {
                     k::hr_flash_attention_forward_bf16_wgmma_pingpong(&p, st)
+                }
+                FlashForward::WgmmaPersistent => {
+                    k::hr_flash_attention_forward_bf16_wgmma_persistent(&p, st)
                 }
                 FlashForward::Standard => unreachable!("handled above"),
             }

@@ -254,6 +254,12 @@ unsafe extern "C" {
     ) -> ::std::os::raw::c_int;
 }
 unsafe extern "C" {
+    pub fn hr_flash_attention_forward_bf16_wgmma_persistent(
+        p: *const hr_attention_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
     pub fn hr_flash_attention_wgmma_usable() -> ::std::os::raw::c_int;
 }
 unsafe extern "C" {

@@ -1026,7 +1026,11 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
 /// N = 1, 127, 128, 129, 255, 256, 257 and 1000 (7·128 + 104 = 15·64 + 40 = 31·32 + 8) take
 /// every edge of each; d = 64 and 128, causal (where the diagonal crosses a 128-row query
 /// tile's two or four K/V tiles) and not, and grouped-query heads (G = 2 and MQA) so that a
-/// wrong kv-head index reads a neighbour's K/V.
+/// wrong kv-head index reads a neighbour's K/V. And 2 x 32 heads of N = 1000: 512 query tiles,
+/// several per block of a persistent grid (132 SMs on an H100, 148 on a B200), so that the
+/// last head, which validation always compares, is a block's third or fourth tile: its Q
+/// follows another tile's, its K/V stages and barrier phases continue the earlier tiles', and
+/// causal tiles of different lengths follow each other.
 pub fn alternative_check_cases() -> Vec<Box<dyn Case>> {
     let mut shapes: Vec<AttentionShape> = Vec::new();
     for n in [1, 127, 128, 129, 255, 256, 257, 1000] {
@@ -1040,6 +1044,9 @@ pub fn alternative_check_cases() -> Vec<Box<dyn Case>> {
         for causal in [false, true] {
             shapes.push(AttentionShape::new(2, heads, 1000, 128, causal).with_kv_heads(kv));
         }
+    }
+    for (d, causal) in [(64, true), (128, false), (128, true)] {
+        shapes.push(AttentionShape::new(2, 32, 1000, d, causal));
     }
     let mut out: Vec<Box<dyn Case>> = Vec::new();
     for kernel in FlashForward::ALTERNATIVES {
