@@ -98,6 +98,10 @@ int hr_matmul_bf16_wgmma_wide(const hr_matmul_params *p, hr_stream_t stream);
 /* The wide form in 2x1 thread-block clusters: the two CTAs of a cluster compute vertically
  * adjacent tiles and each loads half of their shared B tile, multicast to both. */
 int hr_matmul_bf16_wgmma_cluster(const hr_matmul_params *p, hr_stream_t stream);
+/* The wide form with its epilogue through shared memory and TMA stores, overlapped with the
+ * next tile's main loop; where TMA cannot take C (not 16-byte aligned, or rows or a used
+ * batch stride not multiples of 16 bytes) it stores from registers as the wide form. */
+int hr_matmul_bf16_wgmma_tma_store(const hr_matmul_params *p, hr_stream_t stream);
 /* 1 if this build carries sm_90a wgmma code, else 0. */
 int hr_matmul_wgmma_compiled(void);
 

@@ -50,6 +50,28 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap *map
                  "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
                  : "memory");
 }
+// TMA stores (PTX ISA "cp.async.bulk.tensor", shared::cta -> global, bulk async-groups):
+// the 3-D box at `src` to coordinates {c0, c1, c2} of `map`; the parts of the box outside the
+// tensor are not written. The issuing thread commits its stores as a group and later waits
+// until at most N of its groups still read their shared memory (.read: the writes to global
+// may still be under way; they are visible once the grid completes).
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap *map, uint32_t src, int c0, int c1,
+                                             int c2) {
+    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n"
+                 ::"l"(reinterpret_cast<uint64_t>(map)), "r"(src), "r"(c0), "r"(c1), "r"(c2)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() {
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+// Orders this thread's generic-proxy writes to shared memory before later async-proxy reads
+// of it (a TMA store issued after a barrier).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
 // Thread-block clusters (PTX ISA "Cluster of Cooperative Thread Arrays", sm_90).
 // This CTA's rank in its cluster, the cluster's index in the grid, and the number of clusters
 // (x dimension; PTX ISA "Special Registers": %cluster_ctarank, %clusterid, %nclusterid).

@@ -11,6 +11,7 @@
 //   matmul_bf16_mma_kernel   : BF16 mma.sync m16n8k16 + ldmatrix, 128x128x32 tile, 8 warps, 4-stage cp.async.
 //   matmul_bf16_wgmma_kernel : BF16 wgmma m64n128k16 (sm_90a) fed by TMA + 5-stage mbarrier ring, persistent.
 //   matmul_bf16_wgmma_cluster_kernel : its wide form on 2x1 clusters sharing B by TMA multicast.
+//   (matmul_bf16_wgmma_kernel's wide form with TMA_STORE: C through shared memory and TMA stores.)
 // Every version takes all four (trans_a, trans_b) forms and any m, n, k; the SIMT one writes
 // fp32 C only; the wgmma launcher returns 801 when TMA cannot describe the operands.
 //
@@ -44,6 +45,7 @@ struct MatmulArgs {
     int c_vec;               // C and residual allow the kernel's vector epilogue width
     int c_bf16;              // C (and residual) are bf16, else fp32
     int raster_group;        // wgmma: tile order in bands of this many tile rows (raster.h)
+    int c_tma;               // wgmma-tma-store: C (and its tensor map) takes TMA stores
 };
 
 // ------------------------------------------------------------------------------------
@@ -615,6 +617,27 @@ __global__ void __launch_bounds__(tc::THREADS, 2) matmul_bf16_mma_kernel(const M
 // init, before any multicast or remote arrival, and another precedes exit, so that no CTA
 // leaves while its peer may still write its smem or arrive on its barriers; every thread of
 // both CTAs passes both, the idle producer threads and clusters without work included.
+//
+// The TMA-store form (WIDE and TMA_STORE, technique wgmma-tma-store): the wide form whose
+// epilogue goes through shared memory and TMA stores where the host could describe C to TMA
+// (args.c_tma: C 16-byte aligned, its rows and batch stride multiples of 16 bytes), and
+// straight from the registers, as the wide form, where it could not. Each consumer warpgroup
+// stores its 64 x 256 part in column chunks of 128 bytes (64 bf16 or 32 fp32 columns: one box
+// {128 B, 64 rows} of a 128-byte swizzled map) through two 8 KB buffers of its own, which
+// alternate over all its chunks, tile after tile:
+//   the issuing thread (the warpgroup's first) waits until at most one of its store groups
+//   still reads shared memory (cp.async.bulk.wait_group.read 1: the other buffer's), so the
+//   buffer's last store has read it; the warpgroup meets at its named barrier (1 + cw, 128
+//   threads); each thread applies the epilogue (alpha, bias, gelu, residual, C_old: the same
+//   math, order and rounding as the direct path) to its values of the chunk and writes them in
+//   the map's swizzle (16-byte unit u of row r at u ^ (r % 8): the 8 rows a warp writes at once
+//   hit distinct banks), then fence.proxy.async; the warpgroup meets again; the issuing thread
+//   stores the box and commits it as a group.
+// The warpgroup goes on to its next tile's k-tiles while the last stores drain, and the
+// issuing thread waits for all its groups to have read shared memory before it exits. TMA
+// clips rows past m and columns past n; chunks wholly past n are skipped, and a warpgroup
+// whose 64 rows lie wholly past m stores nothing. The four buffers (32 KB) fit beside the
+// wide form's 4 stages: 230,464 bytes of the 232,448 a block may have.
 
 namespace hg {
 constexpr int BM = 128, BK = 64, THREADS = 384;
@@ -632,6 +655,13 @@ template <bool WIDE> struct Cfg {
         1024 /* alignment slack */ + STAGES * STAGE_BYTES + 2 * STAGES * 8;
     static_assert(SMEM_BYTES <= 227 * 1024, "fits Hopper's shared memory per block");
 };
+// The TMA-store form's staging for C: 2 consumer warpgroups x 2 buffers of one 64-row,
+// 128-byte-wide box, after the stages (before the barriers).
+constexpr int STORE_BOX_BYTES = 64 * 128;
+constexpr int STORE_BYTES = 2 * 2 * STORE_BOX_BYTES;
+template <bool WIDE, bool TMA_STORE>
+constexpr int kSmemBytes = Cfg<WIDE>::SMEM_BYTES + (TMA_STORE ? STORE_BYTES : 0);
+static_assert(kSmemBytes<true, true> <= 227 * 1024, "the TMA-store form fits");
 // The cluster form: the wide form's tiles and stages, its own barrier counts and B box.
 struct ClusterCfg : Cfg<true> {
     static constexpr int FULL_ARRIVALS = 2;  // this CTA's producer (expect_tx) and the peer's
@@ -644,13 +674,122 @@ struct ClusterCfg : Cfg<true> {
 __device__ int hr_wgmma_image_flag = HR_WGMMA_DEVICE;
 
 
+
+#if HR_WGMMA_DEVICE
+// The TMA-store form's epilogue (see above). x: two adjacent columns col, col + 1 of one row;
+// alpha, bias, gelu, then residual and C_old as epilogue_finish adds them (rows past m and
+// columns past n read nothing: TMA never stores them).
+template <typename T>
+__device__ __forceinline__ void epilogue_pair(const MatmulArgs &p, int64_t c_off, int row,
+                                              int col, float (&x)[2]) {
+    epilogue_math<2>(p, col, x);
+    if (row >= p.m) return;
+    const int64_t idx = c_off + (int64_t)row * p.n + col;
+    const T *res = p.residual ? static_cast<const T *>(p.residual) + idx : nullptr;
+    const T *c = static_cast<const T *>(p.c) + idx;
+    if (p.c_vec && col + 2 <= p.n) {
+        if (res) {
+            float r[2];
+            load_vec<T, 2>(res, r);
+            x[0] += r[0];
+            x[1] += r[1];
+        }
+        if (p.accumulate) {
+            float o[2];
+            load_vec<T, 2>(c, o);
+            x[0] += o[0];
+            x[1] += o[1];
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            if (col + i < p.n) {
+                if (res) x[i] += hr::to_f32(res[i]);
+                if (p.accumulate) x[i] += hr::to_f32(c[i]);
+            }
+        }
+    }
+}
+
+// Two elements of C in its dtype to shared memory (the rounding store_vec does).
+template <typename T> __device__ __forceinline__ void st_shared_pair(uint32_t addr, const float (&x)[2]);
+template <> __device__ __forceinline__ void st_shared_pair<__nv_bfloat16>(uint32_t addr,
+                                                                          const float (&x)[2]) {
+    __nv_bfloat16 e[2] = {hr::from_f32<__nv_bfloat16>(x[0]), hr::from_f32<__nv_bfloat16>(x[1])};
+    uint32_t raw;
+    memcpy(&raw, e, sizeof(raw));
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(raw) : "memory");
+}
+template <> __device__ __forceinline__ void st_shared_pair<float>(uint32_t addr,
+                                                                  const float (&x)[2]) {
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x[0]), "f"(x[1])
+                 : "memory");
+}
+
+// bar.sync by consumer warpgroup cw's 128 threads on named barrier 1 + cw (immediate ids, so
+// that ptxas reserves just these two besides __syncthreads' 0).
+__device__ __forceinline__ void warpgroup_bar_sync(int cw) {
+    if (cw == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    else asm volatile("bar.sync 2, 128;\n" ::: "memory");
+}
+
+// One consumer warpgroup's 64 x BN part of a tile (rows row0.., columns n0..) through its two
+// staging buffers at `bufs` and TMA stores (see the TMA-store form above). `r` is the
+// thread's first row within the 64 (its second is r + 8); `n_stored` counts this
+// warpgroup's chunks so far (the same in all its threads): chunk i uses buffer i % 2.
+template <int BN, typename T>
+__device__ __forceinline__ void store_tile_tma(const MatmulArgs &p, const CUtensorMap *map,
+                                               const float (&acc)[BN / 2], uint32_t bufs, int bz,
+                                               int row0, int n0, int cw, int r, int lane,
+                                               uint32_t &n_stored) {
+    constexpr int ES = (int)sizeof(T), CW = 128 / ES, NB = CW / 8, CHUNKS = BN / CW;
+    const bool leader = (threadIdx.x & 127) == 0;
+    const int64_t c_off = (int64_t)bz * p.stride_c;
+#pragma unroll
+    for (int q = 0; q < CHUNKS; ++q) {
+        const int c0 = n0 + q * CW;
+        if (c0 >= p.n) break; // uniform over the warpgroup
+        const uint32_t buf = bufs + (n_stored & 1u) * hg::STORE_BOX_BYTES;
+        // This buffer's last store (two chunks ago) has read it once at most one group, the
+        // other buffer's, is still reading.
+        if (leader) bulk_wait_read<1>();
+        warpgroup_bar_sync(cw);
+#pragma unroll
+        for (int jj = 0; jj < NB; ++jj) {
+            const int j = q * NB + jj; // the n8 block of the accumulator
+            const int cc = jj * 8 + (lane & 3) * 2; // column within the chunk
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float x[2] = {acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]};
+                epilogue_pair<T>(p, c_off, row0 + r + 8 * h, c0 + cc, x);
+                const int rr = r + 8 * h;
+                const uint32_t byte = (uint32_t)(cc * ES);
+                st_shared_pair<T>(buf + rr * 128 + ((((byte >> 4) ^ (uint32_t)(rr & 7))) << 4) +
+                                      (byte & 15u),
+                                  x);
+            }
+        }
+        fence_proxy_async_shared();
+        warpgroup_bar_sync(cw);
+        if (leader) {
+            tma_store_3d(map, buf, c0, row0, bz);
+            bulk_commit();
+        }
+        ++n_stored;
+    }
+}
+#endif // HR_WGMMA_DEVICE
+
 // TA: A stored [k, m] (m-major). TB: B stored [n, k] (k-major; wgmma's untransposed B).
-// WIDE: the 128x256 form (see above).
-template <bool TA, bool TB, bool WIDE>
+// WIDE: the 128x256 form; TMA_STORE (with WIDE): its epilogue through TMA stores of C by
+// tma_c where p.c_tma (see above); the other forms never read tma_c.
+template <bool TA, bool TB, bool WIDE, bool TMA_STORE>
 __global__ void __launch_bounds__(hg::THREADS, 1)
     matmul_bf16_wgmma_kernel(const __grid_constant__ CUtensorMap tma_a,
-                             const __grid_constant__ CUtensorMap tma_b, const MatmulArgs p) {
+                             const __grid_constant__ CUtensorMap tma_b,
+                             const __grid_constant__ CUtensorMap tma_c, const MatmulArgs p) {
 #if HR_WGMMA_DEVICE
+    static_assert(WIDE || !TMA_STORE, "the TMA-store epilogue is the wide form's");
     using namespace hg;
     using C = Cfg<WIDE>;
     constexpr int BN = C::BN, STAGES = C::STAGES, B_BYTES = C::B_BYTES;
@@ -658,7 +797,9 @@ __global__ void __launch_bounds__(hg::THREADS, 1)
     extern __shared__ __align__(1024) unsigned char hg_smem[];
     // 128B-swizzle atoms must sit on 1024-byte boundaries of the shared window.
     const uint32_t base = (smem_u32(hg_smem) + 1023u) & ~1023u;
-    const uint32_t full0 = base + STAGES * STAGE_BYTES; // full[s]  = full0 + 8 s
+    // The TMA-store form's buffers for C, after the stages: warpgroup cw's at stores + 16 KB cw.
+    const uint32_t stores = base + STAGES * STAGE_BYTES;
+    const uint32_t full0 = stores + (TMA_STORE ? STORE_BYTES : 0); // full[s]  = full0 + 8 s
     const uint32_t empty0 = full0 + STAGES * 8;         // empty[s] = empty0 + 8 s
     const int tid = threadIdx.x, wg = tid >> 7;
 
@@ -738,6 +879,7 @@ __global__ void __launch_bounds__(hg::THREADS, 1)
         const uint32_t b_lbo = TB ? 16u : 8192u;
         const uint32_t b_step = TB ? 32u : 2048u;
         uint32_t it = 0;
+        uint32_t n_stored = 0; // the TMA-store form: this warpgroup's C chunks so far
         for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
             // The producer's order, tile for tile.
             const HrTileCoord tc = hr_tile_coord(t, tiles_m, tiles_n, p.raster_group);
@@ -782,6 +924,22 @@ __global__ void __launch_bounds__(hg::THREADS, 1)
             // Accumulator layout (per warp, like mma.m16n8 C repeated over n8 blocks j):
             // acc[4j + {0,1}] at (row 16*warp4 + lane/4, cols 8j + 2*(lane%4) + {0,1}),
             // acc[4j + {2,3}] at the same cols, row + 8.
+            if constexpr (TMA_STORE) {
+                if (p.c_tma) {
+                    const int row0 = m0 + cw * 64; // this warpgroup's rows; none past m: no work
+                    if (row0 < p.m) {
+                        const uint32_t bufs = stores + (uint32_t)cw * 2u * STORE_BOX_BYTES;
+                        const int r = warp4 * 16 + (lane >> 2);
+                        if (p.c_bf16)
+                            store_tile_tma<BN, __nv_bfloat16>(p, &tma_c, acc, bufs, bz, row0, n0,
+                                                              cw, r, lane, n_stored);
+                        else
+                            store_tile_tma<BN, float>(p, &tma_c, acc, bufs, bz, row0, n0, cw, r,
+                                                      lane, n_stored);
+                    }
+                    continue;
+                }
+            }
             const int64_t c_off = (int64_t)bz * p.stride_c;
             const int row = m0 + cw * 64 + warp4 * 16 + (lane >> 2);
 #pragma unroll
@@ -793,6 +951,9 @@ __global__ void __launch_bounds__(hg::THREADS, 1)
                 epilogue_store<2, true>(p, c_off, row + 8, col, hi);
             }
         }
+        // The TMA-store form: shared memory must outlive every store that reads it.
+        if constexpr (TMA_STORE)
+            if ((tid & 127) == 0) bulk_wait_read<0>();
     }
 #endif // HR_WGMMA_DEVICE
 }
@@ -1060,6 +1221,7 @@ int prepare(const hr_matmul_params *p, MatmulArgs *a) {
     a->c_bf16 = p->c_dtype == HR_BF16;
     a->raster_group = p->raster_group;
     a->a_vec = a->b_vec = a->c_vec = 0;
+    a->c_tma = 0;
     return 0;
 }
 
@@ -1117,19 +1279,22 @@ extern "C" int hr_matmul_bf16_mma(const hr_matmul_params *p, hr_stream_t stream)
 
 namespace {
 
+// The cluster kernel (A and B's maps) and the per-block forms (A, B and C's maps).
 using WgmmaKernel = void (*)(const CUtensorMap, const CUtensorMap, const MatmulArgs);
+using WgmmaKernelC = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap,
+                              const MatmulArgs);
 
-template <bool WIDE> WgmmaKernel wgmma_kernel_for(bool ta, bool tb) {
-    return ta ? (tb ? matmul_bf16_wgmma_kernel<true, true, WIDE>
-                    : matmul_bf16_wgmma_kernel<true, false, WIDE>)
-              : (tb ? matmul_bf16_wgmma_kernel<false, true, WIDE>
-                    : matmul_bf16_wgmma_kernel<false, false, WIDE>);
+template <bool WIDE, bool TMA_STORE> WgmmaKernelC wgmma_kernel_for(bool ta, bool tb) {
+    return ta ? (tb ? matmul_bf16_wgmma_kernel<true, true, WIDE, TMA_STORE>
+                    : matmul_bf16_wgmma_kernel<true, false, WIDE, TMA_STORE>)
+              : (tb ? matmul_bf16_wgmma_kernel<false, true, WIDE, TMA_STORE>
+                    : matmul_bf16_wgmma_kernel<false, false, WIDE, TMA_STORE>);
 }
 
 // Does `device` run the real sm_90a matmul kernel (see sm90a_image_runs)?
 bool wgmma_usable(int device) {
     static std::atomic<int> cache[64];
-    return sm90a_image_runs(device, matmul_bf16_wgmma_kernel<false, false, false>,
+    return sm90a_image_runs(device, matmul_bf16_wgmma_kernel<false, false, false, false>,
                             hr_wgmma_image_flag, cache);
 }
 
@@ -1165,6 +1330,27 @@ bool encode_operand(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap *map, 
     return r == CUDA_SUCCESS;
 }
 
+// The TMA-store form's map of C ([batch][m, n], bf16 or fp32): {n, m, batch}, boxes of 128
+// bytes by 64 rows, 128-byte swizzle. False (the kernel then stores from registers) unless
+// TMA can take C: 16-byte aligned, rows and a used batch stride multiples of 16 bytes.
+bool encode_c(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap *map, const MatmulArgs &a) {
+    const int esize = a.c_bf16 ? 2 : 4;
+    const bool batched = a.batch > 1;
+    if (!aligned(a.c, 16) || ((int64_t)a.n * esize) % 16 != 0 ||
+        (batched && (a.stride_c * esize) % 16 != 0))
+        return false;
+    cuuint64_t dims[3] = {(cuuint64_t)a.n, (cuuint64_t)a.m, batched ? (cuuint64_t)a.batch : 1};
+    cuuint64_t strides[2] = {(cuuint64_t)a.n * esize,
+                             batched ? (cuuint64_t)a.stride_c * esize
+                                     : (cuuint64_t)a.n * esize * (cuuint64_t)a.m};
+    cuuint32_t box[3] = {(cuuint32_t)(128 / esize), 64, 1}, estr[3] = {1, 1, 1};
+    return encode(map,
+                  a.c_bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3,
+                  a.c, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                  CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 } // namespace
 
 namespace {
@@ -1193,25 +1379,35 @@ int prepare_wgmma(const hr_matmul_params *p, int b_box_rows, MatmulArgs *a, CUte
     return 0;
 }
 
-// Both forms of the wgmma kernel: encodes the operands' tensor maps and launches one block
-// per SM (or per tile, when there are fewer), tiles in the order p->raster_group asks for.
-template <bool WIDE> int launch_wgmma(const hr_matmul_params *p, hr_stream_t stream) {
+// The per-block forms of the wgmma kernel: encodes the operands' tensor maps (and C's, for
+// the TMA-store form, where TMA can take C) and launches one block per SM (or per tile, when
+// there are fewer), tiles in the order p->raster_group asks for.
+template <bool WIDE, bool TMA_STORE>
+int launch_wgmma(const hr_matmul_params *p, hr_stream_t stream) {
     using C = hg::Cfg<WIDE>;
+    constexpr int smem = hg::kSmemBytes<WIDE, TMA_STORE>;
     MatmulArgs a;
-    alignas(64) CUtensorMap map_a, map_b;
+    alignas(64) CUtensorMap map_a, map_b, map_c;
     int device = 0;
     const int err = prepare_wgmma(p, C::BN, &a, &map_a, &map_b, &device);
     if (err) return err;
     const bool ta = a.trans_a != 0, tb = a.trans_b != 0;
+    // Never read where c_tma is 0; a copy of A's map rather than uninitialised bytes.
+    map_c = map_a;
+    if (TMA_STORE) {
+        const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+        a.c_tma = encode != nullptr && encode_c(encode, &map_c, a) ? 1 : 0;
+        if (!a.c_tma) map_c = map_a;
+    }
 
     int sms = 0;
     HR_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     const int64_t total = (int64_t)tiles_of(a.m, hg::BM) * tiles_of(a.n, C::BN) * a.batch;
     const int64_t blocks = total < (int64_t)sms ? total : (int64_t)sms; // persistent: 1 per SM
-    const WgmmaKernel kernel = wgmma_kernel_for<WIDE>(ta, tb);
-    HR_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                C::SMEM_BYTES));
-    kernel<<<(unsigned)blocks, hg::THREADS, C::SMEM_BYTES, (cudaStream_t)stream>>>(map_a, map_b, a);
+    const WgmmaKernelC kernel = wgmma_kernel_for<WIDE, TMA_STORE>(ta, tb);
+    HR_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<(unsigned)blocks, hg::THREADS, smem, (cudaStream_t)stream>>>(map_a, map_b, map_c,
+                                                                           a);
     HR_RETURN_LAUNCH_STATUS();
 }
 
@@ -1293,11 +1489,18 @@ int launch_wgmma_cluster(const hr_matmul_params *p, hr_stream_t stream) {
 // dimension (k or m for A, n or k for B) or a used batch stride is not a multiple of 8
 // elements (TMA strides are multiples of 16 bytes); or the driver rejects the tensor map.
 extern "C" int hr_matmul_bf16_wgmma(const hr_matmul_params *p, hr_stream_t stream) {
-    return launch_wgmma<false>(p, stream);
+    return launch_wgmma<false, false>(p, stream);
 }
 
 extern "C" int hr_matmul_bf16_wgmma_wide(const hr_matmul_params *p, hr_stream_t stream) {
-    return launch_wgmma<true>(p, stream);
+    return launch_wgmma<true, false>(p, stream);
+}
+
+// The same requirements and return codes. Where TMA cannot take C (C not 16-byte aligned,
+// or n or a used batch stride not a multiple of 16 bytes of C's dtype), its epilogue stores
+// from the registers as hr_matmul_bf16_wgmma_wide's.
+extern "C" int hr_matmul_bf16_wgmma_tma_store(const hr_matmul_params *p, hr_stream_t stream) {
+    return launch_wgmma<true, true>(p, stream);
 }
 
 // Same requirements and return codes; also 801 when no 2-CTA cluster of this kernel fits on

@@ -73,6 +73,9 @@ STEPS=(
     # The wide form in 2x1 clusters with B multicast (odd tile-row counts leave the last
     # pair's second block past m; small sizes leave clusters idle).
     "check-matmul-wgmma-cluster 5     5    check      matmul/wgmma-cluster/"
+    # The wide form with C through shared memory and TMA stores (bf16 and fp32 C; n = 257,
+    # 33 and 1 store from registers).
+    "check-matmul-tma-store     5     5    check      matmul/wgmma-tma-store/"
     "check-matmul-cublas        5     5    check      matmul/cublas/"
     "check-attention-f32        12    5    check      attention/naive/f32/ attention/flash/f32/"
     "check-attention-bf16       12    5    check      attention/naive/bf16/ attention/flash/bf16/"
@@ -101,7 +104,7 @@ STEPS=(
     "sanitizer-memcheck         10    15   sanitize   memcheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-wgmma/bf16/fwd/b2-h3-n129- flash-m128/bf16/fwd/b2-h3-n129-"
     # The kernels whose barriers span warpgroups or blocks (named-barrier ping-pong, cluster
     # multicast) in a step of their own: a hang there costs only this step.
-    "sanitizer-memcheck-cross   6     15   sanitize   memcheck flash-wgmma-pp/bf16/fwd/b2-h3-n129- flash-wgmma-persistent/bf16/fwd/b2-h32-n1000-d64-causal matmul/wgmma-cluster/bf16/m127-n257-k131"
+    "sanitizer-memcheck-cross   6     15   sanitize   memcheck flash-wgmma-pp/bf16/fwd/b2-h3-n129- flash-wgmma-persistent/bf16/fwd/b2-h32-n1000-d64-causal matmul/wgmma-cluster/bf16/m127-n257-k131 wgmma-tma-store/bf16/m129-n200-k72-bias-gelu-res"
     "sanitizer-racecheck        10    15   sanitize   racecheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-m128/bf16/fwd/b2-h3-n129-"
     "sanitizer-synccheck        8     15   sanitize   synccheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-m128/bf16/fwd/b2-h3-n129-"
     # The quick profile, one family per process, each into its own report folder (the bench
@@ -115,6 +118,7 @@ STEPS=(
     "bench-matmul-wgmma-banded  8     10   bench      matmul/wgmma-banded/"
     "bench-matmul-wgmma-wide    8     10   bench      matmul/wgmma-wide/"
     "bench-matmul-wgmma-cluster 8     10   bench      matmul/wgmma-cluster/"
+    "bench-matmul-tma-store     8     10   bench      matmul/wgmma-tma-store/"
     "bench-attention-flash      12    10   bench      attention/flash/"
     "bench-attention-wgmma      8     10   bench      attention/flash-wgmma/"
     "bench-attention-m128       8     10   bench      attention/flash-m128/"

@@ -37,6 +37,10 @@ pub enum MatmulKernel {
     /// vertically adjacent tiles and each loads half of their shared B tile, multicast to
     /// both by TMA. Its own technique until a GPU has validated and timed it.
     WgmmaCluster,
+    /// The wide form with its epilogue through shared memory and TMA stores, overlapped with
+    /// the next tile's main loop (where TMA can take C; elsewhere it stores from registers
+    /// as the wide form). Its own technique until a GPU has validated and timed it.
+    WgmmaTmaStore,
     /// The library baseline (fp32 sgemm with TF32 off, or bf16 GemmEx).
     Cublas,
 }
@@ -54,6 +58,7 @@ impl MatmulKernel {
                 | MatmulKernel::WgmmaBanded
                 | MatmulKernel::WgmmaWide
                 | MatmulKernel::WgmmaCluster
+                | MatmulKernel::WgmmaTmaStore
         )
     }
 
@@ -65,6 +70,7 @@ impl MatmulKernel {
             MatmulKernel::WgmmaBanded => "wgmma-banded",
             MatmulKernel::WgmmaWide => "wgmma-wide",
             MatmulKernel::WgmmaCluster => "wgmma-cluster",
+            MatmulKernel::WgmmaTmaStore => "wgmma-tma-store",
             MatmulKernel::Cublas => "cublas",
         }
     }

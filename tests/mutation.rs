@@ -3,7 +3,7 @@
 //! (all zeros; 1% of its elements off by 5%; two rows swapped; one NaN), and validation must
 //! fail and name that tensor as the worst. The untouched run is the control: it must pass.
 
-use headroom::backend::{AttentionShape, Matmul, MatmulKernel};
+use headroom::backend::{AttentionShape, Epilogue, Matmul, MatmulKernel};
 use headroom::dtype::DType;
 use headroom::techniques::attention::{AttentionCase, Pass, Variant};
 use headroom::techniques::copy::CopyCase;
@@ -25,6 +25,26 @@ fn matmul_c_mutations_are_caught() {
         for (ta, tb) in [(false, false), (true, true)] {
             let mm = Matmul::new(127, 257, 131).transposed(ta, tb);
             assert_caught(&MatmulCase::new(kernel, dtype, dtype, mm), &["C"], &[]);
+        }
+        // With a residual added after GELU, with C's old values, and per batch entry.
+        let base = Matmul::new(129, 200, 72);
+        for mm in [
+            Matmul {
+                epilogue: Epilogue::BiasGelu,
+                ..base
+            },
+            Matmul {
+                alpha: 0.125,
+                accumulate: true,
+                ..base
+            },
+            Matmul {
+                stride_b: 0,
+                ..base.batched(3)
+            },
+        ] {
+            let case = MatmulCase::new(kernel, dtype, dtype, mm).with_residual();
+            assert_caught(&case, &["C"], &[]);
         }
     }
 }

@@ -500,7 +500,10 @@ impl Backend for CudaBackend {
             alpha: mm.alpha,
             raster_group: if matches!(
                 kernel,
-                MatmulKernel::WgmmaBanded | MatmulKernel::WgmmaWide | MatmulKernel::WgmmaCluster
+                MatmulKernel::WgmmaBanded
+                    | MatmulKernel::WgmmaWide
+                    | MatmulKernel::WgmmaCluster
+                    | MatmulKernel::WgmmaTmaStore
             ) {
                 crate::shapes::WGMMA_BAND_ROWS
             } else {
@@ -516,6 +519,7 @@ impl Backend for CudaBackend {
                 MatmulKernel::Wgmma | MatmulKernel::WgmmaBanded => k::hr_matmul_bf16_wgmma(&p, s),
                 MatmulKernel::WgmmaWide => k::hr_matmul_bf16_wgmma_wide(&p, s),
                 MatmulKernel::WgmmaCluster => k::hr_matmul_bf16_wgmma_cluster(&p, s),
+                MatmulKernel::WgmmaTmaStore => k::hr_matmul_bf16_wgmma_tma_store(&p, s),
                 MatmulKernel::Cublas => unreachable!("handled above"),
             }
         };

@@ -235,6 +235,10 @@ fn info() -> Outcome {
             "  wgmma matmul on 128x256 tiles in 2x1 clusters: {}",
             usable(backend::MatmulKernel::WgmmaCluster)
         );
+        println!(
+            "  wgmma matmul on 128x256 tiles, C by TMA stores: {}",
+            usable(backend::MatmulKernel::WgmmaTmaStore)
+        );
         for kernel in backend::FlashForward::ALTERNATIVES {
             println!(
                 "  flash forward {}: {}",

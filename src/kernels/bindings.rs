@@ -152,6 +152,12 @@ unsafe extern "C" {
     ) -> ::std::os::raw::c_int;
 }
 unsafe extern "C" {
+    pub fn hr_matmul_bf16_wgmma_tma_store(
+        p: *const hr_matmul_params,
+        stream: hr_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
     pub fn hr_matmul_wgmma_compiled() -> ::std::os::raw::c_int;
 }
 #[repr(C)]

@@ -20,11 +20,13 @@ pub struct MatmulOperands<'a> {
     pub a: &'a [f32],
     pub b: &'a [f32],
     pub bias: Option<&'a [f32]>,
+    /// Added after the bias and GELU (C's layout and batch stride).
+    pub residual: Option<&'a [f32]>,
     /// C before the call, when the call accumulates into it.
     pub c_old: Option<&'a [f32]>,
 }
 
-/// Element (batch, i, j) of `epilogue(alpha * op(A) . op(B)) (+ c_old)`.
+/// Element (batch, i, j) of `epilogue(alpha * op(A) . op(B)) (+ residual) (+ c_old)`.
 pub fn matmul_element(
     mm: &Matmul,
     x: &MatmulOperands<'_>,
@@ -32,7 +34,8 @@ pub fn matmul_element(
     i: usize,
     j: usize,
 ) -> f64 {
-    let (a, b, bias, c_old) = (x.a, x.b, x.bias, x.c_old);
+    let (a, b, bias, residual, c_old) = (x.a, x.b, x.bias, x.residual, x.c_old);
+    let at_c = batch * mm.stride_c + i * mm.n + j;
     let a0 = batch * mm.stride_a;
     let b0 = batch * mm.stride_b;
     let mut acc = 0f64;
@@ -56,9 +59,12 @@ pub fn matmul_element(
     if mm.epilogue == Epilogue::BiasGelu {
         x = gelu_tanh(x);
     }
+    if let Some(r) = residual {
+        x += r[at_c] as f64;
+    }
     if mm.accumulate {
         if let Some(c) = c_old {
-            x += c[batch * mm.stride_c + i * mm.n + j] as f64;
+            x += c[at_c] as f64;
         }
     }
     x

@@ -3,7 +3,7 @@
 //! technique users reach for: bf16 halves every operand's bytes.
 //!
 //! FLOPs = 2·M·N·K per matrix. Memory model: A + B + C (+ the f32 bias when an epilogue is
-//! fused), plus for cuBLAS the workspace it is handed from the tracked allocator for each
+//! fused, + a residual the size of C in C's dtype when one is added), plus for cuBLAS the workspace it is handed from the tracked allocator for each
 //! call ([`crate::shapes::CUBLAS_WORKSPACE_BYTES`]), so the library holds nothing the figure
 //! does not count.
 
@@ -31,6 +31,8 @@ pub struct MatmulCase {
     mm: Matmul,
     in_dtype: DType,
     out_dtype: DType,
+    /// A residual (C's shape and dtype) is added by the epilogue.
+    residual: bool,
 }
 
 /// The shape part of a matmul case id: `m4096-n4096-k4096`, plus the form and extras.
@@ -101,7 +103,19 @@ impl MatmulCase {
             mm,
             in_dtype,
             out_dtype,
+            residual: false,
         }
+    }
+
+    /// The same product with a residual (C's shape and dtype) added by the epilogue after
+    /// the bias and GELU, before C's old values (id suffix `-res`).
+    pub fn with_residual(mut self) -> Self {
+        let c_bytes = lens(&self.mm).2 as u64 * self.out_dtype.size() as u64;
+        self.residual = true;
+        self.info.id.push_str("-res");
+        self.info.predicted_peak_bytes += c_bytes;
+        self.info.bytes_moved += c_bytes as f64;
+        self
     }
 }
 
@@ -134,10 +148,12 @@ struct MatmulInstance {
     a: Tensor,
     b: Tensor,
     bias: Option<Tensor>,
+    residual: Option<Tensor>,
     c: Tensor,
     a_v: Vec<f32>,
     b_v: Vec<f32>,
     bias_v: Option<Vec<f32>>,
+    residual_v: Option<Vec<f32>>,
     in_dtype: DType,
     out_dtype: DType,
 }
@@ -161,6 +177,12 @@ impl Case for MatmulCase {
             let (t, v) = random_tensor(be, rng, DType::F32, self.mm.n, 1.0, "bias")?;
             (Some(t), Some(v))
         };
+        let (residual, residual_v) = if self.residual {
+            let (t, v) = random_tensor(be, rng, self.out_dtype, c_len, 1.0, "residual")?;
+            (Some(t), Some(v))
+        } else {
+            (None, None)
+        };
         let c = be.alloc(self.out_dtype, c_len, "C")?;
         Ok(Box::new(MatmulInstance {
             kernel: self.kernel,
@@ -168,10 +190,12 @@ impl Case for MatmulCase {
             a,
             b,
             bias,
+            residual,
             c,
             a_v,
             b_v,
             bias_v,
+            residual_v,
             in_dtype: self.in_dtype,
             out_dtype: self.out_dtype,
         }))
@@ -187,7 +211,7 @@ impl Instance for MatmulInstance {
             &self.b,
             Epi {
                 bias: self.bias.as_ref(),
-                residual: None,
+                residual: self.residual.as_ref(),
             },
             &mut self.c,
         )
@@ -225,6 +249,7 @@ impl Instance for MatmulInstance {
             a: &self.a_v,
             b: &self.b_v,
             bias: self.bias_v.as_deref(),
+            residual: self.residual_v.as_deref(),
             c_old: c_old.as_deref(),
         };
         let full = mm.m * mm.n * mm.k <= FULL_CHECK_MACS;
@@ -256,6 +281,7 @@ fn kernels_for(dtype: DType) -> &'static [MatmulKernel] {
             MatmulKernel::WgmmaBanded,
             MatmulKernel::WgmmaWide,
             MatmulKernel::WgmmaCluster,
+            MatmulKernel::WgmmaTmaStore,
             MatmulKernel::Cublas,
         ],
     }
@@ -317,7 +343,11 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
         // vertically adjacent tiles: m = 127, 1 (one tile row: every pair's second block
         // computes rows past m and stores nothing), 1064, 4099, 2056 and 264 (an odd count of
         // tile rows: the last pair's second tile lies wholly past m) against 1000 and 129
-        // (even), and the small sizes leave clusters with no tile at all.
+        // (even), and the small sizes leave clusters with no tile at all. wgmma-tma-store
+        // stores C by TMA where its rows are multiples of 16 bytes (n = 1064, 1000, 2056,
+        // 1128, 1184 and the extras' 200, in bf16 and, for the bf16-into-f32 extra, fp32: the
+        // last 64- or 32-column chunk partial or wholly past n, and for m = 4099 and 1064 a
+        // warpgroup's rows wholly past m) and from registers elsewhere (n = 257, 33, 1).
         BackendKind::Cuda | BackendKind::Dry => &[
             (127, 257, 131),
             (1, 1, 1),
@@ -363,6 +393,15 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
                     continue; // the baseline has no fused epilogue
                 }
                 out.push(Box::new(MatmulCase::new(kernel, dtype, dtype, mm)));
+            }
+            // A residual after the bias and GELU, before C's old values, and per batch entry
+            // (the baseline has no fused epilogue).
+            if kernel != MatmulKernel::Cublas {
+                for mm in [extras[1], extras[2], extras[3]] {
+                    out.push(Box::new(
+                        MatmulCase::new(kernel, dtype, dtype, mm).with_residual(),
+                    ));
+                }
             }
             if dtype == DType::Bf16 {
                 out.push(Box::new(MatmulCase::new(
