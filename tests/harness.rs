@@ -64,7 +64,7 @@ fn bench_filters_select_exactly_the_named_cases() {
 /// The selected cases run through the same harness as the bench: every one is measured.
 #[test]
 fn the_selected_cases_run() {
-    let sel = BenchSelection::from_args(&args(&["--bench", "attention/flash"])).unwrap();
+    let sel = BenchSelection::from_args(&args(&["--bench", "attention/flash/"])).unwrap();
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new(None, None));
     let settings = Settings {
         profile: Profile::Quick,

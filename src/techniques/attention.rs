@@ -911,6 +911,8 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
                 DType::Bf16,
                 AttentionShape::new(1, 2, 128, 128, true),
             );
+            // The alternative forwards beside it (skipped on the CPU, with the reason).
+            alternatives.push(AttentionShape::new(1, 2, 128, 128, true));
             // Grouped-query attention (two query heads per kv head): what eager attention's
             // repeated K/V cost against flash reading the kv heads in place.
             for v in [Variant::Naive, Variant::Flash] {
@@ -1015,9 +1017,9 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
         }
     }
     out.extend(gqa_check_cases(kind));
-    if kind != BackendKind::Cpu {
-        out.extend(alternative_check_cases());
-    }
+    // On the CPU they are skipped with the reason (no alternative runs there), so that a
+    // filter naming one finds its cases everywhere.
+    out.extend(alternative_check_cases());
     out
 }
 
