@@ -110,12 +110,6 @@ __device__ __forceinline__ uint32_t mapa_shared(uint32_t addr, uint32_t rank) {
 __device__ __forceinline__ void mbar_arrive_remote(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-// The same, releasing this thread's earlier memory operations at cluster scope (sm_90 emits a
-// GPU-scope fence before the arrival).
-__device__ __forceinline__ void mbar_arrive_remote_release(uint32_t bar) {
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(bar)
-                 : "memory");
-}
 // tma_load_3d to every CTA of the cluster in `cta_mask`: the box lands at the same shared
 // offset `dst` in each, and complete_tx goes to the mbarrier at offset `bar` in each
 // (PTX ISA "cp.async.bulk.tensor", .multicast::cluster).

@@ -609,7 +609,7 @@ __global__ void __launch_bounds__(tc::THREADS, 2) matmul_bf16_mma_kernel(const M
 //     issued no B box, so the CTAs stay within one use of each other per stage and no
 //     barrier phase ever collects arrivals of two uses.
 //   empty[s]: 4 arrivals, the leader of each consumer warpgroup of both CTAs (on its own CTA's
-//     barrier and, by mapa and a remote arrive released at cluster scope, on the peer's): a
+//     barrier and, by mapa and a plain remote arrive, on the peer's): a
 //     producer writes both CTAs' stage s.
 // Both CTAs walk the same pairs and k-tiles: a tile wholly past m is still computed, on stale
 // A (its B half still feeds the peer), and stores nothing (row guards). A cluster barrier
@@ -1105,7 +1105,10 @@ __global__ void __launch_bounds__(hg::THREADS, 1)
         auto release = [&](uint32_t s) {
             if ((tid & 127) == 0) {
                 mbar_arrive(empty0 + 8 * s);
-                mbar_arrive_remote_release(mapa_shared(empty0 + 8 * s, cluster_ctarank() ^ 1u));
+                // Plain arrive (as CUTLASS's consumer release): the stage was read by wgmma,
+                // retired by wait_group, and this thread wrote nothing the peer needs; a
+                // cluster-scope release cost a GPU-wide fence per k-tile on the issue path.
+                mbar_arrive_remote(mapa_shared(empty0 + 8 * s, cluster_ctarank() ^ 1u));
             }
         };
         uint32_t it = 0;
@@ -1433,7 +1436,12 @@ int max_active_clusters(int device, int form, WgmmaKernel kernel, const cudaLaun
         }
     }
     int n = 0;
-    HR_TRY(cudaOccupancyMaxActiveClusters(&n, kernel, &cfg));
+    // A failed query means the device cannot say: not supported (the caller falls back),
+    // with the error cleared so that it does not surface at the next launch.
+    if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
+        cudaGetLastError();
+        return kNotSupported;
+    }
     if (cached) cache[device][form].store(n + 1, std::memory_order_relaxed);
     *clusters = n;
     return 0;
