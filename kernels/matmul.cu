@@ -1400,7 +1400,6 @@ int launch_wgmma(const hr_matmul_params *p, hr_stream_t stream) {
     if (TMA_STORE) {
         const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
         a.c_tma = encode != nullptr && encode_c(encode, &map_c, a) ? 1 : 0;
-        if (!a.c_tma) map_c = map_a;
     }
 
     int sms = 0;
