@@ -1321,7 +1321,7 @@ reduce_kv_kernel(const T *__restrict__ src, T *__restrict__ dst, int64_t total, 
 // Launch helpers
 // ====================================================================================
 
-inline bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+inline bool aligned16(const void *p) { return hr::aligned(p, 16); }
 
 // Shapes every attention launcher shares. grid.x = B*H (< 2^31), grid.y = Q or K/V tiles
 // (<= 65535 for the smallest tile, 32 rows).

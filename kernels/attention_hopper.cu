@@ -573,8 +573,8 @@ int forward_wgmma(const hr_attention_params *p, hr_stream_t stream) {
         return (int)cudaErrorInvalidValue;
     // 16-byte aligned, as the other forwards ask: TMA's global addresses must be, and O is
     // written in bf16 pairs.
-    auto aligned16 = [](const void *ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; };
-    if (!aligned16(p->q) || !aligned16(p->k) || !aligned16(p->v) || !aligned16(p->o))
+    if (!hr::aligned(p->q, 16) || !hr::aligned(p->k, 16) || !hr::aligned(p->v, 16) ||
+        !hr::aligned(p->o, 16))
         return (int)cudaErrorInvalidValue;
     if (p->batch < 1 || p->heads < 1 || p->seq < 1 || p->kv_heads < 1 ||
         p->heads % p->kv_heads != 0 || (p->head_dim != 64 && p->head_dim != 128) ||

@@ -15,6 +15,12 @@ namespace hr {
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether `p` is a multiple of `bytes` (a power of two): what vector loads, cp.async and TMA
+// ask of a tensor's address. NULL counts as aligned.
+inline bool aligned(const void *p, uintptr_t bytes) {
+    return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
+}
+
 // Element access in fp32 whatever the storage type.
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -608,9 +608,7 @@ adamw_kernel(float *param, const float *grad, float *m, float *v, bf16 *param_bf
 // Launch helpers
 // ====================================================================================
 
-inline bool aligned(const void *p, uintptr_t bytes) {
-    return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; // NULL counts as aligned
-}
+using hr::aligned;
 
 // Grid for a grid-stride loop over `units` work items with `threads`-thread blocks: enough
 // blocks to fill every SM once (2048 resident threads each), never more than the work needs,

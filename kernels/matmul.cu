@@ -1180,9 +1180,7 @@ namespace {
 constexpr int kInvalid = static_cast<int>(cudaErrorInvalidValue);   // 1
 constexpr int kNotSupported = static_cast<int>(cudaErrorNotSupported); // 801
 
-bool aligned(const void *ptr, uintptr_t bytes) {
-    return (reinterpret_cast<uintptr_t>(ptr) % bytes) == 0;
-}
+using hr::aligned;
 
 // Common checks of the contract; fills everything but the vector verdicts.
 int prepare(const hr_matmul_params *p, MatmulArgs *a) {
