@@ -154,6 +154,12 @@ int hr_flash_attention_wgmma_usable(void);
  * dk and dv sum its group's query heads in head order). */
 int hr_flash_attention_backward_f32(const hr_attention_params *p, hr_stream_t stream);
 int hr_flash_attention_backward_bf16(const hr_attention_params *p, hr_stream_t stream);
+/* The bf16 backward on Hopper (sm_90a): the same two deterministic kernels (dK/dV per key
+ * tile and kv head, then dQ per query tile and head, each recomputing P) with TMA loads
+ * through mbarrier rings and wgmma. Same contract and outputs; returns cudaErrorNotSupported
+ * (801) where the device or build cannot run it; cudaErrorInvalidValue for tensors not
+ * 16-byte aligned or B*H > 65535. */
+int hr_flash_attention_backward_bf16_wgmma(const hr_attention_params *p, hr_stream_t stream);
 
 /* Naive attention pieces (the matmuls are hr_matmul_*):
  * scores/probabilities are [rows = B*H, N, N] in the function's dtype. */

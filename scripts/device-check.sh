@@ -86,6 +86,9 @@ STEPS=(
     "check-attention-wgmma-pp   5     5    check      attention/flash-wgmma-pp/"
     # The ping-pong forward on a persistent grid (b2-h32-n1000: several tiles per block).
     "check-attention-persistent 5     5    check      attention/flash-wgmma-persistent/"
+    # The Hopper backward (TMA rings, wgmma with P and dS in registers) on the same shapes,
+    # every gradient, after the standard forward.
+    "check-attention-wgmma-bwd  5     5    check      attention/flash-wgmma-bwd/"
     "check-layers               4     5    check      layers/"
     "check-loss                 4     5    check      loss/"
     "check-train                8     5    check      train/"
@@ -104,7 +107,7 @@ STEPS=(
     "sanitizer-memcheck         10    15   sanitize   memcheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-wgmma/bf16/fwd/b2-h3-n129- flash-m128/bf16/fwd/b2-h3-n129-"
     # The kernels whose barriers span warpgroups or blocks (named-barrier ping-pong, cluster
     # multicast) in a step of their own: a hang there costs only this step.
-    "sanitizer-memcheck-cross   6     15   sanitize   memcheck flash-wgmma-pp/bf16/fwd/b2-h3-n129- flash-wgmma-persistent/bf16/fwd/b2-h32-n1000-d64-causal matmul/wgmma-cluster/bf16/m127-n257-k131 wgmma-tma-store/bf16/m129-n200-k72-bias-gelu-res"
+    "sanitizer-memcheck-cross   6     15   sanitize   memcheck flash-wgmma-pp/bf16/fwd/b2-h3-n129- flash-wgmma-persistent/bf16/fwd/b2-h32-n1000-d64-causal matmul/wgmma-cluster/bf16/m127-n257-k131 wgmma-tma-store/bf16/m129-n200-k72-bias-gelu-res flash-wgmma-bwd/bf16/fwd+bwd/b2-h3-n129-"
     "sanitizer-racecheck        10    15   sanitize   racecheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-m128/bf16/fwd/b2-h3-n129-"
     "sanitizer-synccheck        8     15   sanitize   synccheck copy/vec16/f32/n1000003 matmul/simt/f32/m127-n257-k131 matmul/mma/bf16/m127-n257-k131 matmul/wgmma/bf16/m127-n257-k131 m129-n200-k72-bias-gelu -n65-d64 -n65-d128 /t33-c128 layers/adamw/ /t33-c72-v515 flash-m128/bf16/fwd/b2-h3-n129-"
     # The quick profile, one family per process, each into its own report folder (the bench
@@ -124,6 +127,7 @@ STEPS=(
     "bench-attention-m128       8     10   bench      attention/flash-m128/"
     "bench-attention-wgmma-pp   8     10   bench      attention/flash-wgmma-pp/"
     "bench-attention-persistent 8     10   bench      attention/flash-wgmma-persistent/"
+    "bench-attention-wgmma-bwd  8     10   bench      attention/flash-wgmma-bwd/"
     "bench-headline             8     10   bench      headline"
     "bench-attention-naive      10    10   bench      attention/naive/"
     "bench-loss                 6     10   bench      loss/"

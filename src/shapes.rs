@@ -126,6 +126,32 @@ impl FlashForward {
     }
 }
 
+/// The kernels a bf16 flash backward runs on. Every form computes the same outputs (delta, dQ,
+/// dK, dV); each but the first is its own technique until a GPU has validated and timed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashBackward {
+    /// The backend's own flash backward (on CUDA: the mma.sync dK/dV and dQ kernels).
+    Standard,
+    /// Hopper (sm_90a): the same two deterministic kernels with TMA loads through mbarrier
+    /// rings and wgmma (P and dS as register operands), a producer warp and two consumer
+    /// warpgroups.
+    Wgmma,
+}
+
+impl FlashBackward {
+    /// Every alternative to [`FlashBackward::Standard`].
+    pub const ALTERNATIVES: [FlashBackward; 1] = [FlashBackward::Wgmma];
+
+    /// The technique (case-id component) of a case run on this kernel (its forward is the
+    /// standard one, so that the backward alone differs from the `flash` twin).
+    pub fn technique(self) -> &'static str {
+        match self {
+            FlashBackward::Standard => "flash",
+            FlashBackward::Wgmma => "flash-wgmma-bwd",
+        }
+    }
+}
+
 /// One (batched) matmul: `C = epilogue(alpha * op(A) . op(B)) (+ residual) (+ C)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Matmul {

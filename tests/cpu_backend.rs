@@ -43,6 +43,9 @@ fn every_check_case_passes_and_peak_equals_model() {
                     .contains(&r.technique.as_str())
                         || headroom::backend::FlashForward::ALTERNATIVES
                             .iter()
+                            .any(|k| k.technique() == r.technique)
+                        || headroom::backend::FlashBackward::ALTERNATIVES
+                            .iter()
                             .any(|k| k.technique() == r.technique),
                     "{} skipped: {why}",
                     r.id
@@ -250,6 +253,67 @@ fn every_alternative_flash_forward_stands_beside_the_standard_one() {
     assert_eq!(techniques.len(), FlashForward::ALTERNATIVES.len());
     assert!(CpuBackend::new(None, None)
         .flash_forward_available(FlashForward::Standard)
+        .is_ok());
+}
+
+/// Each alternative flash backward is its own technique: benchmarked beside the standard flash
+/// forward+backward on the alternative forwards' shapes (same id but for the technique),
+/// checked on the alternative forwards' check shapes (every gradient), and skipped on the CPU
+/// with a sentence naming it.
+#[test]
+fn every_alternative_flash_backward_stands_beside_the_standard_one() {
+    use headroom::backend::{FlashBackward, FlashForward};
+    let gpu: Vec<String> = registry(Profile::Quick, BackendKind::Cuda)
+        .iter()
+        .map(|c| c.info().id.clone())
+        .collect();
+    let checks: Vec<(String, String)> = check_cases(BackendKind::Cuda)
+        .iter()
+        .map(|c| (c.info().technique.clone(), c.info().id.clone()))
+        .collect();
+    let shapes_of = |t: &str, pass: &str| {
+        let mut shapes: Vec<String> = checks
+            .iter()
+            .filter(|(tech, id)| tech == t && id.contains(&format!("/{pass}/")))
+            .map(|(_, id)| id.replacen(&format!("attention/{t}/bf16/{pass}/"), "", 1))
+            .collect();
+        shapes.sort();
+        shapes
+    };
+    let forward_shapes = shapes_of(FlashForward::Wgmma.technique(), "fwd");
+    assert!(!forward_shapes.is_empty());
+    for kernel in FlashBackward::ALTERNATIVES {
+        let t = kernel.technique();
+        let prefix = format!("attention/{t}/bf16/fwd+bwd/");
+        let alt: Vec<&String> = gpu.iter().filter(|id| id.starts_with(&prefix)).collect();
+        assert!(alt.len() >= 12, "{t}: {} bench cases", alt.len());
+        for id in alt {
+            let twin = id.replacen(&format!("attention/{t}/"), "attention/flash/", 1);
+            assert!(gpu.contains(&twin), "{id} has no standard twin {twin}");
+        }
+        assert_eq!(
+            shapes_of(t, "fwd+bwd"),
+            forward_shapes,
+            "{t} checks other shapes"
+        );
+        let why = CpuBackend::new(None, None)
+            .flash_backward_available(kernel)
+            .expect_err("no alternative runs on the CPU");
+        assert!(why.contains(t), "{why}");
+        // On the CPU its cases exist and are skipped with that reason.
+        let cpu: Vec<_> = check_cases(BackendKind::Cpu)
+            .into_iter()
+            .filter(|c| c.info().technique == t)
+            .collect();
+        assert!(!cpu.is_empty(), "{t}: no CPU check case");
+        let be = CpuBackend::new(None, None);
+        for c in &cpu {
+            let skip = c.skip_reason(&be).expect("skipped on the CPU");
+            assert!(skip.contains(t), "{}: {skip}", c.info().id);
+        }
+    }
+    assert!(CpuBackend::new(None, None)
+        .flash_backward_available(FlashBackward::Standard)
         .is_ok());
 }
 

@@ -16,8 +16,8 @@ use crate::backend::cpu::{
     check_embedding_backward, check_embedding_forward, check_rmsnorm, check_swiglu,
 };
 use crate::backend::{
-    AdamW, AttentionGrads, AttentionShape, Backend, BackendKind, Epi, Epilogue, FlashForward,
-    LayerNorm, Matmul, MatmulKernel, RowStats, Storage, Tensor,
+    AdamW, AttentionGrads, AttentionShape, Backend, BackendKind, Epi, Epilogue, FlashBackward,
+    FlashForward, LayerNorm, Matmul, MatmulKernel, RowStats, Storage, Tensor,
 };
 use crate::device::{check_launch, CudaDevice, DeviceFacts, DriverMemoryView};
 use crate::dtype::DType;
@@ -133,6 +133,38 @@ impl CudaBackend {
         p.v = ptr(v);
         p.o = ptr_mut(o);
         p.lse = ptr_mut(lse) as *mut f32;
+        Ok(p)
+    }
+
+    /// The launch parameters of a flash backward, its dtypes and shapes checked and the device
+    /// bound.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_params(
+        &self,
+        what: &str,
+        s: &AttentionShape,
+        q: &Tensor,
+        kk: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+        lse: &Tensor,
+        g: AttentionGrads<'_>,
+    ) -> Result<k::hr_attention_params> {
+        check_same_dtype(what, q.dtype(), &[kk, v, o, d_o, g.dq, g.dk, g.dv])?;
+        check_attention(s, &[q, o, d_o, g.dq], &[kk, v, g.dk, g.dv], &[lse, g.delta])?;
+        self.bind()?;
+        let mut p = attention_params(s);
+        p.q = ptr(q);
+        p.k = ptr(kk);
+        p.v = ptr(v);
+        p.o = ptr(o) as *mut c_void;
+        p.lse = ptr(lse) as *mut f32;
+        p.d_o = ptr(d_o);
+        p.delta = ptr_mut(g.delta) as *mut f32;
+        p.dq = ptr_mut(g.dq);
+        p.dk = ptr_mut(g.dk);
+        p.dv = ptr_mut(g.dv);
         Ok(p)
     }
 
@@ -631,34 +663,77 @@ impl Backend for CudaBackend {
         lse: &Tensor,
         g: AttentionGrads<'_>,
     ) -> Result<()> {
+        let what = "flash attention backward";
         let dt = q.dtype();
-        check_same_dtype(
-            "flash attention backward",
-            dt,
-            &[kk, v, o, d_o, g.dq, g.dk, g.dv],
-        )?;
-        check_attention(s, &[q, o, d_o, g.dq], &[kk, v, g.dk, g.dv], &[lse, g.delta])?;
-        self.bind()?;
-        let mut p = attention_params(s);
-        p.q = ptr(q);
-        p.k = ptr(kk);
-        p.v = ptr(v);
-        p.o = ptr(o) as *mut c_void;
-        p.lse = ptr(lse) as *mut f32;
-        p.d_o = ptr(d_o);
-        p.delta = ptr_mut(g.delta) as *mut f32;
-        p.dq = ptr_mut(g.dq);
-        p.dk = ptr_mut(g.dk);
-        p.dv = ptr_mut(g.dv);
-        // SAFETY: shapes checked above; o and lse are only read by the backward kernels.
+        let p = self.backward_params(what, s, q, kk, v, o, d_o, lse, g)?;
+        // SAFETY: shapes checked by backward_params; o and lse are only read.
         let code = unsafe {
             match dt {
                 DType::F32 => k::hr_flash_attention_backward_f32(&p, self.stream()),
                 DType::Bf16 => k::hr_flash_attention_backward_bf16(&p, self.stream()),
-                DType::I32 => return Err(not_float("flash attention backward")),
+                DType::I32 => return Err(not_float(what)),
             }
         };
-        check_launch("flash attention backward", code)
+        check_launch(what, code)
+    }
+
+    fn flash_backward_available(&self, kernel: FlashBackward) -> std::result::Result<(), String> {
+        match kernel {
+            FlashBackward::Standard => Ok(()),
+            // The same image test as the Hopper forwards: both files are built for the same
+            // architectures.
+            FlashBackward::Wgmma => {
+                self.bind().map_err(|e| e.to_string())?;
+                // SAFETY: a query of the current device.
+                if unsafe { k::hr_flash_attention_wgmma_usable() } == 1 {
+                    Ok(())
+                } else if self.sm_major() != 9 {
+                    Err(
+                        "the wgmma flash backward needs a Hopper GPU (compute capability 9.0)"
+                            .into(),
+                    )
+                } else {
+                    Err("this build has no sm_90a code (add 90a to HEADROOM_CUDA_ARCHS)".into())
+                }
+            }
+        }
+    }
+
+    fn flash_attention_backward_by(
+        &self,
+        kernel: FlashBackward,
+        s: &AttentionShape,
+        q: &Tensor,
+        kk: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+        lse: &Tensor,
+        g: AttentionGrads<'_>,
+    ) -> Result<()> {
+        if kernel == FlashBackward::Standard {
+            return self.flash_attention_backward(s, q, kk, v, o, d_o, lse, g);
+        }
+        let what = format!("flash attention backward ({})", kernel.technique());
+        check_same_dtype(&what, DType::Bf16, &[q])?;
+        let p = self.backward_params(&what, s, q, kk, v, o, d_o, lse, g)?;
+        // SAFETY: shapes checked by backward_params; o and lse are only read.
+        let code = unsafe {
+            match kernel {
+                FlashBackward::Wgmma => {
+                    k::hr_flash_attention_backward_bf16_wgmma(&p, self.stream())
+                }
+                FlashBackward::Standard => unreachable!("handled above"),
+            }
+        };
+        if code == 801 {
+            return Err(Error::Unsupported(
+                self.flash_backward_available(kernel)
+                    .err()
+                    .unwrap_or_else(|| format!("{} refused the shape", kernel.technique())),
+            ));
+        }
+        check_launch(&what, code)
     }
 
     fn softmax_forward(&self, s: &AttentionShape, scores: &mut Tensor) -> Result<()> {

@@ -13,7 +13,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::MemoryTracker;
 pub use crate::shapes::{
-    AdamW, AttentionShape, Epilogue, FlashForward, LayerNorm, Matmul, MatmulKernel,
+    AdamW, AttentionShape, Epilogue, FlashBackward, FlashForward, LayerNorm, Matmul, MatmulKernel,
 };
 
 pub mod cpu;
@@ -421,6 +421,42 @@ pub trait Backend: Send + Sync {
         lse: &Tensor,
         grads: AttentionGrads<'_>,
     ) -> Result<()>;
+    /// Whether `kernel` can run a bf16 flash backward here, or why not. Every backend has its
+    /// own [`FlashBackward::Standard`]; the others are CUDA kernels.
+    fn flash_backward_available(&self, kernel: FlashBackward) -> std::result::Result<(), String> {
+        match kernel {
+            FlashBackward::Standard => Ok(()),
+            k => Err(format!(
+                "{} is a CUDA kernel; this backend has none",
+                k.technique()
+            )),
+        }
+    }
+    /// [`Backend::flash_attention_backward`] (bf16) by `kernel`.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_attention_backward_by(
+        &self,
+        kernel: FlashBackward,
+        shape: &AttentionShape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+        lse: &Tensor,
+        grads: AttentionGrads<'_>,
+    ) -> Result<()> {
+        match kernel {
+            FlashBackward::Standard => {
+                self.flash_attention_backward(shape, q, k, v, o, d_o, lse, grads)
+            }
+            k => Err(Error::Unsupported(
+                self.flash_backward_available(k)
+                    .err()
+                    .unwrap_or_else(|| format!("{} is not implemented here", k.technique())),
+            )),
+        }
+    }
     /// In place over `[rows, seq, seq]`: scaled scores -> probabilities; causal entries 0.
     fn softmax_forward(&self, shape: &AttentionShape, scores: &mut Tensor) -> Result<()>;
     /// In place: dP -> dS = P * (dP - delta).

@@ -249,6 +249,16 @@ fn info() -> Outcome {
                 }
             );
         }
+        for kernel in backend::FlashBackward::ALTERNATIVES {
+            println!(
+                "  flash backward {}: {}",
+                kernel.technique(),
+                match be.flash_backward_available(kernel) {
+                    Ok(()) => "yes".to_string(),
+                    Err(why) => format!("no ({why})"),
+                }
+            );
+        }
         println!(
             "  cuBLAS baseline: {}",
             usable(backend::MatmulKernel::Cublas)

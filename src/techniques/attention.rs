@@ -6,8 +6,8 @@
 //! halved when causal. Memory models: see [`model_peak_bytes`].
 
 use crate::backend::{
-    AttentionGrads, AttentionShape, Backend, BackendKind, Epi, FlashForward, Matmul, MatmulKernel,
-    Tensor,
+    AttentionGrads, AttentionShape, Backend, BackendKind, Epi, FlashBackward, FlashForward, Matmul,
+    MatmulKernel, Tensor,
 };
 use crate::dtype::DType;
 use crate::error::Result;
@@ -138,6 +138,8 @@ pub struct AttentionCase {
     shape: AttentionShape,
     /// the kernel of a flash forward ([`AttentionCase::forward_by`])
     forward: FlashForward,
+    /// the kernels of a flash backward ([`AttentionCase::backward_by`])
+    backward: FlashBackward,
 }
 
 impl AttentionCase {
@@ -173,6 +175,7 @@ impl AttentionCase {
             pass,
             shape,
             forward: FlashForward::Standard,
+            backward: FlashBackward::Standard,
         }
     }
 
@@ -193,6 +196,25 @@ impl AttentionCase {
         case
     }
 
+    /// The bf16 flash forward and backward, the backward by `kernel` (technique
+    /// [`FlashBackward::technique`]) after the standard forward: the flash case's memory model
+    /// and validation of every gradient, its own id until a GPU has checked it.
+    pub fn backward_by(kernel: FlashBackward, shape: AttentionShape) -> Self {
+        let mut case =
+            AttentionCase::new(Variant::Flash, Pass::ForwardBackward, DType::Bf16, shape);
+        let technique = kernel.technique();
+        case.info = CaseInfo {
+            id: case
+                .info
+                .id
+                .replace("attention/flash/", &format!("attention/{technique}/")),
+            technique: technique.into(),
+            ..case.info
+        };
+        case.backward = kernel;
+        case
+    }
+
     pub fn variant(&self) -> Variant {
         self.variant
     }
@@ -202,6 +224,8 @@ struct AttentionInstance {
     variant: Variant,
     /// the kernel of a flash forward
     forward: FlashForward,
+    /// the kernels of a flash backward
+    backward: FlashBackward,
     shape: AttentionShape,
     dtype: DType,
     q: Tensor,
@@ -246,6 +270,9 @@ impl Case for AttentionCase {
     fn skip_reason(&self, be: &dyn Backend) -> Option<String> {
         if self.forward != FlashForward::Standard {
             return be.flash_forward_available(self.forward).err();
+        }
+        if self.backward != FlashBackward::Standard {
+            return be.flash_backward_available(self.backward).err();
         }
         if self.variant == Variant::Naive {
             return be
@@ -323,6 +350,7 @@ impl Case for AttentionCase {
         Ok(Box::new(AttentionInstance {
             variant: self.variant,
             forward: self.forward,
+            backward: self.backward,
             shape: *s,
             dtype: dt,
             q,
@@ -437,7 +465,8 @@ impl Instance for AttentionInstance {
                         dk: &mut g.dk,
                         dv: &mut g.dv,
                     };
-                    be.flash_attention_backward(
+                    be.flash_attention_backward_by(
+                        self.backward,
                         &self.shape,
                         &self.q,
                         &self.k,
@@ -911,7 +940,14 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
                 DType::Bf16,
                 AttentionShape::new(1, 2, 128, 128, true),
             );
-            // The alternative forwards beside it (skipped on the CPU, with the reason).
+            // The alternative forwards and backwards beside it (skipped on the CPU, with the
+            // reason); the backwards' twin is the flash forward+backward of that shape.
+            push(
+                Variant::Flash,
+                Pass::ForwardBackward,
+                DType::Bf16,
+                AttentionShape::new(1, 2, 128, 128, true),
+            );
             alternatives.push(AttentionShape::new(1, 2, 128, 128, true));
             // Grouped-query attention (two query heads per kv head): what eager attention's
             // repeated K/V cost against flash reading the kv heads in place.
@@ -938,11 +974,16 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
                 // The alternative forwards (FlashForward::ALTERNATIVES) beside the standard one
                 // on the same shapes, at both head dims (the hidden size kept at 2048), causal
                 // and not.
+                // The alternative backwards (FlashBackward::ALTERNATIVES) likewise, beside the
+                // standard forward and backward (d = 128 has them below: gpu_shape).
                 for d in [64, 128] {
                     for causal in [false, true] {
                         let s = AttentionShape::new((16384 / n).max(1), 2048 / d, n, d, causal);
                         if d != 128 || causal {
                             push(Variant::Flash, Pass::Forward, DType::Bf16, s);
+                        }
+                        if d != 128 {
+                            push(Variant::Flash, Pass::ForwardBackward, DType::Bf16, s);
                         }
                         alternatives.push(s);
                     }
@@ -980,6 +1021,9 @@ pub fn cases(profile: Profile, kind: BackendKind) -> Vec<Box<dyn Case>> {
     for s in alternatives {
         for kernel in FlashForward::ALTERNATIVES {
             out.push(Box::new(AttentionCase::forward_by(kernel, s)));
+        }
+        for kernel in FlashBackward::ALTERNATIVES {
+            out.push(Box::new(AttentionCase::backward_by(kernel, s)));
         }
     }
     out
@@ -1023,12 +1067,16 @@ pub fn check_cases(kind: BackendKind) -> Vec<Box<dyn Case>> {
     out
 }
 
-/// The alternative forwards ([`FlashForward::ALTERNATIVES`]). Their query tiles are 128 rows
-/// and their K/V tiles 128 keys (wgmma), 64 (`flash-m128`, d = 64) or 32 (d = 128), so
+/// The alternative forwards ([`FlashForward::ALTERNATIVES`]) and backwards
+/// ([`FlashBackward::ALTERNATIVES`], forward and every gradient). The forwards' query tiles
+/// are 128 rows and their K/V tiles 128 keys (wgmma), 64 (`flash-m128`, d = 64) or 32
+/// (d = 128); the wgmma backward's dK/dV blocks take 128 keys and walk 64-row query tiles,
+/// its dQ blocks the other way round. So
 /// N = 1, 127, 128, 129, 255, 256, 257 and 1000 (7·128 + 104 = 15·64 + 40 = 31·32 + 8) take
 /// every edge of each; d = 64 and 128, causal (where the diagonal crosses a 128-row query
 /// tile's two or four K/V tiles) and not, and grouped-query heads (G = 2 and MQA) so that a
-/// wrong kv-head index reads a neighbour's K/V. And 2 x 32 heads of N = 1000: 512 query tiles,
+/// wrong kv-head index reads a neighbour's K/V (and a dK/dV block sums a group of query heads,
+/// or all of them). And 2 x 32 heads of N = 1000: 512 query tiles,
 /// several per block of a persistent grid (132 SMs on an H100, 148 on a B200), so that the
 /// last head, which validation always compares, is a block's third or fourth tile: its Q
 /// follows another tile's, its K/V stages and barrier phases continue the earlier tiles', and
@@ -1054,6 +1102,11 @@ pub fn alternative_check_cases() -> Vec<Box<dyn Case>> {
     for kernel in FlashForward::ALTERNATIVES {
         for &s in &shapes {
             out.push(Box::new(AttentionCase::forward_by(kernel, s)));
+        }
+    }
+    for kernel in FlashBackward::ALTERNATIVES {
+        for &s in &shapes {
+            out.push(Box::new(AttentionCase::backward_by(kernel, s)));
         }
     }
     out
