@@ -113,9 +113,32 @@ fn torch_peer_reports_the_cases_it_is_given() {
     let train_full = first(&infos, "fully checkpointed training step", |c| {
         c.family == "train" && c.technique.starts_with("full-")
     });
+    // A model with a vocabulary (embedding, GQA, SwiGLU, RMSNorm, LM head and cross-entropy),
+    // with each head-loss variant: materialized and chunked run, fused is skipped (PyTorch
+    // has none of its own).
+    let is_model = |c: &CaseInfo| c.family == "train" && c.shape.contains("-v");
+    let train_model = first(&infos, "training step with a vocabulary", |c| {
+        is_model(c) && !c.technique.contains("-chunked") && !c.technique.ends_with("-fused")
+    });
+    let train_chunked = first(&infos, "chunked cross-entropy", |c| {
+        is_model(c) && c.technique.contains("-chunked")
+    });
+    let train_fused = first(&infos, "fused cross-entropy", |c| {
+        is_model(c) && c.technique.ends_with("-fused")
+    });
     let alloc = infos.iter().find(|c| c.family == "alloc");
     let mut wanted = vec![
-        cublas, simt, naive, flash, gqa_naive, gqa_flash, train_f32, train_full,
+        cublas,
+        simt,
+        naive,
+        flash,
+        gqa_naive,
+        gqa_flash,
+        train_f32,
+        train_full,
+        train_model,
+        train_chunked,
+        train_fused,
     ];
     wanted.extend(alloc);
 
@@ -194,8 +217,12 @@ fn torch_peer_reports_the_cases_it_is_given() {
             other => panic!("{}: {other:?}", info.id),
         }
     }
-    for info in [train_f32, train_full] {
+    for info in [train_f32, train_full, train_model, train_chunked] {
         ok(info);
+    }
+    match &rec(&train_fused.id).status {
+        Status::Skipped(why) => assert!(why.contains("fused"), "{why}"),
+        other => panic!("{}: {other:?}", train_fused.id),
     }
     if let Some(a) = alloc {
         assert!(matches!(rec(&a.id).status, Status::Skipped(_)));

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import json
 import math
@@ -97,6 +98,26 @@ class TrainSpec:
     heads: int
     seq: int
     batch: int
+    # The architecture beyond the stack's size (headroom's `Arch`, read from the shape's
+    # suffix); the defaults are headroom's original GPT stack with no vocabulary.
+    kv_heads: int = 0  # 0: as many as heads
+    ffn: int = 0  # 0: 4 x hidden
+    mlp: str = "gelu"  # gelu | swiglu
+    norm: str = "layernorm"  # layernorm | rms
+    bias: str = "all"  # all | qkv | none
+    vocab: int = 0  # 0: no vocabulary, the loss is on the last hidden state
+    tied: bool = False
+    positions: int = 0
+    # With a vocabulary: the head's loss, "materialized" or "chunked<rows>".
+    head_loss: str = "materialized"
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn or 4 * self.hidden
 
     @property
     def every(self) -> int:
@@ -136,13 +157,53 @@ def parse_attention(info: dict[str, Any]) -> AttentionSpec:
     )
 
 
+# The head-loss part of a training technique (headroom's HeadLoss::id; the chunk in tokens,
+# 1024 when not named) and the default chunk.
+DEFAULT_CHUNK_ROWS = 1024
+FUSED_CE = ("PyTorch has no fused linear cross-entropy of its own (Liger-Kernel's and Cut "
+            "Cross-Entropy's are separate packages); its peer is the materialized case")
+
+
+def parse_arch(spec: TrainSpec, tokens: list[str]) -> Optional[TrainSpec]:
+    """The architecture tokens of a training shape (headroom's parse_arch_token: kv<k>,
+    ffn<f>, swiglu, rms, qkvbias, nobias, v<vocab>, tied, pos<rows>), or None for a token
+    it does not know."""
+    fields: dict[str, Any] = {}
+    named = {"swiglu": ("mlp", "swiglu"), "rms": ("norm", "rms"), "qkvbias": ("bias", "qkv"),
+             "nobias": ("bias", "none"), "tied": ("tied", True)}
+    for tok in tokens:
+        if tok in named:
+            key, value = named[tok]
+            fields[key] = value
+            continue
+        m = re.fullmatch(r"(kv|ffn|pos|v)(\d+)", tok)
+        if not m:
+            return None
+        fields[{"kv": "kv_heads", "ffn": "ffn", "pos": "positions", "v": "vocab"}[m.group(1)]] = \
+            int(m.group(2))
+    return dataclasses.replace(spec, **fields)
+
+
 def parse_train(info: dict[str, Any]) -> TrainSpec:
-    t = re.fullmatch(r"(none|full|every\d+|selective)-(naive|flash)-mb(\d+)", info["technique"])
-    s = re.fullmatch(r"L(\d+)-h(\d+)-heads(\d+)-n(\d+)-b(\d+)", info["shape"])
+    t = re.fullmatch(r"(none|full|every\d+|selective)-(naive|flash)-mb(\d+)"
+                     r"(?:-(materialized|chunked\d*|fused))?", info["technique"])
+    s = re.fullmatch(r"L(\d+)-h(\d+)-heads(\d+)-n(\d+)-b(\d+)((?:-[a-z]+\d*)*)", info["shape"])
     if not t or not s:
         raise Skip(f"training case '{info['id']}' is not one the peer knows")
-    spec = TrainSpec(t.group(1), t.group(2), int(t.group(3)), *(int(g) for g in s.groups()))
-    if spec.hidden % spec.heads or spec.batch % spec.micro_batches:
+    if t.group(4) == "fused":
+        raise Skip(FUSED_CE)
+    head_loss = t.group(4) or "materialized"
+    if head_loss == "chunked":
+        head_loss = f"chunked{DEFAULT_CHUNK_ROWS}"
+    base = TrainSpec(t.group(1), t.group(2), int(t.group(3)), *(int(g) for g in s.groups()[:5]),
+                     head_loss=head_loss)
+    spec = parse_arch(base, [tok for tok in s.group(6).split("-") if tok])
+    if spec is None:
+        raise Skip(f"training case '{info['id']}' has an architecture the peer does not know")
+    if (spec.hidden % spec.heads or spec.batch % spec.micro_batches or spec.heads % spec.kv
+            or (spec.vocab == 0 and (spec.tied or spec.positions or t.group(4)))
+            or (spec.positions and spec.seq > spec.positions)
+            or spec.head_loss == "chunked0"):
         raise Skip(f"training case '{info['id']}' has an impossible shape")
     return spec
 
@@ -506,25 +567,58 @@ class AttentionProgram(Program):
         return cmp.finish(self.info["tolerance"])
 
 
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight, for a PyTorch older than nn.RMSNorm (2.4)."""
+
+    def __init__(self, c: int, eps: float, device: torch.device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(c, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps).to(x.dtype) \
+            * self.weight
+
+
+def make_norm(spec: TrainSpec, c: int, dev: torch.device) -> nn.Module:
+    """headroom's norm of the architecture (eps 1e-5): LayerNorm with weight and bias, or
+    RMSNorm with a weight only."""
+    if spec.norm == "rms":
+        if hasattr(nn, "RMSNorm"):
+            return nn.RMSNorm(c, eps=1e-5, device=dev)
+        return RMSNorm(c, 1e-5, dev)
+    return nn.LayerNorm(c, eps=1e-5, device=dev)
+
+
 class Block(nn.Module):
-    """One pre-norm GPT block as headroom's model: separate q/k/v projections, causal
-    attention, GELU (tanh) MLP of 4x; `selective` checkpoints only the attention core."""
+    """One pre-norm block as headroom's model: separate q/k/v projections (k and v to the
+    kv heads), causal attention, an MLP (GELU (tanh) of fc/fc2, or SwiGLU's
+    down(silu(gate)·up)), biases and norms as the architecture says; `selective` checkpoints
+    only the attention core."""
 
     def __init__(self, spec: TrainSpec, dev: torch.device, attention: Callable[..., torch.Tensor],
                  selective: bool) -> None:
         super().__init__()
-        c = spec.hidden
-        self.heads = spec.heads
+        c, f = spec.hidden, spec.ffn_size
+        kv = spec.kv * (c // spec.heads)
+        qkv_bias, all_bias = spec.bias != "none", spec.bias == "all"
+        self.heads, self.kv_heads = spec.heads, spec.kv
         self.attention = attention
         self.selective = selective
-        self.ln1 = nn.LayerNorm(c, eps=1e-5, device=dev)
-        self.q = nn.Linear(c, c, device=dev)
-        self.k = nn.Linear(c, c, device=dev)
-        self.v = nn.Linear(c, c, device=dev)
-        self.proj = nn.Linear(c, c, device=dev)
-        self.ln2 = nn.LayerNorm(c, eps=1e-5, device=dev)
-        self.fc = nn.Linear(c, 4 * c, device=dev)
-        self.fc2 = nn.Linear(4 * c, c, device=dev)
+        self.swiglu = spec.mlp == "swiglu"
+        self.ln1 = make_norm(spec, c, dev)
+        self.q = nn.Linear(c, c, bias=qkv_bias, device=dev)
+        self.k = nn.Linear(c, kv, bias=qkv_bias, device=dev)
+        self.v = nn.Linear(c, kv, bias=qkv_bias, device=dev)
+        self.proj = nn.Linear(c, c, bias=all_bias, device=dev)
+        self.ln2 = make_norm(spec, c, dev)
+        if self.swiglu:
+            self.gate = nn.Linear(c, f, bias=all_bias, device=dev)
+            self.up = nn.Linear(c, f, bias=all_bias, device=dev)
+            self.down = nn.Linear(f, c, bias=all_bias, device=dev)
+        else:
+            self.fc = nn.Linear(c, f, bias=all_bias, device=dev)
+            self.fc2 = nn.Linear(f, c, bias=all_bias, device=dev)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, _, n, _ = q.shape
@@ -532,15 +626,19 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
+        d = c // self.heads
         h = self.ln1(x)
-        q, k, v = (lin(h).view(b, n, self.heads, c // self.heads).transpose(1, 2)
-                   for lin in (self.q, self.k, self.v))
+        q = self.q(h).view(b, n, self.heads, d).transpose(1, 2)
+        k, v = (lin(h).view(b, n, self.kv_heads, d).transpose(1, 2) for lin in (self.k, self.v))
         if self.selective:
             a = checkpoint(self.core, q, k, v, use_reentrant=False)
         else:
             a = self.core(q, k, v)
         x = x + self.proj(a)
-        return x + self.fc2(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+        h = self.ln2(x)
+        if self.swiglu:
+            return x + self.down(F.silu(self.gate(h)) * self.up(h))
+        return x + self.fc2(F.gelu(self.fc(h), approximate="tanh"))
 
 
 def make_attention(spec: TrainSpec, dev: torch.device) -> Callable[..., torch.Tensor]:
@@ -550,7 +648,8 @@ def make_attention(spec: TrainSpec, dev: torch.device) -> Callable[..., torch.Te
         mask = causal_mask(spec.seq, dev)
 
         def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return naive_attention(q, k, v, True, mask)
+            groups = q.shape[1] // k.shape[1]
+            return naive_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), True, mask)
         return naive
     if sdpa_kernel is None:
         raise Skip(f"this PyTorch ({torch.__version__}) has no sdpa_kernel")
@@ -565,7 +664,10 @@ def make_attention(spec: TrainSpec, dev: torch.device) -> Callable[..., torch.Te
 
 class Stack(nn.Module):
     """headroom's block stack with its checkpointing: every k-block segment (the last one
-    too) under non-reentrant `checkpoint`, or the attention core only (`selective`)."""
+    too) under non-reentrant `checkpoint`, or the attention core only (`selective`). With a
+    vocabulary, also the token embedding (and learned positions), the final norm and the LM
+    head (bias-free, or the embedding's table when tied), which `embed` and `head_weight`
+    give to the step; `forward` is the blocks alone."""
 
     def __init__(self, spec: TrainSpec, dev: torch.device, params_on: torch.device) -> None:
         """`dev` is where it computes (the causal mask lives there), `params_on` where its
@@ -576,6 +678,23 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList(
             Block(spec, params_on, attention, spec.checkpoint == "selective")
             for _ in range(spec.layers))
+        if spec.vocab:
+            c = spec.hidden
+            self.embedding = nn.Embedding(spec.vocab, c, device=params_on)
+            self.positions = (nn.Embedding(spec.positions, c, device=params_on)
+                              if spec.positions else None)
+            self.norm = make_norm(spec, c, params_on)
+            self.head = (None if spec.tied
+                         else nn.Linear(c, spec.vocab, bias=False, device=params_on))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(ids)
+        if self.positions is not None:
+            x = x + self.positions(torch.arange(ids.shape[1], device=ids.device))
+        return x
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embedding.weight if self.head is None else self.head.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, blocks = self.spec, self.blocks
@@ -599,28 +718,63 @@ class Stack(nn.Module):
         return x
 
 
+IGNORE_INDEX = -100  # cross_entropy's default, headroom's IGNORE_INDEX
+
+
 def build_stack(spec: TrainSpec, dev: torch.device,
-                move: bool = True) -> tuple[Stack, torch.Tensor]:
+                move: bool = True) -> tuple[Stack, torch.Tensor, Optional[torch.Tensor]]:
     """The stack with headroom's initialization and the global batch of inputs, drawn from
     the CPU's generator in a fixed order, so that every rank of a sharded case and the
     single-process reference draw the same weights and inputs from the same seed; moved to
     `dev` unless `move` is False (FSDP moves and shards a CPU model block by block, so that
-    no rank ever holds the whole model on its device, as FSDP users initialize)."""
+    no rank ever holds the whole model on its device, as FSDP users initialize).
+
+    The inputs are hidden states [B, N, C], or with a vocabulary token ids [B, N] and their
+    targets (headroom's: the next token, IGNORE_INDEX after a sequence's last token and at
+    one token in 16)."""
     cpu = torch.device("cpu")
     stack = Stack(spec, dev, cpu)
     with torch.no_grad():
         for name, p in stack.named_parameters():
-            if name.endswith(("ln1.weight", "ln2.weight")):
+            if name.endswith(("ln1.weight", "ln2.weight", "norm.weight")):
                 p.uniform_(0.9, 1.1)
             elif p.dim() == 2:
                 p.uniform_(-0.0346, 0.0346)  # std 0.02, as headroom's init
             else:
                 p.uniform_(-0.02, 0.02)
-    x = uniform((spec.batch, spec.seq, spec.hidden), torch.float32, cpu)
+    targets: Optional[torch.Tensor] = None
+    if spec.vocab:
+        x = torch.randint(0, spec.vocab, (spec.batch, spec.seq), device=cpu)
+        targets = torch.full_like(x, IGNORE_INDEX)
+        targets[:, :-1] = x[:, 1:]
+        targets[torch.randint(0, 16, x.shape, device=cpu) == 0] = IGNORE_INDEX
+    else:
+        x = uniform((spec.batch, spec.seq, spec.hidden), torch.float32, cpu)
     if move:
         stack.to(dev)
         x = x.to(dev)
-    return stack, x
+        targets = None if targets is None else targets.to(dev)
+    return stack, x, targets
+
+
+def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+            head_loss: str) -> torch.Tensor:
+    """Σ cross-entropy of the logits h·weightᵀ over the targets that are not IGNORE_INDEX
+    (h [T, C], targets [T]). materialized: F.cross_entropy on all T rows of logits (autocast
+    runs it in fp32, so the upcast logits are what autograd keeps); chunked<rows>: rows
+    tokens at a time, each chunk under non-reentrant `checkpoint` so that its logits are
+    freed after its loss and made again in the backward."""
+    def chunk_loss(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(F.linear(hc, weight), tc, ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+    if head_loss == "materialized":
+        return chunk_loss(h, targets)
+    rows = int(head_loss[len("chunked"):])
+    total = h.new_zeros((), dtype=torch.float32)
+    for t0 in range(0, h.shape[0], rows):
+        total = total + checkpoint(chunk_loss, h[t0:t0 + rows], targets[t0:t0 + rows],
+                                   use_reentrant=False)
+    return total
 
 
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -648,12 +802,17 @@ def adamw_with_moments(make: Callable[..., Any], params: list[nn.Parameter]) -> 
 
 class TrainProgram(Program):
     """One optimizer step of headroom's block stack: zero_grad(set_to_none=True), forward and
-    backward over the micro-batches (gradients accumulated), AdamW (fused where offered)."""
+    backward over the micro-batches (gradients accumulated), AdamW (fused where offered).
+    The loss is ½·Σy²/numel on the last hidden state, or with a vocabulary the mean
+    cross-entropy over the global batch's counted targets (`lm_loss`)."""
 
     def setup(self) -> None:
         s = self.spec = parse_train(self.info)
         self.dtype = DTYPES[self.info["dtype"]]
-        self.stack, self.x = build_stack(s, self.dev.dev)
+        self.stack, self.x, self.targets = build_stack(s, self.dev.dev)
+        # The targets that count toward the mean (read here, not in the timed step).
+        self.counted = (0 if self.targets is None
+                        else max(int((self.targets != IGNORE_INDEX).sum()), 1))
         self.blocks = self.stack.blocks
         params = list(self.stack.parameters())
         self.opt = adamw_with_moments(lambda **kw: torch.optim.AdamW(params, **kw), params)
@@ -669,6 +828,20 @@ class TrainProgram(Program):
         total = torch.zeros((), device=self.dev.dev)
         autocast = (torch.autocast(self.dev.dev.type, dtype=torch.bfloat16)
                     if self.dtype == torch.bfloat16 else contextlib.nullcontext())
+        if self.targets is not None:
+            weight = self.stack.head_weight()
+            for ids, tgt in zip(self.x.chunk(s.micro_batches, dim=0),
+                                self.targets.chunk(s.micro_batches, dim=0)):
+                with autocast:
+                    h = self.stack.norm(self.forward(self.stack.embed(ids)))
+                    # The mean over the global batch's counted targets: micro-batches add up.
+                    loss = lm_loss(h.reshape(-1, s.hidden), weight, tgt.reshape(-1),
+                                   s.head_loss) / self.counted
+                loss.backward()
+                total += loss.detach()
+            self.opt.step()
+            self.total = total
+            return
         for x in self.x.chunk(s.micro_batches, dim=0):
             with autocast:
                 y = self.forward(x)
@@ -681,11 +854,17 @@ class TrainProgram(Program):
 
     def validate(self) -> None:
         """No reference step here (headroom's own check compares the gradients): a loss that
-        is not finite is all this catches."""
+        is not finite is what this catches, and with a vocabulary a mean cross-entropy far
+        from ln(V), which logits as small as headroom's initialization makes them (std 0.02
+        weights) cannot give: ln(V) plus half their variance, under 1 for these models."""
         assert self.total is not None
         loss = float(self.total)
         if not math.isfinite(loss):
             raise Invalid(f"the loss is {loss}")
+        v = self.spec.vocab
+        if v and not 0.5 * math.log(v) < loss < 1.5 * math.log(v):
+            raise Invalid(f"the mean cross-entropy is {loss:.4g}, not near ln({v}) = "
+                          f"{math.log(v):.4g}, what near-uniform logits at initialization give")
 
 
 # ----------------------------------------------------------------------------------------
@@ -957,7 +1136,7 @@ class ShardRun:
         torch.manual_seed(self.seed)
         replicated = s.strategy in ("ddp", "zero1")
         # DDP replicates the model: it is built on the device. FSDP shards a CPU model.
-        self.stack, x = build_stack(s.train, self.dev.dev, move=replicated)
+        self.stack, x, _ = build_stack(s.train, self.dev.dev, move=replicated)
         r = self.d.rank
         self.x = x[r * s.local_batch:(r + 1) * s.local_batch].to(self.dev.dev, copy=True)
         del x

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import random
 import sys
 import tempfile
 import unittest
@@ -64,6 +65,33 @@ class Helpers(unittest.TestCase):
                          .every, 0)
         with self.assertRaises(ht.Skip):
             ht.parse_matmul(info("matmul/cublas/f32/m127-n257-k131-nt"))
+
+    def test_model_ids_parse(self) -> None:
+        """The architecture suffix and head-loss variant of headroom's training ids."""
+        shape = "L2-h128-heads2-n32-b4-kv1-ffn352-swiglu-rms-nobias-v4099"
+        t = ht.parse_train(info(f"train/full-flash-mb1/bf16/{shape}"))
+        self.assertEqual((t.layers, t.hidden, t.heads, t.kv, t.ffn_size, t.mlp, t.norm, t.bias,
+                          t.vocab, t.tied, t.positions, t.head_loss),
+                         (2, 128, 2, 1, 352, "swiglu", "rms", "none", 4099, False, 0,
+                          "materialized"))
+        self.assertEqual(ht.parse_train(info(f"train/full-flash-mb1-chunked32/bf16/{shape}"))
+                         .head_loss, "chunked32")
+        self.assertEqual(ht.parse_train(info(f"train/none-flash-mb1-chunked/bf16/{shape}"))
+                         .head_loss, f"chunked{ht.DEFAULT_CHUNK_ROWS}")
+        gpt2 = ht.parse_train(info("train/none-flash-mb1/bf16/L2-h128-heads2-n32-b4-qkvbias"
+                                   "-v515-tied-pos64"))
+        self.assertEqual((gpt2.bias, gpt2.vocab, gpt2.tied, gpt2.positions, gpt2.kv, gpt2.ffn_size,
+                          gpt2.mlp, gpt2.norm), ("qkv", 515, True, 64, 2, 512, "gelu",
+                                                 "layernorm"))
+        with self.assertRaises(ht.Skip) as cm:
+            ht.parse_train(info(f"train/full-flash-mb1-fused/bf16/{shape}"))
+        self.assertEqual(str(cm.exception), ht.FUSED_CE)
+        for bad in ("L2-h128-heads2-n32-b4-moe8", "L2-h128-heads2-n32-b4-kv3",
+                    "L2-h128-heads2-n32-b4-tied", "L2-h128-heads2-n128-b4-v64-pos64"):
+            with self.assertRaises(ht.Skip, msg=bad):
+                ht.parse_train(info(f"train/none-flash-mb1/bf16/{bad}"))
+        with self.assertRaises(ht.Skip):
+            ht.parse_train(info("train/none-flash-mb1-chunked32/bf16/L2-h128-heads2-n32-b4"))
 
     def test_shard_ids_parse(self) -> None:
         base = "L2-h128-heads2-n64-b8"
@@ -209,6 +237,39 @@ class GroupedQuery(unittest.TestCase):
                 self.assertFalse(ht.passed(p.validate()), (variant, "dQ"))
 
 
+@unittest.skipUnless(HAVE_TORCH, "PyTorch is not installed")
+class ModelLoss(unittest.TestCase):
+    def test_loss_check_catches_a_wrong_mean(self) -> None:
+        """A model's step passes its loss check, and fails it with the loss a sum (not the
+        mean) or a tenth of the mean would give."""
+        dev = ht.Device("cpu")
+        for head in ("", "-chunked7"):
+            i = info(f"train/none-naive-mb2{head}/f32/L1-h64-heads2-n8-b2-kv1-rms-v97")
+            p = ht.TrainProgram(dev, i, random.Random(1))
+            p.setup()
+            p.run()
+            p.validate()
+            assert p.total is not None
+            self.assertAlmostEqual(float(p.total), math.log(97), delta=0.3)
+            right = p.total.clone()
+            for wrong in (right * p.counted, right / 10):
+                p.total = wrong
+                with self.assertRaises(ht.Invalid):
+                    p.validate()
+
+    def test_chunks_give_the_materialized_loss(self) -> None:
+        torch = ht.torch
+        g = torch.Generator().manual_seed(5)
+        h = torch.randn(23, 16, generator=g)
+        w = torch.randn(41, 16, generator=g)
+        t = torch.randint(0, 41, (23,), generator=g)
+        t[[0, 7, 22]] = ht.IGNORE_INDEX
+        full = ht.lm_loss(h, w, t, "materialized")
+        for rows in (1, 5, 23, 64):
+            self.assertAlmostEqual(float(ht.lm_loss(h, w, t, f"chunked{rows}")), float(full),
+                                   places=4)
+
+
 class TinyRun(unittest.TestCase):
     def test_cpu_report(self) -> None:
         cases = [info("matmul/cublas/f32/m64-n48-k32", flops=2.0 * 64 * 48 * 32),
@@ -216,6 +277,13 @@ class TinyRun(unittest.TestCase):
                  info("attention/naive/f32/fwd+bwd/b1-h2-n16-d64-causal"),
                  info("train/every2-naive-mb2/f32/L3-h128-heads2-n8-b2"),
                  info("train/selective-flash-mb1/f32/L2-h128-heads2-n8-b2"),
+                 # A model with a vocabulary, each head-loss variant the peer has, and one it
+                 # has not (skipped, with the reason).
+                 info("train/full-naive-mb2/f32/L2-h128-heads2-n8-b2-kv1-ffn96-swiglu-rms-nobias"
+                      "-v67"),
+                 info("train/none-flash-mb1-chunked5/f32/L1-h128-heads2-n8-b2-qkvbias-v67-tied"
+                      "-pos8"),
+                 info("train/none-flash-mb1-fused/f32/L1-h128-heads2-n8-b2-v67"),
                  info("shard/fsdp-full-naive-mb2/f32/L2-h128-heads2-n8-b2-w1-x4096"),
                  info("shard/ddp-none-naive-mb1/f32/L2-h128-heads2-n8-b4-w2")]
         with tempfile.TemporaryDirectory() as d:
@@ -230,6 +298,8 @@ class TinyRun(unittest.TestCase):
         status = {c["id"]: c["status"] for c in report["cases"]}
         self.assertEqual(list(status), [c["id"] for c in cases])
         self.assertEqual(status["matmul/simt/f32/m64-n48-k32"], "skipped")
+        fused = next(c for c in report["cases"] if c["technique"].endswith("-fused"))
+        self.assertEqual((fused["status"], fused["message"]), ("skipped", ht.FUSED_CE))
         # A world of one runs in this process; a case for two ranks says how to run it.
         self.assertEqual(report["cases"][-1]["status"], "skipped")
         self.assertEqual(report["cases"][-1]["message"],
@@ -242,7 +312,7 @@ class TinyRun(unittest.TestCase):
         self.assertLessEqual(shard_v["error"], shard_v["tolerance"])
         self.assertGreater(shard_v["compared"], 0)
         for c in report["cases"][:-1]:
-            if c["family"] != "matmul" or c["technique"] == "cublas":
+            if c is not fused and (c["family"] != "matmul" or c["technique"] == "cublas"):
                 self.assertEqual(c["status"], "ok", c)
                 self.assertIsNone(c["memory"])
                 self.assertGreaterEqual(c["time"]["samples"], 1)
