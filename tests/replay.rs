@@ -96,6 +96,113 @@ fn fidelity_is_complete_on_snapshots_of_headrooms_own_allocators() {
     }
 }
 
+fn field<'a>(d: &'a BTreeMap<HashableValue, Value>, k: &str) -> &'a Value {
+    d.get(&HashableValue::String(k.into()))
+        .unwrap_or_else(|| panic!("no '{k}'"))
+}
+fn int(d: &BTreeMap<HashableValue, Value>, k: &str) -> u64 {
+    match field(d, k) {
+        Value::I64(x) => *x as u64,
+        other => panic!("'{k}' is {other:?}"),
+    }
+}
+fn text<'a>(d: &'a BTreeMap<HashableValue, Value>, k: &str) -> &'a str {
+    match field(d, k) {
+        Value::String(x) => x,
+        other => panic!("'{k}' is {other:?}"),
+    }
+}
+fn dicts(v: &Value) -> Vec<&BTreeMap<HashableValue, Value>> {
+    let Value::List(l) = v else { panic!("{v:?}") };
+    l.iter()
+        .map(|x| match x {
+            Value::Dict(d) => d,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+/// The exported snapshot's `segments` are the allocator's state at the end, as the trace
+/// itself implies it: the segments allocated (or pages mapped) and not released, tiled by
+/// their blocks in address order, the active ones exactly the allocations still live, with
+/// their sizes, so that PyTorch's viewer can walk the trace back from them.
+#[test]
+fn exported_segments_are_the_state_the_trace_ends_in() {
+    for (trace, spec) in [
+        (
+            steady_trace(),
+            AllocatorSpec::Caching(CachingOptions::default()),
+        ),
+        (
+            walkthrough_trace(),
+            AllocatorSpec::Caching(CachingOptions::max_split(128 << 20)),
+        ),
+        (
+            walkthrough_trace(),
+            AllocatorSpec::Expandable(CachingOptions::default()),
+        ),
+        (
+            fragmenting_trace(),
+            AllocatorSpec::Caching(CachingOptions::default()),
+        ),
+    ] {
+        let capacity = trace.capacity.unwrap_or(FRAGMENTING_CAPACITY);
+        let v = record(&trace, spec, capacity).unwrap();
+        let Value::Dict(top) = &v else { panic!() };
+        let Value::List(traces) = field(top, "device_traces") else {
+            panic!()
+        };
+        // What the trace leaves: live allocations (address -> size) and reserved bytes.
+        let mut live: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut reserved: i64 = 0;
+        for e in dicts(&traces[0]) {
+            let (addr, size) = (int(e, "addr"), int(e, "size") as i64);
+            match text(e, "action") {
+                "alloc" => assert!(live.insert(addr, size as u64).is_none()),
+                "free_completed" => assert!(live.remove(&addr).is_some()),
+                "segment_alloc" | "segment_map" => reserved += size,
+                "segment_free" | "segment_unmap" => reserved -= size,
+                _ => {}
+            }
+        }
+        let segments = dicts(field(top, "segments"));
+        assert!(!segments.is_empty(), "{}: no segments", trace.name);
+        let total: u64 = segments.iter().map(|s| int(s, "total_size")).sum();
+        assert_eq!(total as i64, reserved, "{} {spec}", trace.name);
+        let mut active: BTreeMap<u64, u64> = BTreeMap::new();
+        for seg in &segments {
+            let (addr, size) = (int(seg, "address"), int(seg, "total_size"));
+            let mut at = addr;
+            let mut allocated = 0;
+            for b in dicts(field(seg, "blocks")) {
+                assert_eq!(int(b, "address"), at, "{}: a hole or overlap", trace.name);
+                at += int(b, "size");
+                match text(b, "state") {
+                    "active_allocated" => {
+                        assert!(int(b, "requested_size") <= int(b, "size"));
+                        allocated += int(b, "size");
+                        active.insert(int(b, "address"), int(b, "requested_size"));
+                    }
+                    "inactive" => {}
+                    other => panic!("state {other}"),
+                }
+            }
+            assert_eq!(
+                at,
+                addr + size,
+                "{}: blocks do not end the segment",
+                trace.name
+            );
+            assert_eq!(int(seg, "allocated_size"), allocated);
+        }
+        // Zero-byte allocations take no space and appear in no segment.
+        live.retain(|_, size| *size > 0);
+        assert_eq!(active, live, "{} {spec}", trace.name);
+        // And the file still reads back as before.
+        parse(&pickle(&v), &trace.name).unwrap();
+    }
+}
+
 #[test]
 fn a_fragmenting_oom_is_avoided_by_the_recommended_setting() {
     let trace = fragmenting_trace();

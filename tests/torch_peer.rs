@@ -1,6 +1,7 @@
 //! The PyTorch peer (peers/torch/headroom_torch.py) on the CPU at tiny sizes: its report
 //! must read back as a headroom report with the cases it was given and the statuses the
-//! peer promises, and its shard cases must run over two ranks under torchrun with gloo.
+//! peer promises, and its shard cases must run over two ranks under torchrun with gloo. And
+//! the snapshots `headroom snapshot` exports must pass PyTorch's own summary of them.
 //! Where PyTorch cannot be imported the test prints why and returns.
 //!
 //! `HEADROOM_PYTHON` names the interpreter (default `python3`); PYTHONPATH and the rest of
@@ -440,4 +441,52 @@ fn peer_args<'a>(
         ])
         .arg("--seed")
         .arg(seed.to_string())
+}
+
+/// A training step exported by `headroom snapshot` (caching allocator, and expandable
+/// segments) passes `torch.cuda._memory_viz.segsum`, which asserts that each segment's blocks
+/// add up to it and all segments to the reserved total, and `trace`, which walks the history.
+#[test]
+fn exported_snapshots_pass_pytorchs_segment_summary() {
+    let py = python();
+    if let Some(why) = torch_missing(&py) {
+        eprintln!("skipped: PyTorch is not installed ({why})");
+        return;
+    }
+    let dir = scratch_dir();
+    let case = "train/full-flash-mb1/bf16/L2-h128-heads2-n32-b4-kv1-ffn352-swiglu-rms-nobias-v4099";
+    for allocator in ["caching", "expandable"] {
+        let path = dir.join(format!("{allocator}.pickle"));
+        let export = Command::new(env!("CARGO_BIN_EXE_headroom"))
+            .args(["snapshot", case, "--allocator", allocator, "--out"])
+            .arg(&path)
+            .output()
+            .expect("headroom runs");
+        assert!(
+            export.status.success(),
+            "{}",
+            String::from_utf8_lossy(&export.stderr)
+        );
+        let check = Command::new(&py)
+            .arg("-c")
+            .arg(
+                "import pickle, sys\n\
+                 import torch.cuda._memory_viz as mv\n\
+                 d = pickle.load(open(sys.argv[1], 'rb'))\n\
+                 assert d['segments'], 'no segments'\n\
+                 mv.trace(d)\n\
+                 print(mv.segsum(d))\n",
+            )
+            .arg(&path)
+            .output()
+            .expect("python runs");
+        let out = String::from_utf8_lossy(&check.stdout);
+        assert!(
+            check.status.success(),
+            "{allocator}: {out}\n{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        assert!(out.contains("total_reserved"), "{allocator}: {out}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1066,6 +1066,12 @@ fn entry(action: &str, addr: u64, size: u64, stream: u32, frame: Option<(&str, &
     d.insert(key("addr"), Value::I64(addr as i64));
     d.insert(key("size"), Value::I64(size as i64));
     d.insert(key("stream"), Value::I64(stream as i64));
+    d.insert(key("frames"), frames_value(frame));
+    Value::Dict(d)
+}
+
+/// A tag's frame (file `category`, function `name`, line 0) as a frame list, or none.
+fn frames_value(frame: Option<(&str, &str)>) -> Value {
     let frames = match frame {
         Some((file, name)) => {
             let mut f = BTreeMap::new();
@@ -1076,7 +1082,161 @@ fn entry(action: &str, addr: u64, size: u64, stream: u32, frame: Option<(&str, &
         }
         None => Vec::new(),
     };
-    d.insert(key("frames"), Value::List(frames));
+    Value::List(frames)
+}
+
+/// Half-open byte ranges, merged where they touch.
+#[derive(Default)]
+struct Ranges(BTreeMap<u64, u64>);
+
+impl Ranges {
+    fn add(&mut self, start: u64, end: u64) {
+        let (mut start, mut end) = (start, end);
+        let touching: Vec<(u64, u64)> = self
+            .0
+            .range(..=end)
+            .filter(|(_, &e)| e >= start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in touching {
+            self.0.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.0.insert(start, end);
+    }
+    fn remove(&mut self, start: u64, end: u64) {
+        let overlapping: Vec<(u64, u64)> = self
+            .0
+            .range(..end)
+            .filter(|(_, &e)| e > start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in overlapping {
+            self.0.remove(&s);
+            if s < start {
+                self.0.insert(s, start);
+            }
+            if e > end {
+                self.0.insert(end, e);
+            }
+        }
+    }
+}
+
+/// The allocator's segments when the snapshot is taken, as `torch.cuda.memory._snapshot()`
+/// lists them: each segment the driver still holds (`segment_alloc` not yet freed; with
+/// expandable segments, each run of mapped pages), with its blocks in address order: the
+/// live allocations (`active_allocated`, their rounded size and requested size, their tag
+/// as the frame) and the free space between them (`inactive`; the caching allocator merges
+/// neighbouring free blocks, so each gap is one block). PyTorch's viewer starts its
+/// allocator-state history from these and undoes the trace backwards from them, and
+/// `torch.cuda._memory_viz.segsum` checks that the blocks tile each segment.
+/// `segment_type` is `small` for segments of at most 2 MiB (the small pool's size), else
+/// `large`.
+fn final_segments(
+    log: &[(u64, i64, bool)],
+    live: &HashMap<u64, (super::Block, String)>,
+    name: &str,
+) -> Result<Vec<Value>> {
+    let mut whole: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut mapped = Ranges::default();
+    for &(addr, delta, map) in log {
+        let size = delta.unsigned_abs();
+        match (delta > 0, map) {
+            (true, false) => {
+                whole.insert(addr, size);
+            }
+            (false, false) => {
+                whole.remove(&addr);
+            }
+            (true, true) => mapped.add(addr, addr + size),
+            (false, true) => mapped.remove(addr, addr + size),
+        }
+    }
+    let mut segments: Vec<(u64, u64, bool)> = whole
+        .into_iter()
+        .map(|(a, s)| (a, s, false))
+        .chain(mapped.0.into_iter().map(|(a, e)| (a, e - a, true)))
+        .collect();
+    segments.sort_unstable();
+    let mut blocks: Vec<&(super::Block, String)> =
+        live.values().filter(|(b, _)| b.size > 0).collect();
+    blocks.sort_unstable_by_key(|(b, _)| b.addr);
+    let mut next = blocks.iter().peekable();
+    let mut out = Vec::with_capacity(segments.len());
+    for (addr, total, expandable) in segments {
+        let end = addr + total;
+        let mut list = Vec::new();
+        let (mut at, mut allocated, mut requested) = (addr, 0u64, 0u64);
+        let mut stream = None;
+        while let Some((b, tag)) = next.next_if(|(b, _)| b.addr < end) {
+            if b.addr < at || b.addr + b.size > end {
+                return Err(invalid(format!(
+                    "{name}: the live block at {:#x} ({} bytes) does not lie inside the segment at {addr:#x} ({total} bytes) after the blocks before it",
+                    b.addr, b.size
+                )));
+            }
+            if b.addr > at {
+                list.push(block_value(at, b.addr - at, 0, "inactive", None));
+            }
+            let (file, func) = tag.split_once(": ").unwrap_or(("headroom", tag));
+            list.push(block_value(
+                b.addr,
+                b.size,
+                b.requested,
+                "active_allocated",
+                Some((file, func)),
+            ));
+            stream.get_or_insert(b.stream);
+            allocated += b.size;
+            requested += b.requested;
+            at = b.addr + b.size;
+        }
+        if at < end {
+            list.push(block_value(at, end - at, 0, "inactive", None));
+        }
+        let mut d = BTreeMap::new();
+        d.insert(key("device"), Value::I64(0));
+        d.insert(key("address"), Value::I64(addr as i64));
+        d.insert(key("total_size"), Value::I64(total as i64));
+        d.insert(key("allocated_size"), Value::I64(allocated as i64));
+        d.insert(key("active_size"), Value::I64(allocated as i64));
+        d.insert(key("requested_size"), Value::I64(requested as i64));
+        d.insert(key("stream"), Value::I64(stream.unwrap_or(0) as i64));
+        let kind = if total <= 2 << 20 { "small" } else { "large" };
+        d.insert(key("segment_type"), Value::String(kind.into()));
+        d.insert(
+            key("segment_pool_id"),
+            Value::Tuple(vec![Value::I64(0), Value::I64(0)]),
+        );
+        d.insert(key("is_expandable"), Value::Bool(expandable));
+        d.insert(key("frames"), Value::List(Vec::new()));
+        d.insert(key("blocks"), Value::List(list));
+        out.push(Value::Dict(d));
+    }
+    if let Some((b, _)) = next.next() {
+        return Err(invalid(format!(
+            "{name}: the live block at {:#x} ({} bytes) lies in no segment the allocator holds",
+            b.addr, b.size
+        )));
+    }
+    Ok(out)
+}
+
+fn block_value(
+    addr: u64,
+    size: u64,
+    requested: u64,
+    state: &str,
+    frame: Option<(&str, &str)>,
+) -> Value {
+    let mut d = BTreeMap::new();
+    d.insert(key("address"), Value::I64(addr as i64));
+    d.insert(key("size"), Value::I64(size as i64));
+    d.insert(key("requested_size"), Value::I64(requested as i64));
+    d.insert(key("state"), Value::String(state.into()));
+    d.insert(key("frames"), frames_value(frame));
     Value::Dict(d)
 }
 
@@ -1150,8 +1310,12 @@ pub fn record(trace: &Trace, spec: AllocatorSpec, capacity: u64) -> Result<Value
             }
         }
     }
+    let log = log.lock().expect("log").clone();
     let mut top = BTreeMap::new();
-    top.insert(key("segments"), Value::List(Vec::new()));
+    top.insert(
+        key("segments"),
+        Value::List(final_segments(&log, &live, &trace.name)?),
+    );
     top.insert(
         key("device_traces"),
         Value::List(vec![Value::List(entries)]),
