@@ -317,6 +317,115 @@ fn hand_written_entries_of_every_action_are_read() {
     assert_eq!(h.trace.peak_live_bytes(), (1 << 20) + 4096);
 }
 
+/// Recording that starts after the model is built (the usual way): blocks the dump's segments
+/// show active that the trace never allocated are live from the start, and the reserve the
+/// trace began with counts toward the device's capacity at the OOM.
+#[test]
+fn blocks_allocated_before_recording_and_never_freed_are_live_from_the_start() {
+    let s = |k: &str| HashableValue::String(k.into());
+    let e = |action: &str, addr: i64, size: i64| {
+        let mut d = BTreeMap::new();
+        d.insert(s("action"), Value::String(action.into()));
+        d.insert(s("addr"), Value::I64(addr));
+        d.insert(s("size"), Value::I64(size));
+        d.insert(s("stream"), Value::I64(0));
+        d.insert(s("frames"), Value::List(vec![]));
+        if action == "oom" {
+            d.insert(s("device_free"), Value::I64(10 << 20));
+        }
+        Value::Dict(d)
+    };
+    let block = |addr: i64, size: i64, state: &str| {
+        let mut d = BTreeMap::new();
+        d.insert(s("address"), Value::I64(addr));
+        d.insert(s("size"), Value::I64(size));
+        d.insert(s("requested_size"), Value::I64(size));
+        d.insert(s("state"), Value::String(state.into()));
+        d.insert(s("frames"), Value::List(vec![]));
+        Value::Dict(d)
+    };
+    let segment = |device: i64, addr: i64, total: i64, blocks: Vec<Value>| {
+        let mut d = BTreeMap::new();
+        d.insert(s("device"), Value::I64(device));
+        d.insert(s("address"), Value::I64(addr));
+        d.insert(s("total_size"), Value::I64(total));
+        d.insert(s("stream"), Value::I64(0));
+        d.insert(s("segment_type"), Value::String("large".into()));
+        d.insert(s("blocks"), Value::List(blocks));
+        Value::Dict(d)
+    };
+    const MIB: i64 = 1 << 20;
+    let (w, a, b) = (0x0800_0000i64, 0x1000_0000i64, 0x2000_0000i64);
+    // Before recording: 12 MiB of weights in a segment of their own (W), and a cached 20 MiB
+    // segment (A). The trace takes 4 MiB of A, then a 30 MiB segment B for a block it frees
+    // again (B stays cached), then runs out of memory.
+    let entries = vec![
+        e("alloc", a, 4 * MIB),
+        e("segment_alloc", b, 30 * MIB),
+        e("alloc", b, 30 * MIB),
+        e("free_requested", b, 30 * MIB),
+        e("free_completed", b, 30 * MIB),
+        e("oom", 0, 64 * MIB),
+    ];
+    let segments = vec![
+        segment(0, w, 12 * MIB, vec![block(w, 12 * MIB, "active_allocated")]),
+        segment(
+            0,
+            a,
+            20 * MIB,
+            vec![
+                block(a, 4 * MIB, "active_allocated"),
+                block(a + 4 * MIB, 16 * MIB, "inactive"),
+            ],
+        ),
+        segment(0, b, 30 * MIB, vec![block(b, 30 * MIB, "inactive")]),
+        // Another device's segment is not this device's.
+        segment(
+            1,
+            0x3000_0000,
+            2 * MIB,
+            vec![block(0x3000_0000, MIB, "active_allocated")],
+        ),
+    ];
+    let mut top = BTreeMap::new();
+    top.insert(s("segments"), Value::List(segments));
+    top.insert(s("device_traces"), Value::List(vec![Value::List(entries)]));
+    let bytes = pickle(&Value::Dict(top));
+    let snap = parse(&bytes, "mid-run").unwrap();
+    let h = &snap.devices[0];
+    assert_eq!(h.preexisting, 1, "the weights");
+    assert_eq!(h.reserved_before, 32 << 20, "W and A");
+    let oom = h.oom.as_ref().unwrap();
+    assert_eq!(
+        oom.reserved,
+        62 << 20,
+        "W and A before recording, B from the trace"
+    );
+    assert_eq!(oom.capacity(), 72 << 20);
+    // The weights are live throughout: 12 + 4 MiB beside the refused 64 MiB (the trace asks
+    // for an OOM's request again), the peak of live bytes; without them it would be 68 MiB.
+    assert_eq!(h.trace.peak_live_bytes(), 80 << 20);
+    let whole = replay_snapshot(&snap, None).unwrap();
+    let streamed = snapshot::replay_bytes(&bytes, "mid-run", None).unwrap();
+    for r in [&whole[0], &streamed[0]] {
+        assert_eq!(r.capacity, 72 << 20);
+        assert_eq!(r.preexisting, 1);
+        // The snapshot's segment actions are B's allocation alone; the replay's own start
+        // (the weights' segment) is not compared, its segment for the 4 MiB block (which A
+        // served in the recorded run), for B, and B's release as it empties its cache before
+        // refusing the 64 MiB are.
+        assert_eq!(r.fidelity.snapshot_segments, 1);
+        assert_eq!(r.fidelity.replay_segments, 3);
+        assert_eq!(r.fidelity.snapshot_peak_reserved, 62 << 20);
+        // The caching allocator holds the weights, the 4 MiB block and B at once, as the
+        // recorded run did, and the 64 MiB request fails as it did.
+        let caching = &r.rows[1].1;
+        assert_eq!(caching.peak_allocated, 46 << 20, "{caching:?}");
+        assert_eq!(caching.peak_reserved, 62 << 20, "{caching:?}");
+        assert!(caching.oom.is_some());
+    }
+}
+
 #[test]
 fn pickles_python_writes_are_read() {
     // PyTorch dumps with Python's default protocol (4, or 5 from Python 3.14).
@@ -407,6 +516,29 @@ fn bad_snapshots_are_one_sentence_each() {
     let bytes = pickle(&good);
     let cut = write("cut.pickle", &bytes[..bytes.len() / 2]);
     one_line_error(&["replay", &cut], "truncated");
+    // Segments that are not what PyTorch writes.
+    let with_segments = |segments: Value| {
+        let Value::Dict(mut top) = good.clone() else {
+            panic!()
+        };
+        top.insert(HashableValue::String("segments".into()), segments);
+        pickle(&Value::Dict(top))
+    };
+    let text_segments = write(
+        "text-segments.pickle",
+        &with_segments(Value::String("x".into())),
+    );
+    one_line_error(&["replay", &text_segments], "'segments' is a string");
+    let mut blockless = BTreeMap::new();
+    blockless.insert(
+        HashableValue::String("total_size".into()),
+        Value::I64(1 << 21),
+    );
+    let blockless = write(
+        "blockless.pickle",
+        &with_segments(Value::List(vec![Value::Dict(blockless)])),
+    );
+    one_line_error(&["replay", &blockless], "no 'blocks' list");
     let mut empty = BTreeMap::new();
     empty.insert(
         HashableValue::String("segments".into()),

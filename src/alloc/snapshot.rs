@@ -13,8 +13,12 @@
 //! From a device's entries the trace is: every `alloc` an allocation (tagged with its
 //! innermost frame), every `free_completed` its release (the moment the block can be reused;
 //! `free_requested` only precedes it), an `oom` an allocation of the refused size that is
-//! released at once if it succeeds; blocks freed in the trace but allocated before recording
-//! began are allocated first, in the order they are freed.
+//! released at once if it succeeds; blocks allocated before recording began are allocated
+//! first: those the dump's `segments` show active that the trace never allocated (a model's
+//! weights, when recording starts after it is built; in address order), then those the trace
+//! frees without allocating them, in the order they are freed. The reserve recording began
+//! with (the dump's segments less what the trace's segment actions added) counts toward the
+//! device's capacity at the OOM and starts the fidelity comparison.
 //!
 //! A file is read twice, streaming ([`super::pickle`]): the first pass finds the blocks
 //! allocated before recording, the first OOM (the device's capacity) and the recorded
@@ -49,8 +53,13 @@ pub struct DeviceHistory {
     /// The refused request of the first `oom`, with the memory CUDA reported free then and
     /// the reserved bytes the snapshot's segments add up to at that moment.
     pub oom: Option<SnapshotOom>,
-    /// Frees of blocks allocated before recording began (allocated first in the trace).
+    /// Blocks allocated before recording began (allocated first in the trace): those the
+    /// trace frees, and those still active in the dump's segments that the trace never
+    /// allocated.
     pub preexisting: usize,
+    /// Bytes the allocator had reserved before recording began: the dump's segments less
+    /// what the trace's segment actions added (0 where the dump lists no segments).
+    pub reserved_before: u64,
     /// Frees of addresses that the trace never shows allocated and whose size is unknown.
     pub unmatched_frees: usize,
 }
@@ -135,6 +144,8 @@ struct Plan {
     list: u32,
     entries: u64,
     preexisting: Vec<(u64, u64, u64)>,
+    /// Bytes the allocator had reserved before recording began.
+    reserved_before: u64,
     expandable: bool,
     oom: Option<SnapshotOom>,
 }
@@ -204,16 +215,32 @@ fn survey(open: &mut Open<'_>, name: &str) -> Result<Survey> {
                 other.kind()
             )));
         }
-        let Some(scan) = scans.remove(&list.id) else {
+        let Some(mut scan) = scans.remove(&list.id) else {
             continue;
         };
+        // The dump's state: blocks active at the dump that the trace never allocated were
+        // allocated before recording (a model's weights, when recording starts after it is
+        // built) and are still live: they come first, then those the trace frees. The
+        // reserve recording began with offsets the trace's own segment actions.
+        let (dump_reserved, dump_active) = dump_state(name, &top, device)?;
+        let mut preexisting: Vec<BlockAt> = dump_active
+            .into_iter()
+            .filter(|(addr, size, _)| *size > 0 && !scan.live.contains_key(addr))
+            .collect();
+        preexisting.append(&mut scan.before);
+        let reserved_before = (dump_reserved as i64 - scan.reserved).max(0) as u64;
+        let oom = scan.oom.map(|o| SnapshotOom {
+            reserved: o.reserved + reserved_before,
+            ..o
+        });
         plans.push(Plan {
             device,
             list: list.id,
             entries: scan.entries,
-            preexisting: scan.before,
+            preexisting,
+            reserved_before,
             expandable: scan.expandable,
-            oom: scan.oom,
+            oom,
         });
     }
     if plans.is_empty() {
@@ -222,6 +249,60 @@ fn survey(open: &mut Open<'_>, name: &str) -> Result<Survey> {
         )));
     }
     Ok(Survey { plans, max_split })
+}
+
+/// A block of the trace or the dump: (address, requested size, stream).
+type BlockAt = (u64, u64, u64);
+
+/// The dump's segments of `device` (a segment without a `device` is device 0): their total
+/// size, and their active blocks (`active_allocated`, or freed and awaiting their stream), in
+/// address order.
+fn dump_state(name: &str, top: &pickle::Dict, device: usize) -> Result<(u64, Vec<BlockAt>)> {
+    let bad = |what: String| {
+        invalid(format!(
+            "{name}: the snapshot's segments are not what torch.cuda.memory._snapshot() writes: {what}"
+        ))
+    };
+    let segments = match top.get("segments") {
+        None => return Ok((0, Vec::new())),
+        Some(Obj::List(l)) => l.clone(),
+        Some(other) => return Err(bad(format!("'segments' is {}, not a list", other.kind()))),
+    };
+    let (mut total, mut active) = (0u64, Vec::new());
+    for seg in segments.borrow().items.iter() {
+        let Obj::Dict(seg) = seg else {
+            return Err(bad(format!("a segment is {}, not a dict", seg.kind())));
+        };
+        let seg = seg.borrow();
+        if seg.get("device").and_then(Obj::as_u64).unwrap_or(0) != device as u64 {
+            continue;
+        }
+        let int = |d: &pickle::Dict, k: &str| d.get(k).and_then(Obj::as_u64);
+        total +=
+            int(&seg, "total_size").ok_or_else(|| bad("a segment has no 'total_size'".into()))?;
+        let stream = int(&seg, "stream").unwrap_or(0);
+        let blocks = match seg.get("blocks") {
+            Some(Obj::List(l)) => l.clone(),
+            _ => return Err(bad("a segment has no 'blocks' list".into())),
+        };
+        for b in blocks.borrow().items.iter() {
+            let Obj::Dict(b) = b else {
+                return Err(bad(format!("a block is {}, not a dict", b.kind())));
+            };
+            let b = b.borrow();
+            let state = b.get("state").and_then(Obj::as_str).unwrap_or("");
+            if !state.starts_with("active_") {
+                continue;
+            }
+            let addr = int(&b, "address").ok_or_else(|| bad("a block has no 'address'".into()))?;
+            let size = int(&b, "requested_size")
+                .or_else(|| int(&b, "size"))
+                .ok_or_else(|| bad("a block has no 'size'".into()))?;
+            active.push((addr, size, stream));
+        }
+    }
+    active.sort_unstable();
+    Ok((total, active))
 }
 
 /// Where a device's history goes as the second pass reads it.
@@ -399,6 +480,7 @@ fn materialize(open: &mut Open<'_>, name: &str) -> Result<Snapshot> {
             expandable: plan.expandable,
             oom: plan.oom.clone(),
             preexisting: plan.preexisting.len(),
+            reserved_before: plan.reserved_before,
             unmatched_frees: t.unmatched_frees,
         });
     }
@@ -562,10 +644,16 @@ struct FidelityRun {
     matched: usize,
     snapshot_segments: usize,
     replay_segments: usize,
+    /// Events left of the allocations made before recording.
+    setup_events: usize,
 }
 
 impl FidelityRun {
-    fn new(spec: AllocatorSpec, capacity: u64, name: &str) -> FidelityRun {
+    /// `before`: the blocks allocated before recording (the first events) and the bytes
+    /// reserved then. The snapshot's reserved bytes start from the latter; the replay's
+    /// segment actions for the former are its own start, which the snapshot does not show,
+    /// so they are neither paired nor compared.
+    fn new(spec: AllocatorSpec, capacity: u64, name: &str, before: (usize, u64)) -> FidelityRun {
         let log = Arc::new(Mutex::new(Vec::new()));
         let space = Recording {
             inner: SimulatedSpace::new(capacity),
@@ -579,8 +667,9 @@ impl FidelityRun {
             replayer,
             log,
             logged: 0,
-            reserved: 0,
-            peak: 0,
+            reserved: before.1 as i64,
+            peak: before.1 as i64,
+            setup_events: before.0,
             pending: None,
             worst: 0,
             wanted: VecDeque::new(),
@@ -619,6 +708,12 @@ impl FidelityRun {
     }
 
     fn event(&mut self, e: &TraceEvent) -> Result<()> {
+        if self.setup_events > 0 {
+            self.setup_events -= 1;
+            self.replayer.step(self.alloc.as_mut(), e)?;
+            self.logged = self.log.lock().expect("log").len();
+            return Ok(());
+        }
         self.settle();
         if self.replayer.step(self.alloc.as_mut(), e)? {
             let r = self.alloc.stats().reserved as i64;
@@ -655,7 +750,12 @@ impl FidelityRun {
 /// Replays the device's trace through `spec` on a device of `capacity` bytes, comparing
 /// its segments and reserved bytes with the snapshot's, event by event.
 pub fn fidelity(history: &DeviceHistory, spec: AllocatorSpec, capacity: u64) -> Result<Fidelity> {
-    let mut run = FidelityRun::new(spec, capacity, &history.trace.name);
+    let mut run = FidelityRun::new(
+        spec,
+        capacity,
+        &history.trace.name,
+        (history.preexisting, history.reserved_before),
+    );
     let mut actions = history.segments.iter().peekable();
     for (k, e) in history.trace.events.iter().enumerate() {
         while let Some(&(_, delta)) = actions.next_if(|a| a.0 <= k) {
@@ -785,7 +885,7 @@ pub struct ReplayResult {
     pub capacity: u64,
     /// Events in the device's trace (allocations, frees, and each OOM as both).
     pub events: usize,
-    /// Frees of blocks allocated before recording began (allocated first).
+    /// Blocks allocated before recording began (allocated first).
     pub preexisting: usize,
     /// Frees of addresses the trace never shows allocated and whose size is unknown.
     pub unmatched_frees: usize,
@@ -819,7 +919,13 @@ struct DeviceReplay {
 }
 
 impl DeviceReplay {
-    fn new(name: &str, device: usize, capacity: u64, recorded: AllocatorSpec) -> DeviceReplay {
+    fn new(
+        name: &str,
+        device: usize,
+        capacity: u64,
+        recorded: AllocatorSpec,
+        before: (usize, u64),
+    ) -> DeviceReplay {
         let rows = candidates()
             .into_iter()
             .map(|spec| {
@@ -837,7 +943,7 @@ impl DeviceReplay {
             device,
             capacity,
             rows,
-            fidelity: FidelityRun::new(recorded, capacity, name),
+            fidelity: FidelityRun::new(recorded, capacity, name, before),
             events: 0,
         }
     }
@@ -920,6 +1026,7 @@ pub fn replay_snapshot_with(
             h.device,
             capacity,
             recorded_spec(snapshot.max_split, h.expandable),
+            (h.preexisting, h.reserved_before),
         );
         let mut actions = h.segments.iter().peekable();
         for (k, e) in h.trace.events.iter().enumerate() {
@@ -986,6 +1093,7 @@ fn replay_stream(
                 p.device,
                 cap,
                 recorded_spec(survey.max_split, p.expandable),
+                (p.preexisting.len(), p.reserved_before),
             )
         })
         .collect();
