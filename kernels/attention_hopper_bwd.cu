@@ -521,6 +521,15 @@ template <int D> int launch_bwd_wgmma(const hr_attention_params *p, cudaStream_t
 
 } // namespace
 
+extern "C" int hr_flash_attention_backward_wgmma_usable(void) {
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return bwd_wgmma_usable(device) ? 1 : 0;
+}
+
 // The Hopper backward; the contract of hr_flash_attention_backward_bf16. Returns
 // cudaErrorNotSupported (801) where the device or build cannot run it or the driver has no
 // cuTensorMapEncodeTiled; cudaErrorInvalidValue for arguments it does not take.

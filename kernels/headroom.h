@@ -160,6 +160,8 @@ int hr_flash_attention_backward_bf16(const hr_attention_params *p, hr_stream_t s
  * (801) where the device or build cannot run it; cudaErrorInvalidValue for tensors not
  * 16-byte aligned or B*H > 65535. */
 int hr_flash_attention_backward_bf16_wgmma(const hr_attention_params *p, hr_stream_t stream);
+/* 1 if the current device runs the sm_90a attention backward kernels, else 0. */
+int hr_flash_attention_backward_wgmma_usable(void);
 
 /* Naive attention pieces (the matmuls are hr_matmul_*):
  * scores/probabilities are [rows = B*H, N, N] in the function's dtype. */

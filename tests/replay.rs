@@ -10,7 +10,8 @@ use std::process::Command;
 use headroom::alloc::pickle;
 use headroom::alloc::snapshot::{self, alloc_conf, parse, record, replay_snapshot};
 use headroom::alloc::trace::{
-    fragmenting_trace, replay_simulated, steady_trace, walkthrough_trace, FRAGMENTING_CAPACITY,
+    fragmenting_trace, replay_simulated, steady_trace, walkthrough_trace, Trace,
+    FRAGMENTING_CAPACITY,
 };
 use headroom::alloc::{AllocatorSpec, CachingOptions};
 use serde_pickle::{HashableValue, SerOptions, Value};
@@ -57,9 +58,10 @@ fn actions(v: &Value) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn fidelity_is_complete_on_snapshots_of_headrooms_own_allocators() {
-    for (trace, spec) in [
+/// Traces and the allocator each is recorded under: the caching allocator plain and with a
+/// max split size, and expandable segments.
+fn own_allocator_traces() -> Vec<(Trace, AllocatorSpec)> {
+    vec![
         (
             steady_trace(),
             AllocatorSpec::Caching(CachingOptions::default()),
@@ -72,7 +74,12 @@ fn fidelity_is_complete_on_snapshots_of_headrooms_own_allocators() {
             walkthrough_trace(),
             AllocatorSpec::Expandable(CachingOptions::default()),
         ),
-    ] {
+    ]
+}
+
+#[test]
+fn fidelity_is_complete_on_snapshots_of_headrooms_own_allocators() {
+    for (trace, spec) in own_allocator_traces() {
         let capacity = trace.capacity.unwrap();
         let v = record(&trace, spec, capacity).unwrap();
         let snap = parse(&pickle(&v), &trace.name).unwrap();
@@ -128,24 +135,12 @@ fn dicts(v: &Value) -> Vec<&BTreeMap<HashableValue, Value>> {
 /// their sizes, so that PyTorch's viewer can walk the trace back from them.
 #[test]
 fn exported_segments_are_the_state_the_trace_ends_in() {
-    for (trace, spec) in [
-        (
-            steady_trace(),
-            AllocatorSpec::Caching(CachingOptions::default()),
-        ),
-        (
-            walkthrough_trace(),
-            AllocatorSpec::Caching(CachingOptions::max_split(128 << 20)),
-        ),
-        (
-            walkthrough_trace(),
-            AllocatorSpec::Expandable(CachingOptions::default()),
-        ),
-        (
-            fragmenting_trace(),
-            AllocatorSpec::Caching(CachingOptions::default()),
-        ),
-    ] {
+    let mut traces = own_allocator_traces();
+    traces.push((
+        fragmenting_trace(),
+        AllocatorSpec::Caching(CachingOptions::default()),
+    ));
+    for (trace, spec) in traces {
         let capacity = trace.capacity.unwrap_or(FRAGMENTING_CAPACITY);
         let v = record(&trace, spec, capacity).unwrap();
         let Value::Dict(top) = &v else { panic!() };

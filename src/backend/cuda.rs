@@ -136,6 +136,26 @@ impl CudaBackend {
         Ok(p)
     }
 
+    /// Whether the sm_90a flash `pass` (forward or backward) runs here, by `usable` (its
+    /// file's image test), or why not.
+    fn hopper_attention(
+        &self,
+        pass: &str,
+        usable: unsafe extern "C" fn() -> std::os::raw::c_int,
+    ) -> std::result::Result<(), String> {
+        self.bind().map_err(|e| e.to_string())?;
+        // SAFETY: a query of the current device.
+        if unsafe { usable() } == 1 {
+            Ok(())
+        } else if self.sm_major() != 9 {
+            Err(format!(
+                "the wgmma flash {pass} needs a Hopper GPU (compute capability 9.0)"
+            ))
+        } else {
+            Err("this build has no sm_90a code (add 90a to HEADROOM_CUDA_ARCHS)".into())
+        }
+    }
+
     /// The launch parameters of a flash backward, its dtypes and shapes checked and the device
     /// bound.
     #[allow(clippy::too_many_arguments)]
@@ -595,18 +615,7 @@ impl Backend for CudaBackend {
             }
             FlashForward::Mma128 => Ok(()),
             FlashForward::Wgmma | FlashForward::WgmmaPingPong | FlashForward::WgmmaPersistent => {
-                self.bind().map_err(|e| e.to_string())?;
-                // SAFETY: a query of the current device.
-                if unsafe { k::hr_flash_attention_wgmma_usable() } == 1 {
-                    Ok(())
-                } else if self.sm_major() != 9 {
-                    Err(
-                        "the wgmma flash forward needs a Hopper GPU (compute capability 9.0)"
-                            .into(),
-                    )
-                } else {
-                    Err("this build has no sm_90a code (add 90a to HEADROOM_CUDA_ARCHS)".into())
-                }
+                self.hopper_attention("forward", k::hr_flash_attention_wgmma_usable)
             }
         }
     }
@@ -680,21 +689,8 @@ impl Backend for CudaBackend {
     fn flash_backward_available(&self, kernel: FlashBackward) -> std::result::Result<(), String> {
         match kernel {
             FlashBackward::Standard => Ok(()),
-            // The same image test as the Hopper forwards: both files are built for the same
-            // architectures.
             FlashBackward::Wgmma => {
-                self.bind().map_err(|e| e.to_string())?;
-                // SAFETY: a query of the current device.
-                if unsafe { k::hr_flash_attention_wgmma_usable() } == 1 {
-                    Ok(())
-                } else if self.sm_major() != 9 {
-                    Err(
-                        "the wgmma flash backward needs a Hopper GPU (compute capability 9.0)"
-                            .into(),
-                    )
-                } else {
-                    Err("this build has no sm_90a code (add 90a to HEADROOM_CUDA_ARCHS)".into())
-                }
+                self.hopper_attention("backward", k::hr_flash_attention_backward_wgmma_usable)
             }
         }
     }

@@ -286,6 +286,9 @@ unsafe extern "C" {
         stream: hr_stream_t,
     ) -> ::std::os::raw::c_int;
 }
+unsafe extern "C" {
+    pub fn hr_flash_attention_backward_wgmma_usable() -> ::std::os::raw::c_int;
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct hr_softmax_params {

@@ -182,18 +182,23 @@ impl AttentionCase {
     /// The bf16 flash forward by `kernel` (technique [`FlashForward::technique`]): the flash
     /// case's memory model and validation, its own id until a GPU has checked it.
     pub fn forward_by(kernel: FlashForward, shape: AttentionShape) -> Self {
-        let mut case = AttentionCase::new(Variant::Flash, Pass::Forward, DType::Bf16, shape);
-        let technique = kernel.technique();
-        case.info = CaseInfo {
-            id: case
+        let mut case = AttentionCase::new(Variant::Flash, Pass::Forward, DType::Bf16, shape)
+            .retitled(kernel.technique());
+        case.forward = kernel;
+        case
+    }
+
+    /// The case under technique `technique`: its id's `flash` component replaced.
+    fn retitled(mut self, technique: &str) -> Self {
+        self.info = CaseInfo {
+            id: self
                 .info
                 .id
                 .replace("attention/flash/", &format!("attention/{technique}/")),
             technique: technique.into(),
-            ..case.info
+            ..self.info
         };
-        case.forward = kernel;
-        case
+        self
     }
 
     /// The bf16 flash forward and backward, the backward by `kernel` (technique
@@ -201,16 +206,8 @@ impl AttentionCase {
     /// and validation of every gradient, its own id until a GPU has checked it.
     pub fn backward_by(kernel: FlashBackward, shape: AttentionShape) -> Self {
         let mut case =
-            AttentionCase::new(Variant::Flash, Pass::ForwardBackward, DType::Bf16, shape);
-        let technique = kernel.technique();
-        case.info = CaseInfo {
-            id: case
-                .info
-                .id
-                .replace("attention/flash/", &format!("attention/{technique}/")),
-            technique: technique.into(),
-            ..case.info
-        };
+            AttentionCase::new(Variant::Flash, Pass::ForwardBackward, DType::Bf16, shape)
+                .retitled(kernel.technique());
         case.backward = kernel;
         case
     }
