@@ -48,7 +48,6 @@
 #include "common.cuh"
 
 #include <math.h>
-#include <string.h>
 
 namespace {
 
@@ -524,9 +523,7 @@ flash_bwd_dq_f32_kernel(const float *__restrict__ q,     // [B,H,N,D]
 
 constexpr int kMmaThreads = 128; // 4 warps
 
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+using hr::smem_u32;
 
 // 16-byte async copy global -> shared; pred = false zero-fills the 16 bytes (src-size 0,
 // src must still be a valid address, so callers pass the slice base).
@@ -568,13 +565,7 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two fp32 -> packed bf16x2 (round to nearest even); lo in the low half (lower column).
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    uint32_t r;
-    memcpy(&r, &h, sizeof(r));
-    return r;
-}
+using hr::pack_bf16x2;
 
 // A fragment: the 16x16 block at (r0, c0) of a row-major smem matrix (stride STR).
 // ldmatrix matrices 0..3 = (rows +0, cols +0), (+8, +0), (+0, +8), (+8, +8) = a0a1..a6a7.

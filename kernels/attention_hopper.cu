@@ -44,6 +44,7 @@
 namespace {
 
 constexpr int kQ = 128, kStages = 2, kThreads = 384; // query rows per block
+constexpr int kKV = 128;                              // keys per K/V tile
 // Stages of the ping-pong form's ring: a consumer holds stages j and j+1 in iteration j.
 constexpr int kStagesPingPong = 3;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -74,24 +75,16 @@ __device__ int hr_attn_wgmma_image_flag = HR_WGMMA_DEVICE;
 
 #if HR_WGMMA_DEVICE
 namespace {
-constexpr int kKV = 128; // keys per K/V tile
 constexpr float kLn2 = 0.6931471805599453f;
 // Named barriers of the ping-pong form (PTX ISA "bar, barrier"): kBarPingPong + cw
 // is consumer warpgroup cw's turn to issue, 256 threads (both consumers) per phase; 0 stays
 // __syncthreads'.
 constexpr int kBarPingPong = 1, kPingPongThreads = 256;
 
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 // 3-D TMA load with coordinates {column, row, head}.
 __device__ __forceinline__ void tma_tile(uint32_t dst, const CUtensorMap *map, int col, int row,
                                          int head, uint32_t bar) {
     tma_load_3d(dst, map, col, row, head, bar);
-}
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t *>(&v);
 }
 // bar.sync / bar.arrive on ping-pong barrier kBarPingPong + w (w warp-uniform). Immediate ids,
 // so that ptxas reserves just these barriers; the warp must be converged (.aligned).
@@ -126,13 +119,6 @@ template <> struct PvMma<128> {
 
 // P (bf16x2) as wgmma's register A operand, one m64k16 fragment per 16 keys.
 using PFrag = uint32_t[kKV / 16][4];
-// fence_acc for the P fragments: pins their writes before a wgmma.fence.
-__device__ __forceinline__ void fence_p(PFrag &pa) {
-#pragma unroll
-    for (int kk = 0; kk < kKV / 16; ++kk)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(pa[kk][i])::"memory");
-}
 
 // S = Q K^T: 64 x 128 per warpgroup; qa is this warpgroup's 64 rows of Q, sk a K stage.
 // Issue only: no fence, commit or wait.
@@ -188,17 +174,11 @@ __device__ __forceinline__ void softmax_tile(float (&sacc)[64], int n0, int N, i
     for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + rs[h];
 }
 
-// P in bf16: k16 step kk holds keys 16kk.. of rows row_g and row_g + 8, the mma.m16n8k16 A
-// layout, which is the accumulator layout of two n8 blocks.
+// P in bf16: k16 step kk holds keys 16kk.. of rows row_g and row_g + 8.
 __device__ __forceinline__ void pack_p(const float (&sacc)[64], PFrag &pa) {
-#pragma unroll
-    for (int kk = 0; kk < kKV / 16; ++kk) {
-        pa[kk][0] = pack_bf16(sacc[8 * kk + 0], sacc[8 * kk + 1]);
-        pa[kk][1] = pack_bf16(sacc[8 * kk + 2], sacc[8 * kk + 3]);
-        pa[kk][2] = pack_bf16(sacc[8 * kk + 4], sacc[8 * kk + 5]);
-        pa[kk][3] = pack_bf16(sacc[8 * kk + 6], sacc[8 * kk + 7]);
-    }
+    pack_a_frags<kKV / 16>(sacc, pa);
 }
+__device__ __forceinline__ void fence_p(PFrag &pa) { fence_frags<kKV / 16>(pa); }
 } // namespace
 #endif // HR_WGMMA_DEVICE
 
@@ -214,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     constexpr int NS = kStagesOf<PINGPONG>;
     using C = FwdCfg<D, NS>;
     extern __shared__ __align__(1024) unsigned char fa_smem[];
-    const uint32_t base = (smem_addr(fa_smem) + 1023u) & ~1023u;
+    const uint32_t base = (hr::smem_u32(fa_smem) + 1023u) & ~1023u;
     const uint32_t sq = base; // the Q tile
     const uint32_t full0 = base + C::BAR_OFF; // full[s]  = full0 + 8 s
     const uint32_t empty0 = full0 + 8 * NS;   // empty[s] = empty0 + 8 s
@@ -525,27 +505,15 @@ bool attn_wgmma_usable(int device) {
                             hr_attn_wgmma_image_flag, cache);
 }
 
-// {d, N, heads} map of a [heads, N, d] bf16 tensor; boxes of {64 columns, 128 rows}.
-bool encode_heads(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap *map, const void *ptr,
-                  int heads, int n, int d) {
-    cuuint64_t dims[3] = {(cuuint64_t)d, (cuuint64_t)n, (cuuint64_t)heads};
-    cuuint64_t strides[2] = {(cuuint64_t)d * 2, (cuuint64_t)n * d * 2};
-    cuuint32_t box[3] = {64, 128, 1}, estr[3] = {1, 1, 1};
-    return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void *>(ptr), dims, strides,
-                  box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 template <int D, bool PINGPONG, bool PERSISTENT>
 int launch_fwd_wgmma(const hr_attention_params *p, cudaStream_t stream) {
     const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
     if (encode == nullptr) return (int)cudaErrorNotSupported;
     const int bh = p->batch * p->heads, bkv = p->batch * p->kv_heads;
     alignas(64) CUtensorMap mq, mk, mv;
-    if (!encode_heads(encode, &mq, p->q, bh, p->seq, D) ||
-        !encode_heads(encode, &mk, p->k, bkv, p->seq, D) ||
-        !encode_heads(encode, &mv, p->v, bkv, p->seq, D))
+    if (!encode_rows(encode, &mq, p->q, bh, p->seq, D, kQ) ||
+        !encode_rows(encode, &mk, p->k, bkv, p->seq, D, kKV) ||
+        !encode_rows(encode, &mv, p->v, bkv, p->seq, D, kKV))
         return (int)cudaErrorNotSupported;
     constexpr int smem = FwdCfgOf<D, PINGPONG>::SMEM_BYTES;
     HR_TRY(cudaFuncSetAttribute(flash_fwd_wgmma_kernel<D, PINGPONG, PERSISTENT>,

@@ -77,35 +77,14 @@ __device__ int hr_attn_bwd_wgmma_image_flag = HR_WGMMA_DEVICE;
 #if HR_WGMMA_DEVICE
 namespace {
 
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t *>(&v);
-}
 // bar.sync on named barrier 1 + w (warp-uniform w), the 128 threads of consumer warpgroup w.
 __device__ __forceinline__ void warpgroup_sync(int w) {
     if (w == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
     else asm volatile("bar.sync 2, 128;\n" ::: "memory");
 }
 
-// A 64 x 64 fp32 accumulator as wgmma's register A operand: k16 step kk holds columns
-// 16kk.. of rows g and g + 8 (the mma.m16n8k16 A layout, the accumulator layout of two n8
-// blocks), as attention_hopper.cu packs P.
+// A 64 x 64 fp32 accumulator as wgmma's register A operand (pack_a_frags<4>).
 using Frag = uint32_t[4][4];
-__device__ __forceinline__ void pack_frag(const float (&acc)[32], Frag &f) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) f[kk][i] = pack_bf16(acc[8 * kk + 2 * i], acc[8 * kk + 2 * i + 1]);
-}
-__device__ __forceinline__ void fence_frag(Frag &f) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(f[kk][i])::"memory");
-}
 
 // acc[64 x 64] = A . B^T over D: A the 64 rows at `a` and B the 64 rows at `b` of k-major
 // tiles whose 64-column blocks are A_BLOCK and B_BLOCK bytes apart. Issue only.
@@ -164,8 +143,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if HR_WGMMA_DEVICE
     using C = DkdvCfg<D>;
     extern __shared__ __align__(1024) unsigned char bwd_smem[];
-    const uint32_t base = (smem_addr(bwd_smem) + 1023u) & ~1023u;
-    unsigned char *gbase = bwd_smem + (base - smem_addr(bwd_smem)); // the same, generic
+    const uint32_t base = (hr::smem_u32(bwd_smem) + 1023u) & ~1023u;
+    unsigned char *gbase = bwd_smem + (base - hr::smem_u32(bwd_smem)); // the same, generic
     const uint32_t sk = base, sv = base + C::KV::BYTES;
     const uint32_t kvbar = base + C::BAR_OFF;
     const uint32_t full0 = kvbar + 8;          // full[s]  = full0 + 8 s
@@ -291,14 +270,14 @@ __global__ void __launch_bounds__(kThreads, 1)
             dpt[i] = st[i] * (dpt[i] - sd[c]); // dS^T
         }
         Frag pf, dsf;
-        pack_frag(st, pf);
-        pack_frag(dpt, dsf);
+        pack_a_frags<4>(st, pf);
+        pack_a_frags<4>(dpt, dsf);
 
         // dV += P^T dO, dK += dS^T Q.
         fence_acc(dva);
         fence_acc(dka);
-        fence_frag(pf);
-        fence_frag(dsf);
+        fence_frags<4>(pf);
+        fence_frags<4>(dsf);
         wgmma_fence();
         issue_fb<D, C::Q::BLOCK>(dva, pf, sdo);
         issue_fb<D, C::Q::BLOCK>(dka, dsf, sq);
@@ -331,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if HR_WGMMA_DEVICE
     using C = DqCfg<D>;
     extern __shared__ __align__(1024) unsigned char bwd_smem[];
-    const uint32_t base = (smem_addr(bwd_smem) + 1023u) & ~1023u;
+    const uint32_t base = (hr::smem_u32(bwd_smem) + 1023u) & ~1023u;
     const uint32_t sq = base, sdo = base + C::Q::BYTES;
     const uint32_t qbar = base + C::BAR_OFF;
     const uint32_t full0 = qbar + 8;
@@ -442,11 +421,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int e = 0; e < 32; ++e) dpa[e] = sa[e] * (dpa[e] - dl[(e >> 1) & 1]); // dS
         Frag dsf;
-        pack_frag(dpa, dsf);
+        pack_a_frags<4>(dpa, dsf);
 
         // dQ += dS K.
         fence_acc(dqa);
-        fence_frag(dsf);
+        fence_frags<4>(dsf);
         wgmma_fence();
         issue_fb<D, C::KV::BLOCK>(dqa, dsf, sk);
         wgmma_commit();
@@ -465,18 +444,6 @@ bool bwd_wgmma_usable(int device) {
     static std::atomic<int> cache[64];
     return sm90a_image_runs(device, flash_bwd_dq_wgmma_kernel<64>, hr_attn_bwd_wgmma_image_flag,
                             cache);
-}
-
-// {d, N, heads} map of a [heads, N, d] bf16 tensor; boxes of {64 columns, rows}.
-bool encode_rows(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap *map, const void *ptr,
-                 int heads, int n, int d, int rows) {
-    cuuint64_t dims[3] = {(cuuint64_t)d, (cuuint64_t)n, (cuuint64_t)heads};
-    cuuint64_t strides[2] = {(cuuint64_t)d * 2, (cuuint64_t)n * d * 2};
-    cuuint32_t box[3] = {64, (cuuint32_t)rows, 1}, estr[3] = {1, 1, 1};
-    return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void *>(ptr), dims, strides,
-                  box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 template <int D> int launch_bwd_wgmma(const hr_attention_params *p, cudaStream_t stream) {

@@ -31,6 +31,18 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
     return __float2bfloat16_rn(x);
 }
 
+// The shared-state-space address of a pointer into shared memory.
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Two fp32 -> packed bf16x2, each rounded to nearest even (as from_f32); lo in the low half
+// (the lower column, the lower k of an MMA fragment).
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return (uint32_t)__bfloat16_as_ushort(h.x) | ((uint32_t)__bfloat16_as_ushort(h.y) << 16);
+}
+
 // GELU, tanh approximation (Hendrycks & Gimpel 2016, eq. in sec. 2), the GPT-2 form.
 // The CPU backend evaluates the same expression in f32.
 __device__ __forceinline__ float gelu_tanh(float x) {

@@ -245,6 +245,24 @@ __device__ __forceinline__ void wgmma_tile(float (&d)[N / 2], uint64_t da, uint6
         wgmma_m64n128k16<TA, TB>(d, da, db, scale_d);
     }
 }
+// An m64 accumulator of K16 k16 column steps (8 K16 floats per thread) as wgmma's register A
+// operand, one m64k16 fragment per step: step kk holds columns 16kk.. of rows g and g + 8
+// (the mma.m16n8k16 A layout, which is the accumulator layout of two n8 blocks).
+template <int K16>
+__device__ __forceinline__ void pack_a_frags(const float (&acc)[8 * K16], uint32_t (&f)[K16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < K16; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            f[kk][i] = hr::pack_bf16x2(acc[8 * kk + 2 * i], acc[8 * kk + 2 * i + 1]);
+}
+// fence_acc for A fragments: pins their writes before a wgmma.fence.
+template <int K16> __device__ __forceinline__ void fence_frags(uint32_t (&f)[K16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < K16; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(f[kk][i])::"memory");
+}
 // Pin the accumulators at this point of the program: their ordinary reads and writes (zeroing,
 // epilogue) cannot then be moved by the compiler into the asynchronous wgmma window.
 template <int N> __device__ __forceinline__ void fence_acc(float (&d)[N]) {
@@ -274,6 +292,19 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
         return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
     }();
     return fn;
+}
+
+// The {d, N, heads} map of a [heads, N, d] bf16 tensor, in boxes of {64 columns, `rows`
+// rows, one head} with the 128-byte swizzle (one 64-column block of a tile per box).
+inline bool encode_rows(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap *map,
+                        const void *ptr, int heads, int n, int d, int rows) {
+    cuuint64_t dims[3] = {(cuuint64_t)d, (cuuint64_t)n, (cuuint64_t)heads};
+    cuuint64_t strides[2] = {(cuuint64_t)d * 2, (cuuint64_t)n * d * 2};
+    cuuint32_t box[3] = {64, (cuuint32_t)rows, 1}, estr[3] = {1, 1, 1};
+    return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void *>(ptr), dims, strides,
+                  box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 // Does `device` run the real sm_90a body of `kernel`? It needs compute capability 9.0 and

@@ -90,10 +90,7 @@ __device__ __forceinline__ float bf16_lo(uint32_t w) {
 __device__ __forceinline__ float bf16_hi(uint32_t w) {
     return hr::to_f32(__ushort_as_bfloat16((unsigned short)(w >> 16)));
 }
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-    return (uint32_t)__bfloat16_as_ushort(hr::from_f32<bf16>(lo)) |
-           ((uint32_t)__bfloat16_as_ushort(hr::from_f32<bf16>(hi)) << 16);
-}
+using hr::pack_bf16x2;
 
 // W == 1: one element. W > 1: W / 8 uint4 loads (p must be 16-byte aligned).
 template <int W>

@@ -154,9 +154,7 @@ __host__ __device__ __forceinline__ int tiles_of(int size, int tile) {
 // ------------------------------------------------------------------------------------
 // PTX wrappers shared by versions 1 and 2 (sm_80+): shared addresses and cp.async.
 
-__device__ __forceinline__ uint32_t smem_u32(const void *ptr) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
+using hr::smem_u32;
 
 // Async global->shared copies; bytes past src_bytes are zero-filled in smem, and with
 // src_bytes = 0 nothing is read (we still pass an aligned in-bounds address).

@@ -828,25 +828,21 @@ class TrainProgram(Program):
         total = torch.zeros((), device=self.dev.dev)
         autocast = (torch.autocast(self.dev.dev.type, dtype=torch.bfloat16)
                     if self.dtype == torch.bfloat16 else contextlib.nullcontext())
-        if self.targets is not None:
-            weight = self.stack.head_weight()
-            for ids, tgt in zip(self.x.chunk(s.micro_batches, dim=0),
-                                self.targets.chunk(s.micro_batches, dim=0)):
-                with autocast:
-                    h = self.stack.norm(self.forward(self.stack.embed(ids)))
-                    # The mean over the global batch's counted targets: micro-batches add up.
-                    loss = lm_loss(h.reshape(-1, s.hidden), weight, tgt.reshape(-1),
-                                   s.head_loss) / self.counted
-                loss.backward()
-                total += loss.detach()
-            self.opt.step()
-            self.total = total
-            return
-        for x in self.x.chunk(s.micro_batches, dim=0):
+        xs = self.x.chunk(s.micro_batches, dim=0)
+        targets = (self.targets.chunk(s.micro_batches, dim=0) if self.targets is not None
+                   else [None] * len(xs))
+        for x, tgt in zip(xs, targets):
             with autocast:
-                y = self.forward(x)
-            # L = ½·Σy²/numel over the global batch, so micro-batches add up to it.
-            loss = 0.5 * y.float().square().sum() / numel
+                if tgt is not None:
+                    h = self.stack.norm(self.forward(self.stack.embed(x)))
+                    # The mean over the global batch's counted targets: micro-batches add up.
+                    loss = lm_loss(h.reshape(-1, s.hidden), self.stack.head_weight(),
+                                   tgt.reshape(-1), s.head_loss) / self.counted
+                else:
+                    y = self.forward(x)
+            if tgt is None:
+                # L = ½·Σy²/numel over the global batch, so micro-batches add up to it.
+                loss = 0.5 * y.float().square().sum() / numel
             loss.backward()
             total += loss.detach()
         self.opt.step()

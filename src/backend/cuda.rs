@@ -52,6 +52,26 @@ struct IdCheck {
     vocab: usize,
 }
 
+/// The status of an alternative kernel's launch: from a Hopper kernel (`hopper`), 801 (not
+/// supported) is the sentence `available` gives for why it cannot run here (or that it
+/// refused the shape), anything else the launch's own status.
+fn alternative_status(
+    what: &str,
+    code: i32,
+    hopper: bool,
+    technique: &str,
+    available: impl FnOnce() -> std::result::Result<(), String>,
+) -> Result<()> {
+    if hopper && code == 801 {
+        return Err(Error::Unsupported(
+            available()
+                .err()
+                .unwrap_or_else(|| format!("{technique} refused the shape")),
+        ));
+    }
+    check_launch(what, code)
+}
+
 /// What the id-check word says: nothing when clear (all ones), else the sentence the CPU
 /// backend's check gives for the token and id the kernels recorded (`token << 32 | id as u32`).
 fn id_word_error(word: u64, vocab: usize) -> Option<String> {
@@ -651,14 +671,8 @@ impl Backend for CudaBackend {
                 FlashForward::Standard => unreachable!("handled above"),
             }
         };
-        if kernel.is_wgmma() && code == 801 {
-            return Err(Error::Unsupported(
-                self.flash_forward_available(kernel)
-                    .err()
-                    .unwrap_or_else(|| format!("{} refused the shape", kernel.technique())),
-            ));
-        }
-        check_launch(&what, code)
+        let why = || self.flash_forward_available(kernel);
+        alternative_status(&what, code, kernel.is_wgmma(), kernel.technique(), why)
     }
 
     fn flash_attention_backward(
@@ -722,14 +736,8 @@ impl Backend for CudaBackend {
                 FlashBackward::Standard => unreachable!("handled above"),
             }
         };
-        if code == 801 {
-            return Err(Error::Unsupported(
-                self.flash_backward_available(kernel)
-                    .err()
-                    .unwrap_or_else(|| format!("{} refused the shape", kernel.technique())),
-            ));
-        }
-        check_launch(&what, code)
+        let why = || self.flash_backward_available(kernel);
+        alternative_status(&what, code, true, kernel.technique(), why)
     }
 
     fn softmax_forward(&self, s: &AttentionShape, scores: &mut Tensor) -> Result<()> {
